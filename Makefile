@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make run` (proxy on its embedded defaults) and
+# `make test` (installs what the tests need, then runs the whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench system-deps
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/twistd -n vncmux
+
+system-deps:
+	bash scripts/install-system-deps
+
+test: system-deps $(STAMP)
+	$(VENV)/bin/ruff check vncmux tests benchmarks twisted
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py

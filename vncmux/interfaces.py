@@ -1,0 +1,120 @@
+"""The boundaries between the stages of a console session, as zope interfaces.
+
+Each stage has a real implementation and an in-memory one; tests check both against the same
+interface with ``verifyObject``.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+
+class ITokenStore(Interface):
+    """Where the proxy learns which console a token opens."""
+
+    def lookup(token: str):  # type: ignore[no-untyped-def]
+        """
+        Resolve a raw token.
+
+        @return: a Deferred firing with a L{vncmux.tokens.TokenRecord}, or C{None} when the
+            token is unknown (or revoked: the two are not told apart); it fails with
+            L{vncmux.tokens.TokenStoreUnavailable} when the store cannot answer.
+        """
+
+    def ping():  # type: ignore[no-untyped-def]
+        """
+        One real round trip to the store, for readiness checks.
+
+        @return: a Deferred firing with C{None}, or failing with TokenStoreUnavailable.
+        """
+
+
+class ITokenAdmin(Interface):
+    """Issuing and revoking tokens: what `vncmux token` and the admin API call."""
+
+    def issue(record, token: str):  # type: ignore[no-untyped-def]
+        """
+        Store C{record} (a TokenRecord whose C{token_hash} is the hash of C{token}).
+
+        @return: a Deferred firing with C{None}.
+        """
+
+    def show(token: str):  # type: ignore[no-untyped-def]
+        """@return: a Deferred firing with the TokenRecord or C{None}."""
+
+    def revoke(token_hash: str):  # type: ignore[no-untyped-def]
+        """
+        Delete the record and tell every proxy instance to close its sessions.
+
+        @return: a Deferred firing with C{True} when a record was deleted.
+        """
+
+    def revoke_instance(instance_uuid: str):  # type: ignore[no-untyped-def]
+        """
+        Revoke every token of one instance.
+
+        @return: a Deferred firing with the number of records deleted.
+        """
+
+
+class ISessionBackchannel(Interface):
+    """What live sessions write back to and hear from a shared store (Redis)."""
+
+    def record_activity(updates):  # type: ignore[no-untyped-def]
+        """
+        Write C{last_activity_at} for many tokens in one round trip.
+
+        @param updates: mapping of token hash to unix seconds.
+        @return: a Deferred firing with C{None}.
+        """
+
+    def claim_use(token_hash: str):  # type: ignore[no-untyped-def]
+        """
+        Mark a single-use token as used, atomically across every proxy instance.
+
+        @return: a Deferred firing with C{True} for the first claim, C{False} after.
+        """
+
+    def watch_revocations(on_revoke):  # type: ignore[no-untyped-def]
+        """
+        Call C{on_revoke(message)} for each message on the revocation channel (a token hash,
+        or C{"instance:<uuid>"}), re-subscribing by itself after a lost connection.
+        """
+
+
+class IPeer(Interface):
+    """One side of a relayed session (the browser or the VNC server), as the relay sees it."""
+
+    def write(data: bytes) -> None:
+        """Send bytes to this side."""
+
+    def pause() -> None:
+        """Stop reading from this side."""
+
+    def resume() -> None:
+        """Read from this side again."""
+
+    def close(code: int, reason: str) -> None:
+        """End this side; C{code} and C{reason} reach a WebSocket client as its close frame."""
+
+
+class ISessionObserver(Interface):
+    """Told about session events: metrics, logs and the supervisor listen here."""
+
+    def session_opened(session) -> None:  # type: ignore[no-untyped-def]
+        """A session passed its checks and started relaying."""
+
+    def session_rejected(reason: str) -> None:
+        """A connection was refused; C{reason} is a close reason of DESIGN.md section 3."""
+
+    def session_closed(session) -> None:  # type: ignore[no-untyped-def]
+        """A relaying session ended; C{session.outcome} says why."""
+
+
+__all__ = [
+    "ISessionBackchannel",
+    "ISessionObserver",
+    "IPeer",
+    "ITokenAdmin",
+    "ITokenStore",
+]
