@@ -99,16 +99,25 @@ class IPeer(Interface):
 
 
 class ISessionObserver(Interface):
-    """Told about session events: metrics, logs and the supervisor listen here."""
+    """Told about session events: metrics and logs listen here."""
+
+    def session_rejected(
+        session_id: str,
+        client_address: str,
+        refusal,
+        detail: str,  # type: ignore[no-untyped-def]
+        token_id: str | None,
+    ) -> None:
+        """A connection was refused with C{refusal} (vncmux.refusals); C{detail} is for logs."""
 
     def session_opened(session) -> None:  # type: ignore[no-untyped-def]
         """A session passed its checks and started relaying."""
 
-    def session_rejected(reason: str) -> None:
-        """A connection was refused; C{reason} is a close reason of DESIGN.md section 3."""
+    def session_closed(session, duration: float) -> None:  # type: ignore[no-untyped-def]
+        """A relaying session ended; C{session.ending} says why."""
 
-    def session_closed(session) -> None:  # type: ignore[no-untyped-def]
-        """A relaying session ended; C{session.outcome} says why."""
+    def stage_timed(stage: str, seconds: float) -> None:
+        """How long a connect stage (``token_lookup``, ``backend_connect``) took."""
 
 
 __all__ = [

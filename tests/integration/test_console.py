@@ -1,0 +1,244 @@
+"""The console listener on real loopback sockets: relay, refusals, static files."""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from tests.support import GREETING, connect_client, listen_fake_vnc, listen_proxy
+from vncmux.tokens import MemoryTokenStore
+
+
+def rfb_failure(reason: bytes) -> bytes:
+    """What a refusing RFB 3.8 server sends after the client's version."""
+    return b"\x00" + struct.pack("!I", len(reason)) + reason
+
+
+class _Raw(Protocol):
+    """Collects a raw HTTP answer."""
+
+    def connectionMade(self) -> None:
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(self.data)
+
+
+async def http_get(port: int, request: bytes) -> bytes:
+    """Send a raw request and read until the server closes."""
+    proto = _Raw()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: proto))
+    proto.transport.write(request)
+    return await proto.done
+
+
+def deferred_test(f):  # type: ignore[no-untyped-def]
+    """Run an async test method under trial."""
+
+    def run(self):  # type: ignore[no-untyped-def]
+        return ensureDeferred(f(self))
+
+    run.__doc__ = f.__doc__
+    run.__name__ = f.__name__
+    return run
+
+
+class RelayTests(TestCase):
+    """A good token relays bytes both ways between a WebSocket client and a VNC server."""
+
+    async def _setup(self, **settings: object):  # type: ignore[no-untyped-def]
+        vnc, vnc_port = await listen_fake_vnc(self)
+        store = MemoryTokenStore()
+        store.add("good", "127.0.0.1", vnc_port)
+        proxy = await listen_proxy(self, store, **settings)
+        return vnc, proxy, store
+
+    @deferred_test
+    async def test_round_trip(self) -> None:
+        """The VNC greeting reaches the client first; client bytes are echoed back."""
+        vnc, proxy, _ = await self._setup()
+        client = await connect_client(self, proxy.port)
+        await client.opened
+        self.assertEqual(await client.receive(12), GREETING)
+        client.send(b"RFB 003.008\n")
+        client.send(b"\x01" * 5000)
+        await client.receive(12 + 12 + 5000)
+        self.assertEqual(client.received, GREETING + b"RFB 003.008\n" + b"\x01" * 5000)
+        self.assertEqual(len(proxy.supervisor.sessions), 1)
+        session = next(iter(proxy.supervisor.sessions.values()))
+        self.assertEqual(session.bytes_to_backend, 5012)
+        self.assertEqual(session.bytes_to_client, 5024)
+
+    @deferred_test
+    async def test_binary_subprotocol(self) -> None:
+        """A client offering 'binary' gets it; one offering nothing gets no subprotocol."""
+        _, proxy, _ = await self._setup()
+        client = await connect_client(self, proxy.port, protocols=["binary"])
+        opened = await client.opened
+        self.assertEqual(opened.websocket_protocol_in_use, "binary")
+
+    @deferred_test
+    async def test_backend_close_closes_client(self) -> None:
+        """When the VNC server hangs up, the client gets 1000 'backend closed' and the
+        session leaves the table."""
+        vnc, proxy, _ = await self._setup()
+        client = await connect_client(self, proxy.port)
+        await client.receive(12)
+        vnc.connections[0].transport.loseConnection()
+        code, reason = await client.closed
+        self.assertEqual((code, reason), (1000, "backend closed"))
+        self.assertEqual(proxy.supervisor.sessions, {})
+
+    @deferred_test
+    async def test_client_close_closes_backend(self) -> None:
+        """When the browser leaves, the backend connection is closed too."""
+        vnc, proxy, _ = await self._setup()
+        client = await connect_client(self, proxy.port)
+        await client.receive(12)
+        assert client.client is not None
+        client.client.sendClose(1000)
+        await vnc.connections[0].lost
+        await client.closed
+        self.assertEqual(proxy.supervisor.sessions, {})
+
+
+class RefusalTests(TestCase):
+    """Refused consoles answer as a refusing VNC server, then close with DESIGN.md's code."""
+
+    async def _refused(
+        self,
+        path: str,
+        store: MemoryTokenStore | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[bytes, tuple]:
+        proxy = await listen_proxy(self, store or MemoryTokenStore())
+        client = await connect_client(self, proxy.port, path=path, headers=headers)
+        await client.opened
+        self.assertEqual(await client.receive(12), GREETING)
+        client.send(b"RFB 003.008\n")
+        closed = await client.closed
+        self.assertEqual(proxy.supervisor.sessions, {})
+        return client.received[12:], closed
+
+    @deferred_test
+    async def test_unknown_token(self) -> None:
+        """An unknown token gets 'invalid token' as RFB failure and close code 4401."""
+        answer, closed = await self._refused("/websockify?token=nope")
+        self.assertEqual(answer, rfb_failure(b"invalid token"))
+        self.assertEqual(closed, (4401, "invalid token"))
+
+    @deferred_test
+    async def test_no_token(self) -> None:
+        """No token at all is a bad request (4400)."""
+        answer, closed = await self._refused("/websockify")
+        self.assertEqual(closed, (4400, "bad request"))
+
+    @deferred_test
+    async def test_token_from_cookie(self) -> None:
+        """The token cookie is used when the query has none."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        store = MemoryTokenStore()
+        store.add("cookie-token", "127.0.0.1", vnc_port)
+        proxy = await listen_proxy(self, store)
+        client = await connect_client(
+            self, proxy.port, path="/websockify", headers={"Cookie": "a=b; token=cookie-token"}
+        )
+        self.assertEqual(await client.receive(12), GREETING)
+
+    @deferred_test
+    async def test_expired_token(self) -> None:
+        """A token past its expires_at is refused with 4403 'token expired'."""
+        store = MemoryTokenStore()
+        store.add("old", "127.0.0.1", 1, expires_at=1.0)
+        answer, closed = await self._refused("/?token=old", store)
+        self.assertEqual(closed, (4403, "token expired"))
+
+    @deferred_test
+    async def test_unreachable_backend(self) -> None:
+        """A backend that refuses the connection gives 4502 'console unreachable'."""
+        listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+        dead_port = listener.getHost().port
+        await listener.stopListening()
+        store = MemoryTokenStore()
+        store.add("dead", "127.0.0.1", dead_port)
+        answer, closed = await self._refused("/?token=dead", store)
+        self.assertEqual(answer, rfb_failure(b"console unreachable"))
+        self.assertEqual(closed, (4502, "console unreachable"))
+
+    @deferred_test
+    async def test_not_a_vnc_server(self) -> None:
+        """A backend that does not greet with RFB is unreachable as a console."""
+        vnc, vnc_port = await listen_fake_vnc(self, greeting=b"SSH-2.0-OpenSSH_9.2\r\n")
+        store = MemoryTokenStore()
+        store.add("ssh", "127.0.0.1", vnc_port)
+        answer, closed = await self._refused("/?token=ssh", store)
+        self.assertEqual(closed, (4502, "console unreachable"))
+        await vnc.connections[0].lost
+
+    @deferred_test
+    async def test_store_unavailable(self) -> None:
+        """A token store that cannot answer gives 4503."""
+        store = MemoryTokenStore()
+        store.available = False
+        answer, closed = await self._refused("/?token=x", store)
+        self.assertEqual(closed, (4503, "token store unavailable"))
+
+    @deferred_test
+    async def test_foreign_origin(self) -> None:
+        """A browser page from another origin is refused with 4403."""
+        store = MemoryTokenStore()
+        store.add("good", "127.0.0.1", 1)
+        answer, closed = await self._refused(
+            "/?token=good", store, headers={"Origin": "http://evil.example"}
+        )
+        self.assertEqual(closed, (4403, "origin not allowed"))
+
+    @deferred_test
+    async def test_unsupported_subprotocol(self) -> None:
+        """A client that offers only other subprotocols gets HTTP 400 before the upgrade."""
+        proxy = await listen_proxy(self, MemoryTokenStore())
+        answer = await http_get(
+            proxy.port,
+            b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: base64\r\n\r\n",
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:80])
+
+
+class PlainHttpTests(TestCase):
+    """Plain GETs on the console port: files from --web, else 404."""
+
+    @deferred_test
+    async def test_404_without_web(self) -> None:
+        """Without --web every plain GET is a 404, not autobahn's status page."""
+        proxy = await listen_proxy(self, MemoryTokenStore())
+        answer = await http_get(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:80])
+        self.assertNotIn(b"autobahn", answer.lower())
+
+    @deferred_test
+    async def test_serves_web_dir(self) -> None:
+        """With --web a file below the directory is served with its content type."""
+        root = self.mktemp()
+        import os
+
+        os.makedirs(root)
+        with open(os.path.join(root, "vnc.html"), "wb") as f:
+            f.write(b"<html>noVNC</html>")
+        proxy = await listen_proxy(self, MemoryTokenStore(), web=root)
+        answer = await http_get(proxy.port, b"GET /vnc.html?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:80])
+        self.assertIn(b"Content-Type: text/html", answer)
+        self.assertTrue(answer.endswith(b"<html>noVNC</html>"))
+        escape = await http_get(proxy.port, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(escape.startswith(b"HTTP/1.1 404"))

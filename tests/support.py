@@ -1,0 +1,171 @@
+"""In-process helpers for tests on real loopback sockets: a fake VNC server, the proxy, a client.
+
+Every helper registers its own cleanup and waits for connections to close, so trial's
+dirty-reactor check stays meaningful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from vncmux.admission import Gate
+from vncmux.backend import BackendDialer
+from vncmux.events import Observers, SessionLog
+from vncmux.interfaces import ITokenStore
+from vncmux.settings import Settings
+from vncmux.supervisor import Supervisor
+from vncmux.websocket import ConsoleFactory
+
+GREETING = b"RFB 003.008\n"
+
+
+class FakeVncProtocol(Protocol):
+    """Greets like a VNC server, then echoes (or keeps) what it receives."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+        self.transport.write(self.factory.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.factory.echo:
+            self.transport.write(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+
+class FakeVncFactory(Factory):
+    protocol = FakeVncProtocol
+
+    def __init__(self, greeting: bytes = GREETING, echo: bool = True) -> None:
+        self.greeting = greeting
+        self.echo = echo
+        self.connections: list[FakeVncProtocol] = []
+
+
+async def listen_fake_vnc(test: TestCase, **kwargs: object) -> tuple[FakeVncFactory, int]:
+    """A fake VNC server on a free loopback port, stopped (with its connections) on cleanup."""
+    factory = FakeVncFactory(**kwargs)  # type: ignore[arg-type]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+
+    def stop() -> Deferred[object]:
+        for conn in factory.connections:
+            conn.transport.loseConnection()
+        lost = [conn.lost for conn in factory.connections]
+        return DeferredList([port.stopListening(), *lost])
+
+    test.addCleanup(stop)
+    return factory, port.getHost().port
+
+
+@dataclass
+class Proxy:
+    """A vncmux console listener running in the test's process."""
+
+    port: int
+    factory: ConsoleFactory
+    supervisor: Supervisor
+    observer: Observers
+
+
+async def listen_proxy(test: TestCase, store: ITokenStore, **settings: object) -> Proxy:
+    """The real console factory on a free loopback port, with the given token store."""
+    config = Settings(listen="tcp:0:interface=127.0.0.1", metrics=None, **settings)  # type: ignore[arg-type]
+    observer = Observers([SessionLog()])
+    supervisor = Supervisor(reactor, observer)
+    gate = Gate(
+        store,
+        BackendDialer(reactor, reactor, config.connect_timeout),
+        reactor,
+        observer,
+        config.store_timeout,
+    )
+    factory = ConsoleFactory(config, gate, supervisor, observer, reactor, reactor=reactor)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    test.addCleanup(port.stopListening)
+    return Proxy(port.getHost().port, factory, supervisor, observer)
+
+
+@dataclass
+class ClientState:
+    """What a L{ConsoleClient} saw; C{closed} fires with (code, reason)."""
+
+    opened: Deferred[ConsoleClient] = field(default_factory=Deferred)
+    closed: Deferred[tuple[int | None, str | None]] = field(default_factory=Deferred)
+    received: bytes = b""
+    waiters: list[tuple[int, Deferred[bytes]]] = field(default_factory=list)
+    client: ConsoleClient | None = None
+
+    def receive(self, count: int) -> Deferred[bytes]:
+        """Fire once at least C{count} bytes have arrived in total."""
+        d: Deferred[bytes] = Deferred()
+        self.waiters.append((count, d))
+        self._wake()
+        return d
+
+    def _wake(self) -> None:
+        waiting, self.waiters = self.waiters, []
+        for count, d in waiting:
+            if len(self.received) >= count:
+                d.callback(self.received)
+            else:
+                self.waiters.append((count, d))
+
+    def send(self, data: bytes) -> None:
+        """One binary message to the proxy."""
+        assert self.client is not None
+        self.client.sendMessage(data, isBinary=True)
+
+
+class ConsoleClient(WebSocketClientProtocol):
+    """A WebSocket client that records what it receives and how the connection closed."""
+
+    def onOpen(self) -> None:
+        state = self.factory.state
+        state.client = self
+        state.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        state = self.factory.state
+        state.received += payload
+        state._wake()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        state = self.factory.state
+        if not state.opened.called:
+            state.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+        state.closed.callback((code, reason))
+
+
+async def connect_client(
+    test: TestCase,
+    port: int,
+    path: str = "/websockify?token=good",
+    protocols: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> ClientState:
+    """Open a WebSocket to the proxy; the connection is closed and awaited on cleanup."""
+    state = ClientState()
+    factory = WebSocketClientFactory(
+        f"ws://127.0.0.1:{port}{path}", protocols=protocols, headers=headers
+    )
+    factory.protocol = ConsoleClient
+    factory.state = state
+    proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+
+    def cleanup() -> Deferred[object]:
+        proto.transport.loseConnection()
+        return state.closed
+
+    test.addCleanup(cleanup)
+    return state

@@ -1,0 +1,165 @@
+"""The relay on StringTransports: forwarding, byte counts, backpressure, one ending."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from vncmux.backend import BackendProtocol
+from vncmux.interfaces import IPeer
+from vncmux.refusals import BACKEND_CLOSED, CLIENT_CLOSED, IDLE_TIMEOUT
+from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, RelayStats, Session
+from vncmux.tokens import TokenRecord
+from vncmux.websocket import binary_frame_header
+
+
+@implementer(IPeer)
+class FakePeer:
+    """A relay side on a StringTransport that remembers how it was closed."""
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.closed: tuple[int, str] | None = None
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+        self.transport.loseConnection()
+
+
+class Registry:
+    """Records what the session tells its supervisor."""
+
+    def __init__(self) -> None:
+        self.started: list[Session] = []
+        self.ended: list[Session] = []
+
+    def session_started(self, session: Session) -> None:
+        self.started.append(session)
+
+    def session_ended(self, session: Session) -> None:
+        self.ended.append(session)
+
+
+RECORD = TokenRecord("ab" * 32, "127.0.0.1", 5900)
+
+
+class SessionTests(SynchronousTestCase):
+    """A session forwards, counts and ends exactly once."""
+
+    def setUp(self) -> None:
+        self.client = FakePeer()
+        self.backend = FakePeer()
+        self.registry = Registry()
+        self.stats = RelayStats()
+        self.session = Session(
+            "s1", RECORD, "192.0.2.1", self.client, self.backend, 100.0, self.registry
+        )
+
+    def test_fakes_provide_ipeer(self) -> None:
+        """The fake and the real backend protocol both provide IPeer."""
+        verifyObject(IPeer, self.client)
+        verifyObject(IPeer, BackendProtocol())
+
+    def test_forwards_and_counts(self) -> None:
+        """Bytes go to the other side unchanged and are counted per direction."""
+        self.session.from_client(b"abc")
+        self.session.from_backend(b"RFB 003.008\n")
+        self.assertEqual(self.backend.transport.value(), b"abc")
+        self.assertEqual(self.client.transport.value(), b"RFB 003.008\n")
+        self.assertEqual((self.session.bytes_to_backend, self.session.bytes_to_client), (3, 12))
+
+    def test_start_registers_streaming_producers(self) -> None:
+        """Each side's transport gets the other side as a streaming producer, and the
+        backend, paused until now, is resumed."""
+        self.backend.transport.pauseProducing()
+        self.session.start(self.client.transport, self.backend.transport, self.stats)
+        self.assertTrue(self.client.transport.streaming)
+        self.assertTrue(self.backend.transport.streaming)
+        self.assertEqual(self.backend.transport.producerState, "producing")
+        self.assertEqual(self.registry.started, [self.session])
+
+    def test_slow_client_pauses_backend(self) -> None:
+        """A full client buffer stops reading from the VNC server until it drains."""
+        self.session.start(self.client.transport, self.backend.transport, self.stats)
+        self.client.transport.producer.pauseProducing()
+        self.assertEqual(self.backend.transport.producerState, "paused")
+        self.assertEqual(self.client.transport.producerState, "producing")
+        self.client.transport.producer.resumeProducing()
+        self.assertEqual(self.backend.transport.producerState, "producing")
+        self.assertEqual(self.stats.pauses, {BACKEND_TO_CLIENT: 1, CLIENT_TO_BACKEND: 0})
+
+    def test_slow_backend_pauses_client(self) -> None:
+        """A full backend buffer stops reading from the browser until it drains."""
+        self.session.start(self.client.transport, self.backend.transport, self.stats)
+        self.backend.transport.producer.pauseProducing()
+        self.assertEqual(self.client.transport.producerState, "paused")
+        self.assertEqual(self.backend.transport.producerState, "producing")
+        self.backend.transport.producer.resumeProducing()
+        self.assertEqual(self.client.transport.producerState, "producing")
+        self.assertEqual(self.stats.pauses, {BACKEND_TO_CLIENT: 0, CLIENT_TO_BACKEND: 1})
+
+    def test_stop_producing_does_not_close(self) -> None:
+        """A consumer going away does not close the other side behind the session's back."""
+        self.session.start(self.client.transport, self.backend.transport, self.stats)
+        self.client.transport.producer.stopProducing()
+        self.assertIsNone(self.backend.closed)
+
+    def test_ends_once(self) -> None:
+        """The first ending wins; both sides get its code and the registry hears once."""
+        self.assertTrue(self.session.end(IDLE_TIMEOUT))
+        self.assertFalse(self.session.end(CLIENT_CLOSED))
+        self.assertEqual(self.client.closed, (4000, "idle timeout"))
+        self.assertEqual(self.backend.closed, (4000, "idle timeout"))
+        self.assertEqual(self.registry.ended, [self.session])
+        self.assertIs(self.session.ending, IDLE_TIMEOUT)
+
+    def test_backend_lost_cleanly(self) -> None:
+        """A VNC server hanging up ends the session as 'backend closed'."""
+        self.session.backend_lost(None)
+        self.assertIs(self.session.ending, BACKEND_CLOSED)
+
+
+class BackendProtocolTests(SynchronousTestCase):
+    """The backend connection reads only the RFB greeting before the relay starts."""
+
+    def test_greeting_then_pause(self) -> None:
+        """After 12 greeting bytes the transport is paused and 'greeted' fires."""
+        protocol = BackendProtocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"RFB 003")
+        self.assertNoResult(protocol.greeted)
+        protocol.dataReceived(b".008\n")
+        self.assertIs(self.successResultOf(protocol.greeted), protocol)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(protocol.greeting, b"RFB 003.008\n")
+
+    def test_not_rfb(self) -> None:
+        """Anything but an RFB greeting fails 'greeted'."""
+        protocol = BackendProtocol()
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"SSH-2.0-OpenSSH\r\n")
+        self.failureResultOf(protocol.greeted)
+
+
+class FrameHeaderTests(SynchronousTestCase):
+    """Backend chunks become single unmasked binary frames."""
+
+    def test_lengths(self) -> None:
+        """The three length encodings of RFC 6455 are used at their boundaries."""
+        self.assertEqual(binary_frame_header(0), b"\x82\x00")
+        self.assertEqual(binary_frame_header(125), b"\x82\x7d")
+        self.assertEqual(binary_frame_header(126), b"\x82\x7e\x00\x7e")
+        self.assertEqual(binary_frame_header(65535), b"\x82\x7e\xff\xff")
+        self.assertEqual(binary_frame_header(65536), b"\x82\x7f" + (65536).to_bytes(8, "big"))

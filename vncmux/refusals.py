@@ -1,0 +1,70 @@
+"""The refusal and close codes of DESIGN.md section 3, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a console was refused: the WebSocket close code and the reason the user reads."""
+
+    code: int
+    reason: str
+
+
+BAD_REQUEST = Refusal(4400, "bad request")
+INVALID_TOKEN = Refusal(4401, "invalid token")
+ORIGIN_NOT_ALLOWED = Refusal(4403, "origin not allowed")
+TOKEN_EXPIRED = Refusal(4403, "token expired")
+TOKEN_USED = Refusal(4403, "token already used")
+TOO_MANY_SESSIONS = Refusal(4429, "too many sessions")
+CONSOLE_UNREACHABLE = Refusal(4502, "console unreachable")
+STORE_UNAVAILABLE = Refusal(4503, "token store unavailable")
+#: Not in DESIGN.md's table: a bug in vncmux, never expected in operation.
+INTERNAL_ERROR = Refusal(1011, "internal error")
+
+ALL_REFUSALS = (
+    BAD_REQUEST,
+    INVALID_TOKEN,
+    ORIGIN_NOT_ALLOWED,
+    TOKEN_EXPIRED,
+    TOKEN_USED,
+    TOO_MANY_SESSIONS,
+    CONSOLE_UNREACHABLE,
+    STORE_UNAVAILABLE,
+)
+
+
+class Refused(Exception):
+    """
+    A session cannot start.
+
+    C{detail} is for the operator's log (never contains the token); the user only sees
+    C{refusal.reason}.
+    """
+
+    def __init__(self, refusal: Refusal, detail: str = "") -> None:
+        super().__init__(refusal.reason, detail)
+        self.refusal = refusal
+        self.detail = detail or refusal.reason
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a relaying session ended: close code and reason for the client, metric label."""
+
+    code: int
+    reason: str
+    label: str
+
+
+CLIENT_CLOSED = Ending(1000, "client closed", "client")
+BACKEND_CLOSED = Ending(1000, "backend closed", "backend")
+BACKEND_ERROR = Ending(1011, "backend error", "error")
+IDLE_TIMEOUT = Ending(4000, "idle timeout", "idle")
+LIFETIME_REACHED = Ending(4001, "session lifetime reached", "lifetime")
+TOKEN_EXPIRED_ENDING = Ending(4403, "token expired", "expired")
+TOKEN_REVOKED = Ending(4002, "token revoked", "revoked")
+SHUTDOWN = Ending(1001, "going away", "shutdown")
+TEXT_FRAME = Ending(1003, "binary frames only", "error")

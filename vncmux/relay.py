@@ -1,0 +1,154 @@
+"""A relaying session: bytes both ways, backpressure both ways, byte counts, one ending.
+
+The session knows its two sides only as L{IPeer}s plus the transports to pause, so the same
+relay runs over real sockets, C{StringTransport}s and in-memory fakes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from vncmux.refusals import BACKEND_CLOSED, BACKEND_ERROR, CLIENT_CLOSED, Ending
+
+if TYPE_CHECKING:
+    from vncmux.interfaces import IPeer
+    from vncmux.tokens import TokenRecord
+
+CLIENT_TO_BACKEND = "client_to_backend"
+BACKEND_TO_CLIENT = "backend_to_client"
+
+
+class SessionRegistry(Protocol):
+    """Who keeps the table of live sessions (the supervisor)."""
+
+    def session_started(self, session: Session) -> None: ...
+
+    def session_ended(self, session: Session) -> None: ...
+
+
+class RelayStats:
+    """Process-wide counters the relay bumps on rare events (read by metrics at scrape time)."""
+
+    __slots__ = ("pauses",)
+
+    def __init__(self) -> None:
+        self.pauses = {CLIENT_TO_BACKEND: 0, BACKEND_TO_CLIENT: 0}
+
+
+@implementer(IPushProducer)
+class Throttle:
+    """
+    Registered on one side's transport as its streaming producer: when that side's send
+    buffer fills, reading from the other side pauses (and is counted).
+    """
+
+    __slots__ = ("_source", "_stats", "_direction")
+
+    def __init__(self, source: IPeer, stats: RelayStats, direction: str) -> None:
+        self._source = source
+        self._stats = stats
+        self._direction = direction
+
+    def pauseProducing(self) -> None:
+        self._stats.pauses[self._direction] += 1
+        self._source.pause()
+
+    def resumeProducing(self) -> None:
+        self._source.resume()
+
+    def stopProducing(self) -> None:
+        """The consumer went away; the session closes the other side itself."""
+
+
+class Session:
+    """
+    One console session from the moment it starts relaying.
+
+    Per-packet work is a write and an integer addition; everything else (timeouts, metrics,
+    Redis write-back) reads these attributes from outside.
+    """
+
+    __slots__ = (
+        "id",
+        "record",
+        "client_address",
+        "client",
+        "backend",
+        "started_at",
+        "last_activity_at",
+        "bytes_to_backend",
+        "bytes_to_client",
+        "ending",
+        "_registry",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        record: TokenRecord,
+        client_address: str,
+        client: IPeer,
+        backend: IPeer,
+        now: float,
+        registry: SessionRegistry,
+    ) -> None:
+        self.id = session_id
+        self.record = record
+        self.client_address = client_address
+        self.client = client
+        self.backend = backend
+        self.started_at = now
+        self.last_activity_at = now
+        self.bytes_to_backend = 0
+        self.bytes_to_client = 0
+        self.ending: Ending | None = None
+        self._registry = registry
+
+    def start(
+        self, client_consumer: IConsumer, backend_consumer: IConsumer, stats: RelayStats
+    ) -> None:
+        """
+        Register each side as the streaming producer of the other, then let bytes flow:
+        a full browser buffer pauses reading from the VNC server, and the other way round.
+        """
+        client_consumer.registerProducer(Throttle(self.backend, stats, BACKEND_TO_CLIENT), True)
+        backend_consumer.registerProducer(Throttle(self.client, stats, CLIENT_TO_BACKEND), True)
+        self._registry.session_started(self)
+        self.backend.resume()
+
+    def from_client(self, data: bytes) -> None:
+        """A chunk of the client's stream: straight to the VNC server."""
+        self.bytes_to_backend += len(data)
+        self.backend.write(data)
+
+    def from_backend(self, data: bytes) -> None:
+        """A chunk of the VNC server's stream: one WebSocket frame to the client."""
+        self.bytes_to_client += len(data)
+        self.client.write(data)
+
+    def client_lost(self) -> None:
+        """The browser closed or dropped the WebSocket."""
+        self.end(CLIENT_CLOSED)
+
+    def backend_lost(self, reason: Failure | None) -> None:
+        """The VNC server closed the connection (cleanly or not)."""
+        clean = reason is None or reason.check(ConnectionDone) is not None
+        self.end(BACKEND_CLOSED if clean else BACKEND_ERROR)
+
+    def end(self, ending: Ending) -> bool:
+        """
+        End the session once: close both sides (each flushes what it already holds) and
+        tell the observer. Returns False when it had already ended.
+        """
+        if self.ending is not None:
+            return False
+        self.ending = ending
+        self.backend.close(ending.code, ending.reason)
+        self.client.close(ending.code, ending.reason)
+        self._registry.session_ended(self)
+        return True

@@ -1,0 +1,32 @@
+"""The proxy's settings, parsed once from the command line and shared by every session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vncmux.handshake import IPNetwork
+
+DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
+DEFAULT_TOKENS = "file:etc/tokens"
+DEFAULT_METRICS = "tcp:9108:interface=127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a session needs to know about the proxy's configuration."""
+
+    listen: str = DEFAULT_LISTEN
+    tokens: str = DEFAULT_TOKENS
+    web: str | None = None
+    metrics: str | None = DEFAULT_METRICS
+    connect_timeout: float = 5.0
+    store_timeout: float = 2.0
+    refusal_timeout: float = 5.0
+    close_timeout: float = 10.0
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    @property
+    def handshake_timeout(self) -> float:
+        """autobahn's bound on the whole upgrade: lookup plus dial plus slack."""
+        return self.store_timeout + self.connect_timeout + 3.0
