@@ -15,12 +15,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from vncmux.admission import Gate
-from vncmux.backend import BackendDialer
 from vncmux.events import Observers, SessionLog
 from vncmux.interfaces import ITokenStore
+from vncmux.service import ProxyService, build_console
 from vncmux.settings import Settings
-from vncmux.supervisor import Supervisor
+from vncmux.supervisor import Limits, Supervisor
 from vncmux.websocket import ConsoleFactory
 
 GREETING = b"RFB 003.008\n"
@@ -70,30 +69,33 @@ async def listen_fake_vnc(test: TestCase, **kwargs: object) -> tuple[FakeVncFact
 
 @dataclass
 class Proxy:
-    """A vncmux console listener running in the test's process."""
+    """A vncmux proxy service running in the test's process."""
 
     port: int
+    service: ProxyService
     factory: ConsoleFactory
     supervisor: Supervisor
-    observer: Observers
+    observers: Observers
 
 
-async def listen_proxy(test: TestCase, store: ITokenStore, **settings: object) -> Proxy:
-    """The real console factory on a free loopback port, with the given token store."""
-    config = Settings(listen="tcp:0:interface=127.0.0.1", metrics=None, **settings)  # type: ignore[arg-type]
-    observer = Observers([SessionLog()])
-    supervisor = Supervisor(reactor, observer)
-    gate = Gate(
-        store,
-        BackendDialer(reactor, reactor, config.connect_timeout),
-        reactor,
-        observer,
-        config.store_timeout,
+async def listen_proxy(
+    test: TestCase, store: ITokenStore, limits: Limits | None = None, **settings: object
+) -> Proxy:
+    """The real proxy service on a free loopback port with the given token store; stopped
+    (with the drain) on cleanup."""
+    config = Settings(
+        listen="tcp:0:interface=127.0.0.1",
+        metrics=None,
+        limits=limits or Limits(),
+        **settings,  # type: ignore[arg-type]
     )
-    factory = ConsoleFactory(config, gate, supervisor, observer, reactor, reactor=reactor)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    test.addCleanup(port.stopListening)
-    return Proxy(port.getHost().port, factory, supervisor, observer)
+    observers = Observers([SessionLog()])
+    console = build_console(config, store, reactor, observers)
+    service = ProxyService(config, console, reactor)
+    service.startService()
+    test.addCleanup(lambda: service.stopService() if service.running else None)
+    port = await service.listener.listening()
+    return Proxy(port.getHost().port, service, console.factory, console.supervisor, observers)
 
 
 @dataclass

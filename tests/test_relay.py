@@ -4,52 +4,16 @@ from __future__ import annotations
 
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.fakes import FakePeer, Registry
 from vncmux.backend import BackendProtocol
 from vncmux.interfaces import IPeer
 from vncmux.refusals import BACKEND_CLOSED, CLIENT_CLOSED, IDLE_TIMEOUT
 from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, RelayStats, Session
+from vncmux.rfb import ClientActivityScanner
 from vncmux.tokens import TokenRecord
 from vncmux.websocket import binary_frame_header
-
-
-@implementer(IPeer)
-class FakePeer:
-    """A relay side on a StringTransport that remembers how it was closed."""
-
-    def __init__(self) -> None:
-        self.transport = StringTransport()
-        self.closed: tuple[int, str] | None = None
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def pause(self) -> None:
-        self.transport.pauseProducing()
-
-    def resume(self) -> None:
-        self.transport.resumeProducing()
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
-        self.transport.loseConnection()
-
-
-class Registry:
-    """Records what the session tells its supervisor."""
-
-    def __init__(self) -> None:
-        self.started: list[Session] = []
-        self.ended: list[Session] = []
-
-    def session_started(self, session: Session) -> None:
-        self.started.append(session)
-
-    def session_ended(self, session: Session) -> None:
-        self.ended.append(session)
-
 
 RECORD = TokenRecord("ab" * 32, "127.0.0.1", 5900)
 
@@ -63,7 +27,14 @@ class SessionTests(SynchronousTestCase):
         self.registry = Registry()
         self.stats = RelayStats()
         self.session = Session(
-            "s1", RECORD, "192.0.2.1", self.client, self.backend, 100.0, self.registry
+            "s1",
+            RECORD,
+            "192.0.2.1",
+            self.client,
+            self.backend,
+            100.0,
+            self.registry,
+            ClientActivityScanner(),
         )
 
     def test_fakes_provide_ipeer(self) -> None:
@@ -128,6 +99,45 @@ class SessionTests(SynchronousTestCase):
         """A VNC server hanging up ends the session as 'backend closed'."""
         self.session.backend_lost(None)
         self.assertIs(self.session.ending, BACKEND_CLOSED)
+
+
+class ActivityTests(SynchronousTestCase):
+    """What counts as activity: user input by default, every byte with --idle-activity any."""
+
+    HANDSHAKE = b"RFB 003.008\n\x01\x01"
+    UPDATE_REQUEST = b"\x03\x01\x00\x00\x00\x00\x04\x00\x03\x00"
+    POINTER = b"\x05\x00\x00\x10\x00\x10"
+
+    def make(self, scanner: ClientActivityScanner | None) -> tuple[Session, Registry]:
+        registry = Registry()
+        session = Session("s", RECORD, "c", FakePeer(), FakePeer(), 100.0, registry, scanner)
+        return session, registry
+
+    def test_input_counts(self) -> None:
+        """A pointer event stamps the supervisor's current time as last activity."""
+        session, registry = self.make(ClientActivityScanner())
+        registry.now = 150.0
+        session.from_client(self.HANDSHAKE + self.UPDATE_REQUEST)
+        self.assertEqual(session.last_activity_at, 100.0)
+        session.from_client(self.POINTER)
+        self.assertEqual(session.last_activity_at, 150.0)
+
+    def test_screen_traffic_does_not_count(self) -> None:
+        """Framebuffer updates from the server (a ticking clock) are not activity."""
+        session, registry = self.make(ClientActivityScanner())
+        registry.now = 150.0
+        session.from_backend(b"\x00" * 1000)
+        self.assertEqual(session.last_activity_at, 100.0)
+
+    def test_any_mode(self) -> None:
+        """Without a scanner every byte either way is activity."""
+        session, registry = self.make(None)
+        registry.now = 150.0
+        session.from_backend(b"\x00")
+        self.assertEqual(session.last_activity_at, 150.0)
+        registry.now = 160.0
+        session.from_client(self.UPDATE_REQUEST)
+        self.assertEqual(session.last_activity_at, 160.0)
 
 
 class BackendProtocolTests(SynchronousTestCase):

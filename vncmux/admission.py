@@ -11,8 +11,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from vncmux.backend import BackendDialer, BackendProtocol
-from vncmux.interfaces import ISessionObserver, ITokenStore
-from vncmux.refusals import INVALID_TOKEN, STORE_UNAVAILABLE, TOKEN_EXPIRED, Refused
+from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ITokenStore
+from vncmux.refusals import INVALID_TOKEN, STORE_UNAVAILABLE, TOKEN_EXPIRED, TOKEN_USED, Refused
+from vncmux.supervisor import Supervisor
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
 
 
@@ -23,27 +24,33 @@ class Gate:
         self,
         store: ITokenStore,
         dialer: BackendDialer,
+        supervisor: Supervisor,
         clock: IReactorTime,
         observer: ISessionObserver,
         store_timeout: float,
     ) -> None:
         self._store = store
+        self._claims = ISessionBackchannel(store, None)
         self._dialer = dialer
+        self._supervisor = supervisor
         self._clock = clock
         self._observer = observer
         self.store_timeout = store_timeout
 
-    def admit(self, token: str) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
+    def admit(
+        self, token: str, client_address: str
+    ) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
         """
-        Fire with the token's record and a paused, greeted backend connection, or fail with
-        L{Refused}. Cancelling the Deferred abandons the lookup or closes the dial.
+        Fire with the token's record and a paused, greeted backend connection, counted
+        against the supervisor's limits (the caller releases it if it never relays), or fail
+        with L{Refused}. Cancelling the Deferred abandons the lookup or closes the dial.
         """
         started = self._clock.seconds()
         looking = self._store.lookup(token)
         looking.addTimeout(self.store_timeout, self._clock)
         looking.addCallbacks(self._check_record, self._store_failed)
         looking.addBoth(self._timed, "token_lookup", started)
-        looking.addCallback(self._dial)
+        looking.addCallback(self._reserve_and_dial, client_address)
         return looking
 
     def _timed(self, result: object, stage: str, started: float) -> object:
@@ -65,8 +72,40 @@ class Gate:
             raise Refused(STORE_UNAVAILABLE, failure.getErrorMessage())
         return failure
 
-    def _dial(self, record: TokenRecord) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
+    def _reserve_and_dial(
+        self, record: TokenRecord, client_address: str
+    ) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
+        self._supervisor.reserve(record, client_address)
         started = self._clock.seconds()
         dialing = self._dialer.dial(record.host, record.port)
         dialing.addBoth(self._timed, "backend_connect", started)
+        if record.single_use:
+            dialing.addCallback(self._claim, record)
+
+        def give_back(failure: Failure) -> Failure:
+            self._supervisor.release(record, client_address)
+            return failure
+
+        dialing.addErrback(give_back)
         return dialing.addCallback(lambda backend: (record, backend))
+
+    def _claim(self, backend: BackendProtocol, record: TokenRecord) -> Deferred[BackendProtocol]:
+        """Use up a single-use token only once its console answered (failures don't count)."""
+        if self._claims is None:
+            backend.close()
+            raise Refused(TOKEN_USED, "token store cannot enforce single use")
+        claiming = self._claims.claim_use(record.token_hash)
+        claiming.addTimeout(self.store_timeout, self._clock)
+
+        def claimed(first: bool) -> BackendProtocol:
+            if not first:
+                raise Refused(TOKEN_USED, f"single-use token {record.token_id} used before")
+            return backend
+
+        def failed(failure: Failure) -> Failure:
+            backend.close()
+            if failure.check(Refused):
+                return failure
+            raise Refused(STORE_UNAVAILABLE, f"could not claim single use: {failure.value}")
+
+        return claiming.addCallback(claimed).addErrback(failed)

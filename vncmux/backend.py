@@ -27,6 +27,7 @@ from vncmux.tokens import format_target
 
 if TYPE_CHECKING:
     from vncmux.relay import Session
+    from vncmux.supervisor import ConnectionTracker
 
 #: Length of the RFB ProtocolVersion message every VNC server sends first.
 RFB_GREETING_LENGTH = 12
@@ -45,10 +46,15 @@ class BackendProtocol(Protocol):
     a wrong port), then pauses; afterwards every chunk goes straight to the session.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: ConnectionTracker | None = None) -> None:
         self.greeted: Deferred[BackendProtocol] = Deferred()
+        self.tracker = tracker
         self.greeting = b""
         self.session: Session | None = None
+
+    def connectionMade(self) -> None:
+        if self.tracker is not None:
+            self.tracker.opened()
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -65,6 +71,8 @@ class BackendProtocol(Protocol):
             self.greeted.errback(NotAVncServer(repr(self.greeting[:12])))
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        if self.tracker is not None:
+            self.tracker.closed()
         if self.session is not None:
             self.session.backend_lost(reason)
         elif not self.greeted.called:
@@ -103,17 +111,24 @@ def endpoint_for(
 class BackendDialer:
     """Connects to a target and waits for its RFB greeting, all within one timeout."""
 
-    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        timeout: float,
+        tracker: ConnectionTracker | None = None,
+    ) -> None:
         self._reactor = reactor
         self._clock = clock
         self.timeout = timeout
+        self._tracker = tracker
 
     def dial(self, host: str, port: int) -> Deferred[BackendProtocol]:
         """
         Fire with a greeted, paused L{BackendProtocol}, or fail with L{Refused}
         (console unreachable) whose detail says why. Cancelling stops the attempt.
         """
-        protocol = BackendProtocol()
+        protocol = BackendProtocol(self._tracker)
         endpoint = endpoint_for(self._reactor, host, port, self.timeout)
         dialing = connectProtocol(endpoint, protocol)
         dialing.addCallback(lambda _: protocol.greeted)

@@ -17,6 +17,7 @@ from vncmux.refusals import BACKEND_CLOSED, BACKEND_ERROR, CLIENT_CLOSED, Ending
 
 if TYPE_CHECKING:
     from vncmux.interfaces import IPeer
+    from vncmux.rfb import ClientActivityScanner
     from vncmux.tokens import TokenRecord
 
 CLIENT_TO_BACKEND = "client_to_backend"
@@ -25,6 +26,9 @@ BACKEND_TO_CLIENT = "backend_to_client"
 
 class SessionRegistry(Protocol):
     """Who keeps the table of live sessions (the supervisor)."""
+
+    #: A coarse clock, refreshed by the supervisor's sweep, stamped as activity.
+    now: float
 
     def session_started(self, session: Session) -> None: ...
 
@@ -84,6 +88,7 @@ class Session:
         "bytes_to_backend",
         "bytes_to_client",
         "ending",
+        "scanner",
         "_registry",
     )
 
@@ -96,6 +101,7 @@ class Session:
         backend: IPeer,
         now: float,
         registry: SessionRegistry,
+        scanner: ClientActivityScanner | None,
     ) -> None:
         self.id = session_id
         self.record = record
@@ -107,6 +113,8 @@ class Session:
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
         self.ending: Ending | None = None
+        #: Finds user input in the client stream; None counts every byte either way.
+        self.scanner = scanner
         self._registry = registry
 
     def start(
@@ -122,13 +130,18 @@ class Session:
         self.backend.resume()
 
     def from_client(self, data: bytes) -> None:
-        """A chunk of the client's stream: straight to the VNC server."""
+        """A chunk of the client's stream: straight to the VNC server, noting user input."""
         self.bytes_to_backend += len(data)
+        scanner = self.scanner
+        if scanner is None or scanner.feed(data):
+            self.last_activity_at = self._registry.now
         self.backend.write(data)
 
     def from_backend(self, data: bytes) -> None:
         """A chunk of the VNC server's stream: one WebSocket frame to the client."""
         self.bytes_to_client += len(data)
+        if self.scanner is None:
+            self.last_activity_at = self._registry.now
         self.client.write(data)
 
     def client_lost(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vncmux.handshake import IPNetwork
+from vncmux.supervisor import Limits
 
 DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
 DEFAULT_TOKENS = "file:etc/tokens"
@@ -25,6 +26,11 @@ class Settings:
     close_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    idle_activity: str = "input"
+    ping_interval: float = 0.0
+    ping_timeout: float = 0.0
+    drain_timeout: float = 30.0
+    limits: Limits = Limits()
 
     @property
     def handshake_timeout(self) -> float:

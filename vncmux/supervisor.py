@@ -1,30 +1,207 @@
-"""The table of live sessions and what ends them from outside the relay."""
+"""The table of live sessions and everything that ends them from outside the relay.
+
+One periodic sweep on the injected clock serves every session: it refreshes the coarse
+``now`` that the relay stamps as activity, ends idle, over-age and expired sessions, and
+batches ``last_activity_at`` back to the token store. Nothing here runs per packet.
+"""
 
 from __future__ import annotations
 
-from twisted.application.service import Service
-from twisted.internet.interfaces import IReactorTime
+from collections import Counter
+from dataclasses import dataclass
 
-from vncmux.interfaces import ISessionObserver
-from vncmux.refusals import Ending
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vncmux.interfaces import ISessionBackchannel, ISessionObserver
+from vncmux.refusals import (
+    IDLE_TIMEOUT,
+    LIFETIME_REACHED,
+    SHUTDOWN,
+    TOKEN_EXPIRED_ENDING,
+    TOKEN_REVOKED,
+    TOO_MANY_SESSIONS,
+    Ending,
+    Refused,
+)
 from vncmux.relay import Session
+from vncmux.tokens import TokenRecord
+
+INSTANCE_PREFIX = "instance:"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Session limits and timeouts; 0 turns each one off."""
+
+    idle_timeout: float = 1800.0
+    max_session: float = 0.0
+    enforce_expiry: bool = False
+    max_sessions: int = 0
+    max_sessions_per_token: int = 0
+    max_sessions_per_client: int = 0
+    sweep_interval: float = 1.0
+    flush_interval: float = 10.0
 
 
 class Supervisor(Service):
-    """Knows every relaying session of this process, so it can list, end and drain them."""
+    """
+    Knows every session of this process, from admission to its end: counts them against
+    the limits, ends them on timeouts and revocations, and drains them at shutdown.
+    """
 
-    def __init__(self, clock: IReactorTime, observer: ISessionObserver) -> None:
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        observer: ISessionObserver,
+        limits: Limits = Limits(),
+        backchannel: ISessionBackchannel | None = None,
+    ) -> None:
         self.clock = clock
         self.observer = observer
+        self.limits = limits
+        self.backchannel = backchannel
         self.sessions: dict[str, Session] = {}
+        #: The sweep's idea of the time; the relay stamps it as activity, so a packet costs
+        #: an attribute read instead of a clock call. Accurate to one sweep interval.
+        self.now = clock.seconds()
+        self._reserved = 0
+        self._per_token: Counter[str] = Counter()
+        self._per_client: Counter[str] = Counter()
+        self._flushed_at = self.now
+        self._next_flush = self.now + limits.flush_interval
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+        self._flushing: Deferred[None] | None = None
+        self._drain_waiters: list[Deferred[None]] = []
+        self.connections = ConnectionTracker()
+
+    # -- admission -------------------------------------------------------------------------
+
+    def reserve(self, record: TokenRecord, client_address: str) -> None:
+        """
+        Count a session that is about to start against every limit, or raise L{Refused}
+        (too many sessions). Each reservation is given back by L{release} exactly once.
+        """
+        limits = self.limits
+        per_token = record.max_sessions or limits.max_sessions_per_token
+        if limits.max_sessions and self._reserved >= limits.max_sessions:
+            raise Refused(TOO_MANY_SESSIONS, f"process limit of {limits.max_sessions} reached")
+        if per_token and self._per_token[record.token_hash] >= per_token:
+            raise Refused(
+                TOO_MANY_SESSIONS, f"token {record.token_id} limit of {per_token} reached"
+            )
+        per_client = limits.max_sessions_per_client
+        if per_client and self._per_client[client_address] >= per_client:
+            raise Refused(
+                TOO_MANY_SESSIONS, f"client {client_address} limit of {per_client} reached"
+            )
+        self._reserved += 1
+        self._per_token[record.token_hash] += 1
+        self._per_client[client_address] += 1
+
+    def release(self, record: TokenRecord, client_address: str) -> None:
+        """Give back a reservation (failed dial, client gone, or session ended)."""
+        self._reserved -= 1
+        _decrement(self._per_token, record.token_hash)
+        _decrement(self._per_client, client_address)
+
+    @property
+    def reserved(self) -> int:
+        """Sessions counted against the limits: relaying, or admitted and about to."""
+        return self._reserved
+
+    # -- the relay's registry ----------------------------------------------------------------
 
     def session_started(self, session: Session) -> None:
         self.sessions[session.id] = session
         self.observer.session_opened(session)
 
     def session_ended(self, session: Session) -> None:
-        if self.sessions.pop(session.id, None) is not None:
-            self.observer.session_closed(session, self.clock.seconds() - session.started_at)
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self.release(session.record, session.client_address)
+        self.observer.session_closed(session, self.clock.seconds() - session.started_at)
+        if not self.sessions and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # -- what ends sessions from outside -------------------------------------------------------
+
+    def sweep(self) -> None:
+        """End every session past its idle timeout, lifetime or token expiry."""
+        now = self.now = self.clock.seconds()
+        limits = self.limits
+        idle_before = now - limits.idle_timeout if limits.idle_timeout else None
+        born_before = now - limits.max_session if limits.max_session else None
+        doomed: list[tuple[Session, Ending]] = []
+        for session in self.sessions.values():
+            if idle_before is not None and session.last_activity_at <= idle_before:
+                doomed.append((session, IDLE_TIMEOUT))
+            elif born_before is not None and session.started_at <= born_before:
+                doomed.append((session, LIFETIME_REACHED))
+            elif limits.enforce_expiry and session.record.expired(now):
+                doomed.append((session, TOKEN_EXPIRED_ENDING))
+        for session, ending in doomed:
+            session.end(ending)
+        if now >= self._next_flush:
+            self.flush_activity()
+
+    def flush_activity(self) -> Deferred[None]:
+        """
+        Write the newest ``last_activity_at`` of every token that saw input since the last
+        flush, in one round trip for the whole process.
+        """
+        self._next_flush = self.now + self.limits.flush_interval
+        if self.backchannel is None or self._flushing is not None:
+            return succeed(None)
+        since, self._flushed_at = self._flushed_at, self.now
+        updates: dict[str, float] = {}
+        for session in self.sessions.values():
+            stamp = session.last_activity_at
+            if stamp > since and stamp > updates.get(session.record.token_hash, 0.0):
+                updates[session.record.token_hash] = stamp
+        if not updates:
+            return succeed(None)
+        flushing = self._flushing = self.backchannel.record_activity(updates)
+
+        def done(result: object) -> None:
+            self._flushing = None
+            if isinstance(result, Failure):
+                self._flushed_at = min(self._flushed_at, since)
+                self._log.warn(
+                    "could not write activity of {n} tokens back: {error}",
+                    n=len(updates),
+                    error=result.getErrorMessage(),
+                )
+
+        return flushing.addBoth(done)
+
+    def revoked(self, message: str) -> int:
+        """
+        Handle one message of the revocation channel: a token hash, or ``instance:<uuid>``.
+        Ends the matching sessions with 4002; returns how many.
+        """
+        if message.startswith(INSTANCE_PREFIX):
+            uuid = message[len(INSTANCE_PREFIX) :]
+            matches = [s for s in self.sessions.values() if s.record.instance_uuid == uuid]
+        else:
+            matches = [s for s in self.sessions.values() if s.record.token_hash == message]
+        for session in matches:
+            session.end(TOKEN_REVOKED)
+        return len(matches)
+
+    def end(self, session_id: str, ending: Ending) -> bool:
+        """End one session by id (the admin API); False when there is no such session."""
+        session = self.sessions.get(session_id)
+        return session is not None and session.end(ending)
 
     def end_all(self, ending: Ending) -> int:
         """End every live session with C{ending}; returns how many there were."""
@@ -32,3 +209,75 @@ class Supervisor(Service):
         for session in live:
             session.end(ending)
         return len(live)
+
+    def drain(self, grace: float, close_timeout: float) -> Deferred[None]:
+        """
+        Let live sessions run for up to C{grace} seconds, then end the rest with 1001 and
+        wait (at most C{close_timeout}) until every connection has flushed and closed, so
+        no byte already read from either side is lost.
+        """
+        empty: Deferred[None] = Deferred()
+        if self.sessions:
+            self._drain_waiters.append(empty)
+        else:
+            empty.callback(None)
+        empty.addTimeout(grace, self.clock)
+
+        def cut(_: object) -> Deferred[None]:
+            ended = self.end_all(SHUTDOWN)
+            if ended:
+                self._log.info("drain: ended {n} sessions after {grace}s", n=ended, grace=grace)
+            closing = self.connections.all_closed()
+            closing.addTimeout(close_timeout, self.clock)
+            return closing.addErrback(lambda f: f.trap(TimeoutError))
+
+        return empty.addBoth(cut)
+
+    # -- service -------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweeper.start(self.limits.sweep_interval, now=False)
+        if self.backchannel is not None:
+            self.backchannel.watch_revocations(self.revoked)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._sweeper.running:
+            self._sweeper.stop()
+        return self.flush_activity()
+
+
+class ConnectionTracker:
+    """Counts open sockets (both sides) so that shutdown can wait for the last to close."""
+
+    __slots__ = ("count", "_waiters")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiters: list[Deferred[None]] = []
+
+    def opened(self) -> None:
+        self.count += 1
+
+    def closed(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def all_closed(self) -> Deferred[None]:
+        """Fire when no connection is open (at once when none is)."""
+        if self.count == 0:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    if counter[key] <= 1:
+        del counter[key]
+    else:
+        counter[key] -= 1

@@ -20,6 +20,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,7 +45,7 @@ from vncmux.refusals import (
     Refused,
 )
 from vncmux.relay import RelayStats, Session
-from vncmux.rfb import RefusingServer
+from vncmux.rfb import ClientActivityScanner, RefusingServer
 from vncmux.web import StaticFiles
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from vncmux.tokens import TokenRecord
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+CONNECTION_DONE = Failure(ConnectionDone())
 _UPGRADE_HEADER = re.compile(rb"\r\nupgrade\s*:", re.IGNORECASE)
 _MAX_REQUEST_HEAD = 16 * 1024
 _pack_16 = struct.Struct("!BBH").pack
@@ -89,6 +91,14 @@ class ConsoleProtocol(WebSocketServerProtocol):
     _refusal_timer: IDelayedCall | None = None
     _gone = False
 
+    def connectionMade(self) -> None:
+        self.factory.supervisor.connections.opened()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        super().connectionLost(reason)
+        self.factory.supervisor.connections.closed()
+
     # -- plain HTTP on the same port ---------------------------------------------------------
 
     def processHandshake(self) -> None:
@@ -101,6 +111,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
             request_line = self.data[: self.data.find(b"\r\n")].decode("latin-1").split()
             method, target = (request_line + ["", ""])[:2]
             self.sendData(self.factory.web.respond(method, target or "/"))
+            self.wasClean = True  # a plain HTTP answer, not a failed WebSocket
             self.dropConnection(abort=False)
             return
         super().processHandshake()
@@ -131,7 +142,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
             self._refuse(ORIGIN_NOT_ALLOWED, f"origin {request.origin!r} not allowed")
             return subprotocol
         answer: Deferred[str | None] = Deferred()
-        admission = self._admission = factory.gate.admit(token)
+        admission = self._admission = factory.gate.admit(token, self.client_address)
         admission.addCallbacks(self._admitted, self._not_admitted)
         admission.addBoth(lambda _: None if self._gone else answer.callback(subprotocol))
         return answer
@@ -140,8 +151,10 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self._admission = None
         record, backend = result
         self.token_id = record.token_id
+        factory = self.factory
         if self._gone:
             backend.close()
+            factory.supervisor.release(record, self.client_address)
             return
         self._backend = backend
         self.session = Session(
@@ -150,8 +163,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
             self.client_address,
             self,
             backend,
-            self.factory.clock.seconds(),
-            self.factory.supervisor,
+            factory.clock.seconds(),
+            factory.supervisor,
+            ClientActivityScanner() if factory.settings.idle_activity == "input" else None,
         )
 
     def _not_admitted(self, failure: Failure) -> None:
@@ -282,8 +296,11 @@ class ConsoleFactory(WebSocketServerFactory):
         self.clock = clock
         self.stats = RelayStats()
         self.web = StaticFiles(settings.web)
+        self.noisy = False
         self.setProtocolOptions(
             webStatus=False,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_timeout,
             openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=settings.close_timeout,
             failByDrop=False,

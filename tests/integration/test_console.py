@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -229,10 +232,8 @@ class PlainHttpTests(TestCase):
     @deferred_test
     async def test_serves_web_dir(self) -> None:
         """With --web a file below the directory is served with its content type."""
-        root = self.mktemp()
-        import os
-
-        os.makedirs(root)
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
         with open(os.path.join(root, "vnc.html"), "wb") as f:
             f.write(b"<html>noVNC</html>")
         proxy = await listen_proxy(self, MemoryTokenStore(), web=root)

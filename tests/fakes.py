@@ -1,0 +1,46 @@
+"""In-memory fakes of the relay's collaborators, checked against their interfaces."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from vncmux.interfaces import IPeer
+from vncmux.relay import Session
+
+
+@implementer(IPeer)
+class FakePeer:
+    """A relay side on a StringTransport that remembers how it was closed."""
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.closed: tuple[int, str] | None = None
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+        self.transport.loseConnection()
+
+
+class Registry:
+    """Records what the session tells its supervisor."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.started: list[Session] = []
+        self.ended: list[Session] = []
+
+    def session_started(self, session: Session) -> None:
+        self.started.append(session)
+
+    def session_ended(self, session: Session) -> None:
+        self.ended.append(session)

@@ -1,0 +1,306 @@
+"""The supervisor on a task.Clock: timeouts, limits, revocation, write-back and drain."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tests.fakes import FakePeer
+from vncmux.events import Observers
+from vncmux.interfaces import ISessionBackchannel
+from vncmux.refusals import (
+    IDLE_TIMEOUT,
+    LIFETIME_REACHED,
+    SHUTDOWN,
+    TOKEN_EXPIRED_ENDING,
+    TOKEN_REVOKED,
+    Refused,
+)
+from vncmux.relay import Session
+from vncmux.rfb import ClientActivityScanner
+from vncmux.supervisor import Limits, Supervisor
+from vncmux.tokens import TokenRecord
+
+POINTER = b"\x05\x00\x00\x10\x00\x10"
+HANDSHAKE = b"RFB 003.008\n\x01\x01"
+
+
+@implementer(ISessionBackchannel)
+class FakeBackchannel:
+    """Records activity write-backs and revocation subscriptions."""
+
+    def __init__(self) -> None:
+        self.writes: list[dict[str, float]] = []
+        self.on_revoke = None
+        self.pending: Deferred[None] | None = None
+
+    def record_activity(self, updates: dict[str, float]) -> Deferred[None]:
+        self.writes.append(dict(updates))
+        return self.pending if self.pending is not None else succeed(None)
+
+    def claim_use(self, token_hash: str) -> Deferred[bool]:
+        return succeed(True)
+
+    def watch_revocations(self, on_revoke) -> None:  # type: ignore[no-untyped-def]
+        self.on_revoke = on_revoke
+
+
+def record(n: int = 1, **fields: object) -> TokenRecord:
+    return TokenRecord(f"{n:064x}", "127.0.0.1", 5900, **fields)  # type: ignore[arg-type]
+
+
+class SupervisorTestCase(SynchronousTestCase):
+    def make(self, **limits: object) -> Supervisor:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.backchannel = FakeBackchannel()
+        supervisor = Supervisor(
+            self.clock,
+            Observers(),
+            Limits(**limits),
+            self.backchannel,  # type: ignore[arg-type]
+        )
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        self.supervisor = supervisor
+        return supervisor
+
+    def open(self, rec: TokenRecord | None = None, client: str = "198.51.100.1") -> Session:
+        """Admit and start a session the way the WebSocket protocol does."""
+        rec = rec or record()
+        self.supervisor.reserve(rec, client)
+        session = Session(
+            f"s{len(self.supervisor.sessions)}-{rec.token_id}-{client}",
+            rec,
+            client,
+            FakePeer(),
+            FakePeer(),
+            self.clock.seconds(),
+            self.supervisor,
+            ClientActivityScanner(),
+        )
+        session.start(session.client.transport, session.backend.transport, _stats())
+        session.from_client(HANDSHAKE)
+        return session
+
+
+def _stats():  # type: ignore[no-untyped-def]
+    from vncmux.relay import RelayStats
+
+    return RelayStats()
+
+
+class IdleTimeoutTests(SupervisorTestCase):
+    """Idle sessions end with 4000, measured from the last user input."""
+
+    def test_just_before_and_after(self) -> None:
+        """Open at 1799 s idle, closed with 4000 once 1800 s have passed."""
+        self.make(idle_timeout=1800)
+        session = self.open()
+        self.clock.pump([1.0] * 1799)
+        self.assertIsNone(session.ending)
+        self.clock.advance(1)
+        self.assertIs(session.ending, IDLE_TIMEOUT)
+        self.assertEqual(session.client.closed, (4000, "idle timeout"))
+        self.assertEqual(self.supervisor.sessions, {})
+
+    def test_reset_by_input(self) -> None:
+        """A pointer event restarts the idle countdown."""
+        self.make(idle_timeout=60)
+        session = self.open()
+        self.clock.pump([1.0] * 50)
+        session.from_client(POINTER)
+        self.clock.pump([1.0] * 50)
+        self.assertIsNone(session.ending)
+        self.clock.pump([1.0] * 11)
+        self.assertIs(session.ending, IDLE_TIMEOUT)
+
+    def test_not_reset_by_screen_updates(self) -> None:
+        """Framebuffer traffic (a ticking clock on the desktop) does not keep it open."""
+        self.make(idle_timeout=60)
+        session = self.open()
+        for _ in range(61):
+            session.from_backend(b"\x00" * 100)
+            session.from_client(b"\x03\x01\x00\x00\x00\x00\x04\x00\x03\x00")
+            self.clock.advance(1)
+        self.assertIs(session.ending, IDLE_TIMEOUT)
+
+    def test_off(self) -> None:
+        """An idle timeout of 0 never ends a session."""
+        self.make(idle_timeout=0)
+        session = self.open()
+        self.clock.pump([100.0] * 100)
+        self.assertIsNone(session.ending)
+
+
+class LifetimeAndExpiryTests(SupervisorTestCase):
+    """Absolute limits: --max-session and --enforce-expiry."""
+
+    def test_lifetime(self) -> None:
+        """A session ends with 4001 at its lifetime, however active it is."""
+        self.make(idle_timeout=0, max_session=300)
+        session = self.open()
+        for _ in range(299):
+            session.from_client(POINTER)
+            self.clock.advance(1)
+        self.assertIsNone(session.ending)
+        self.clock.advance(1)
+        self.assertIs(session.ending, LIFETIME_REACHED)
+        self.assertEqual(session.client.closed, (4001, "session lifetime reached"))
+
+    def test_expiry(self) -> None:
+        """With --enforce-expiry a session ends at its token's expires_at."""
+        self.make(idle_timeout=0, enforce_expiry=True)
+        session = self.open(record(expires_at=1100.0))
+        self.clock.pump([1.0] * 99)
+        self.assertIsNone(session.ending)
+        self.clock.advance(1)
+        self.assertIs(session.ending, TOKEN_EXPIRED_ENDING)
+
+    def test_expiry_not_enforced(self) -> None:
+        """Without --enforce-expiry the token's expiry only matters at connect time."""
+        self.make(idle_timeout=0)
+        session = self.open(record(expires_at=1100.0))
+        self.clock.pump([1.0] * 200)
+        self.assertIsNone(session.ending)
+
+
+class LimitTests(SupervisorTestCase):
+    """Reservations count sessions against the process, token and client limits."""
+
+    def test_process_limit(self) -> None:
+        """The (n+1)th session of the process is refused with 4429."""
+        self.make(max_sessions=2)
+        self.open(record(1))
+        self.open(record(2))
+        e = self.assertRaises(Refused, self.supervisor.reserve, record(3), "c")
+        self.assertEqual(e.refusal.code, 4429)
+
+    def test_token_limit_from_record(self) -> None:
+        """A record's max_sessions overrides --max-sessions-per-token."""
+        self.make(max_sessions_per_token=5)
+        rec = record(1, max_sessions=1)
+        self.open(rec)
+        e = self.assertRaises(Refused, self.supervisor.reserve, rec, "c")
+        self.assertEqual(e.refusal.reason, "too many sessions")
+        self.supervisor.reserve(record(2), "c")
+
+    def test_client_limit(self) -> None:
+        """One client address may hold only so many sessions."""
+        self.make(max_sessions_per_client=1)
+        self.open(record(1), client="c1")
+        self.assertRaises(Refused, self.supervisor.reserve, record(2), "c1")
+        self.supervisor.reserve(record(2), "c2")
+
+    def test_ended_sessions_give_back(self) -> None:
+        """An ended session frees its place; a released reservation too."""
+        self.make(max_sessions=1)
+        session = self.open()
+        session.end(IDLE_TIMEOUT)
+        self.supervisor.reserve(record(2), "c")
+        self.supervisor.release(record(2), "c")
+        self.assertEqual(self.supervisor.reserved, 0)
+        self.open(record(3))
+
+
+class RevocationTests(SupervisorTestCase):
+    """Messages on the revocation channel end matching sessions with 4002."""
+
+    def test_by_token(self) -> None:
+        """A token hash ends that token's sessions only."""
+        self.make()
+        doomed, kept = self.open(record(1)), self.open(record(2))
+        verifyObject(ISessionBackchannel, self.backchannel)
+        self.assertEqual(self.backchannel.on_revoke(record(1).token_hash), 1)
+        self.assertIs(doomed.ending, TOKEN_REVOKED)
+        self.assertEqual(doomed.client.closed, (4002, "token revoked"))
+        self.assertIsNone(kept.ending)
+
+    def test_by_instance(self) -> None:
+        """instance:<uuid> ends every session of that instance."""
+        self.make()
+        a = self.open(record(1, instance_uuid="u1"))
+        b = self.open(record(2, instance_uuid="u1"))
+        c = self.open(record(3, instance_uuid="u2"))
+        self.assertEqual(self.supervisor.revoked("instance:u1"), 2)
+        self.assertEqual([a.ending, b.ending, c.ending], [TOKEN_REVOKED, TOKEN_REVOKED, None])
+
+
+class WriteBackTests(SupervisorTestCase):
+    """last_activity_at goes back to the store in one batch per flush interval."""
+
+    def test_one_batch_per_interval(self) -> None:
+        """Many sessions and many packets make one write per interval, newest stamp per
+        token, and only tokens that saw input since the last flush."""
+        self.make(idle_timeout=0, flush_interval=10)
+        a1, a2 = self.open(record(1)), self.open(record(1))
+        b, quiet = self.open(record(2)), self.open(record(3))
+        self.clock.advance(3)
+        a1.from_client(POINTER * 50)
+        b.from_client(POINTER)
+        self.clock.advance(3)
+        a2.from_client(POINTER)
+        self.clock.pump([1.0] * 4)
+        self.assertEqual(
+            self.backchannel.writes, [{record(1).token_hash: 1006.0, record(2).token_hash: 1003.0}]
+        )
+        self.clock.pump([1.0] * 10)
+        self.assertEqual(len(self.backchannel.writes), 1, "nothing new, nothing written")
+        del quiet
+
+    def test_failed_flush_is_retried(self) -> None:
+        """A failed write keeps the activity for the next flush."""
+        self.make(idle_timeout=0, flush_interval=10)
+        session = self.open()
+        self.backchannel.pending = Deferred()
+        self.clock.advance(1)
+        session.from_client(POINTER)
+        self.clock.pump([1.0] * 10)
+        self.backchannel.pending.errback(ConnectionError("redis down"))
+        self.backchannel.pending = None
+        self.clock.pump([1.0] * 10)
+        self.assertEqual(len(self.backchannel.writes), 2)
+        self.assertEqual(self.backchannel.writes[1], self.backchannel.writes[0])
+
+
+class DrainTests(SupervisorTestCase):
+    """Shutdown lets sessions run for the grace period, then ends them with 1001."""
+
+    def test_grace_then_going_away(self) -> None:
+        """Sessions alive after the grace period get 1001; the drain waits for sockets."""
+        self.make(idle_timeout=0)
+        session = self.open()
+        self.supervisor.connections.opened()
+        draining = self.supervisor.drain(30, 5)
+        self.clock.advance(29)
+        self.assertIsNone(session.ending)
+        self.assertNoResult(draining)
+        self.clock.advance(1)
+        self.assertIs(session.ending, SHUTDOWN)
+        self.assertEqual(session.client.closed, (1001, "going away"))
+        self.assertNoResult(draining)
+        self.supervisor.connections.closed()
+        self.successResultOf(draining)
+
+    def test_sessions_ending_on_their_own(self) -> None:
+        """When the last session ends during the grace period the drain finishes early."""
+        self.make(idle_timeout=0)
+        session = self.open()
+        draining = self.supervisor.drain(30, 5)
+        self.clock.advance(5)
+        session.end(IDLE_TIMEOUT)
+        self.successResultOf(draining)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 1006.0)
+
+    def test_stuck_sockets_bounded(self) -> None:
+        """Sockets that never close do not hold shutdown past the close timeout."""
+        self.make(idle_timeout=0)
+        self.supervisor.connections.opened()
+        draining = self.supervisor.drain(0, 5)
+        self.clock.advance(0)
+        self.assertNoResult(draining)
+        self.clock.advance(5)
+        self.successResultOf(draining)

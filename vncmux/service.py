@@ -1,0 +1,138 @@
+"""Assembling one proxy process, and stopping it in the right order.
+
+Twisted's MultiService stops its children all at once; a console proxy must stop accepting
+first, then drain live sessions, then let go of the token store and the metrics listener.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vncmux.admission import Gate
+from vncmux.backend import BackendDialer
+from vncmux.events import Observers
+from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.settings import Settings
+from vncmux.supervisor import Supervisor
+from vncmux.websocket import ConsoleFactory
+
+
+@dataclass
+class Console:
+    """The parts of the data plane, for wiring and for tests."""
+
+    factory: ConsoleFactory
+    supervisor: Supervisor
+    gate: Gate
+    observers: Observers
+
+
+def build_console(
+    settings: Settings, store: ITokenStore, reactor: Any, observers: Observers
+) -> Console:
+    """Wire supervisor, dialer, gate and WebSocket factory around one token store."""
+    supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
+    dialer = BackendDialer(reactor, reactor, settings.connect_timeout, supervisor.connections)
+    gate = Gate(store, dialer, supervisor, reactor, observers, settings.store_timeout)
+    factory = ConsoleFactory(settings, gate, supervisor, observers, reactor, reactor=reactor)
+    return Console(factory, supervisor, gate, observers)
+
+
+class Listener(Service):
+    """
+    Listens on an endpoint and remembers the port: readiness asks whether it is up, tests ask
+    which port ``tcp:0`` got, and a listener that cannot start stops the process.
+    """
+
+    _log = Logger()
+
+    def __init__(self, description: str, factory: ServerFactory, reactor: Any) -> None:
+        self.description = description
+        self._factory = factory
+        self._reactor = reactor
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = serverFromString(self._reactor, self.description)
+        self._listening = endpoint.listen(self._factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        self._log.critical(
+            "cannot listen on {where}: {error}",
+            where=self.description,
+            error=failure.getErrorMessage(),
+        )
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def listening(self) -> Deferred[IListeningPort]:
+        """Fire with the listening port once it is up."""
+        assert self._listening is not None, "not started"
+        d: Deferred[IListeningPort] = Deferred()
+        self._listening.addCallback(lambda port: (d.callback(port), port)[1])
+        return d
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if self._listening is not None:
+            self._listening.cancel()
+        return None
+
+
+class ProxyService(MultiService):
+    """
+    The whole proxy. On stop (SIGTERM under twistd): stop listening at once, let live
+    sessions run for up to the drain timeout, end the rest with 1001 'going away', wait
+    for their sockets to flush and close, then stop everything else.
+    """
+
+    _log = Logger()
+
+    def __init__(self, settings: Settings, console: Console, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.console = console
+        self.listener = Listener(settings.listen, console.factory, reactor)
+        self.listener.setServiceParent(self)
+        console.supervisor.setServiceParent(self)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the console listener is up (for readiness)."""
+        return self.listener.port is not None
+
+    def add(self, service: IService) -> None:
+        """Another part (token store, metrics listener), stopped after the drain."""
+        service.setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        stopping = maybeDeferred(self.listener.stopService)
+        grace = self.settings.drain_timeout
+        close_timeout = self.settings.close_timeout + 1.0
+        stopping.addCallback(lambda _: self.console.supervisor.drain(grace, close_timeout))
+        stopping.addCallback(lambda _: self._stop_the_rest())
+        return stopping
+
+    def _stop_the_rest(self) -> Deferred[Any]:
+        rest = [s for s in reversed(list(self)) if s is not self.listener and s.running]
+        return gatherResults([maybeDeferred(s.stopService) for s in rest], consumeErrors=True)
