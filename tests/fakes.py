@@ -5,17 +5,19 @@ from __future__ import annotations
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from vncmux.interfaces import IPeer
+from vncmux.interfaces import IClientPeer
 from vncmux.relay import Session
 
 
-@implementer(IPeer)
+@implementer(IClientPeer)
 class FakePeer:
     """A relay side on a StringTransport that remembers how it was closed."""
 
     def __init__(self) -> None:
         self.transport = StringTransport()
         self.closed: tuple[int, str] | None = None
+        self.pings = 0
+        self.dropped = False
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -25,6 +27,13 @@ class FakePeer:
 
     def resume(self) -> None:
         self.transport.resumeProducing()
+
+    def ping(self) -> None:
+        self.pings += 1
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.transport.loseConnection()
 
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)

@@ -8,12 +8,12 @@ from zope.interface.verify import verifyObject
 
 from tests.fakes import FakePeer, Registry
 from vncmux.backend import BackendProtocol
-from vncmux.interfaces import IPeer
+from vncmux.interfaces import IClientPeer, IPeer
 from vncmux.refusals import BACKEND_CLOSED, CLIENT_CLOSED, IDLE_TIMEOUT
 from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, RelayStats, Session
 from vncmux.rfb import ClientActivityScanner
 from vncmux.tokens import TokenRecord
-from vncmux.websocket import binary_frame_header
+from vncmux.websocket import ConsoleProtocol, binary_frame_header
 
 RECORD = TokenRecord("ab" * 32, "127.0.0.1", 5900)
 
@@ -38,8 +38,9 @@ class SessionTests(SynchronousTestCase):
         )
 
     def test_fakes_provide_ipeer(self) -> None:
-        """The fake and the real backend protocol both provide IPeer."""
-        verifyObject(IPeer, self.client)
+        """The fakes and the real protocols provide the peer interfaces."""
+        verifyObject(IClientPeer, self.client)
+        verifyObject(IClientPeer, ConsoleProtocol())
         verifyObject(IPeer, BackendProtocol())
 
     def test_forwards_and_counts(self) -> None:

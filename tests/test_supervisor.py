@@ -12,6 +12,7 @@ from tests.fakes import FakePeer
 from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.refusals import (
+    CLIENT_UNRESPONSIVE,
     IDLE_TIMEOUT,
     LIFETIME_REACHED,
     SHUTDOWN,
@@ -54,6 +55,7 @@ def record(n: int = 1, **fields: object) -> TokenRecord:
 
 class SupervisorTestCase(SynchronousTestCase):
     def make(self, **limits: object) -> Supervisor:
+        limits.setdefault("ping_interval", 0)  # fakes answer no pings unless a test says so
         self.clock = Clock()
         self.clock.advance(1000)
         self.backchannel = FakeBackchannel()
@@ -166,6 +168,42 @@ class LifetimeAndExpiryTests(SupervisorTestCase):
         session = self.open(record(expires_at=1100.0))
         self.clock.pump([1.0] * 200)
         self.assertIsNone(session.ending)
+
+
+class KeepaliveTests(SupervisorTestCase):
+    """Keepalive pings go out on the sweep; a client that stops answering is dropped."""
+
+    def test_ping_rounds(self) -> None:
+        """Every ping interval each session without an outstanding ping gets one."""
+        self.make(idle_timeout=0, ping_interval=30, ping_timeout=20)
+        session = self.open()
+        self.clock.pump([1.0] * 29)
+        self.assertEqual(session.client.pings, 0)
+        self.clock.advance(1)
+        self.assertEqual(session.client.pings, 1)
+        self.assertEqual(session.ping_sent_at, 1030.0)
+        session.ping_sent_at = None  # the pong
+        self.clock.pump([1.0] * 30)
+        self.assertEqual(session.client.pings, 2)
+        self.assertIsNone(session.ending)
+
+    def test_unanswered(self) -> None:
+        """A ping unanswered for the ping timeout drops the client and ends the session."""
+        self.make(idle_timeout=0, ping_interval=30, ping_timeout=20)
+        session = self.open()
+        self.clock.pump([1.0] * 49)
+        self.assertIsNone(session.ending)
+        self.clock.advance(1)
+        self.assertTrue(session.client.dropped)
+        self.assertIs(session.ending, CLIENT_UNRESPONSIVE)
+        self.assertEqual(session.backend.closed[0], 1006)
+
+    def test_off(self) -> None:
+        """A ping interval of 0 sends nothing."""
+        self.make(idle_timeout=0, ping_interval=0)
+        session = self.open()
+        self.clock.pump([1.0] * 200)
+        self.assertEqual(session.client.pings, 0)
 
 
 class LimitTests(SupervisorTestCase):

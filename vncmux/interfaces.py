@@ -98,6 +98,16 @@ class IPeer(Interface):
         """End this side; C{code} and C{reason} reach a WebSocket client as its close frame."""
 
 
+class IClientPeer(IPeer):
+    """The browser side, which can also be asked whether it is still there."""
+
+    def ping() -> None:
+        """Send a WebSocket ping; the answer clears the session's C{ping_sent_at}."""
+
+    def drop() -> None:
+        """Cut the connection at once (the client stopped answering)."""
+
+
 class ISessionObserver(Interface):
     """Told about session events: metrics and logs listen here."""
 
@@ -123,6 +133,7 @@ class ISessionObserver(Interface):
 __all__ = [
     "ISessionBackchannel",
     "ISessionObserver",
+    "IClientPeer",
     "IPeer",
     "ITokenAdmin",
     "ITokenStore",

@@ -60,6 +60,8 @@ class Ending:
 
 
 CLIENT_CLOSED = Ending(1000, "client closed", "client")
+#: Never sent (the client is not listening): the connection is dropped.
+CLIENT_UNRESPONSIVE = Ending(1006, "client stopped answering pings", "client")
 BACKEND_CLOSED = Ending(1000, "backend closed", "backend")
 BACKEND_ERROR = Ending(1011, "backend error", "error")
 IDLE_TIMEOUT = Ending(4000, "idle timeout", "idle")

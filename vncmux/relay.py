@@ -16,7 +16,7 @@ from zope.interface import implementer
 from vncmux.refusals import BACKEND_CLOSED, BACKEND_ERROR, CLIENT_CLOSED, Ending
 
 if TYPE_CHECKING:
-    from vncmux.interfaces import IPeer
+    from vncmux.interfaces import IClientPeer, IPeer
     from vncmux.rfb import ClientActivityScanner
     from vncmux.tokens import TokenRecord
 
@@ -88,6 +88,7 @@ class Session:
         "bytes_to_backend",
         "bytes_to_client",
         "ending",
+        "ping_sent_at",
         "scanner",
         "_registry",
     )
@@ -97,7 +98,7 @@ class Session:
         session_id: str,
         record: TokenRecord,
         client_address: str,
-        client: IPeer,
+        client: IClientPeer,
         backend: IPeer,
         now: float,
         registry: SessionRegistry,
@@ -113,6 +114,8 @@ class Session:
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
         self.ending: Ending | None = None
+        #: When the supervisor's keepalive ping went out, until the client answers.
+        self.ping_sent_at: float | None = None
         #: Finds user input in the client stream; None counts every byte either way.
         self.scanner = scanner
         self._registry = registry

@@ -27,8 +27,6 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     idle_activity: str = "input"
-    ping_interval: float = 0.0
-    ping_timeout: float = 0.0
     drain_timeout: float = 30.0
     limits: Limits = Limits()
 

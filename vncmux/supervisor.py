@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from vncmux.interfaces import ISessionBackchannel, ISessionObserver
 from vncmux.refusals import (
+    CLIENT_UNRESPONSIVE,
     IDLE_TIMEOUT,
     LIFETIME_REACHED,
     SHUTDOWN,
@@ -44,6 +45,8 @@ class Limits:
     max_sessions: int = 0
     max_sessions_per_token: int = 0
     max_sessions_per_client: int = 0
+    ping_interval: float = 30.0
+    ping_timeout: float = 20.0
     sweep_interval: float = 1.0
     flush_interval: float = 10.0
 
@@ -76,6 +79,7 @@ class Supervisor(Service):
         self._per_client: Counter[str] = Counter()
         self._flushed_at = self.now
         self._next_flush = self.now + limits.flush_interval
+        self._next_ping = self.now + limits.ping_interval
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
         self._flushing: Deferred[None] | None = None
@@ -136,11 +140,18 @@ class Supervisor(Service):
     # -- what ends sessions from outside -------------------------------------------------------
 
     def sweep(self) -> None:
-        """End every session past its idle timeout, lifetime or token expiry."""
+        """
+        End every session past its idle timeout, lifetime or token expiry; drop clients
+        that left a keepalive ping unanswered; send the next round of pings when due.
+        """
         now = self.now = self.clock.seconds()
         limits = self.limits
         idle_before = now - limits.idle_timeout if limits.idle_timeout else None
         born_before = now - limits.max_session if limits.max_session else None
+        ping_before = now - limits.ping_timeout if limits.ping_interval else None
+        ping_round = bool(limits.ping_interval) and now >= self._next_ping
+        if ping_round:
+            self._next_ping = now + limits.ping_interval
         doomed: list[tuple[Session, Ending]] = []
         for session in self.sessions.values():
             if idle_before is not None and session.last_activity_at <= idle_before:
@@ -149,7 +160,15 @@ class Supervisor(Service):
                 doomed.append((session, LIFETIME_REACHED))
             elif limits.enforce_expiry and session.record.expired(now):
                 doomed.append((session, TOKEN_EXPIRED_ENDING))
+            elif ping_before is not None and session.ping_sent_at is not None:
+                if session.ping_sent_at <= ping_before:
+                    doomed.append((session, CLIENT_UNRESPONSIVE))
+            elif ping_round:
+                session.ping_sent_at = now
+                session.client.ping()
         for session, ending in doomed:
+            if ending is CLIENT_UNRESPONSIVE:
+                session.client.drop()
             session.end(ending)
         if now >= self._next_flush:
             self.flush_activity()

@@ -35,7 +35,7 @@ from vncmux.handshake import (
     origin_allowed,
     request_scheme,
 )
-from vncmux.interfaces import IPeer, ISessionObserver
+from vncmux.interfaces import IClientPeer, ISessionObserver
 from vncmux.refusals import (
     BAD_REQUEST,
     INTERNAL_ERROR,
@@ -72,7 +72,7 @@ def binary_frame_header(length: int) -> bytes:
     return _pack_64(0x82, 127, length)
 
 
-@implementer(IPeer)
+@implementer(IClientPeer)
 class ConsoleProtocol(WebSocketServerProtocol):
     """One browser connection."""
 
@@ -269,6 +269,17 @@ class ConsoleProtocol(WebSocketServerProtocol):
     def resume(self) -> None:
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
+    def ping(self) -> None:
+        if self.state == _OPEN:
+            self.sendPing()
+
+    def onPong(self, payload: bytes) -> None:
+        if self.session is not None:
+            self.session.ping_sent_at = None
+
+    def drop(self) -> None:
+        self.dropConnection(abort=True)
+
     def close(self, code: int, reason: str) -> None:
         if self.state == _OPEN:
             self.sendCloseFrame(code, reason.encode("utf-8")[:123])
@@ -299,8 +310,6 @@ class ConsoleFactory(WebSocketServerFactory):
         self.noisy = False
         self.setProtocolOptions(
             webStatus=False,
-            autoPingInterval=settings.ping_interval,
-            autoPingTimeout=settings.ping_timeout,
             openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=settings.close_timeout,
             failByDrop=False,
