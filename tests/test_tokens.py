@@ -1,0 +1,860 @@
+"""
+Token stores: one contract for every ITokenStore/ITokenAdmin (memory, file, Redis), the
+parsers, FileTokenStore's change detection, and the Redis layout and backchannel against a
+real redis-server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+from unittest import SkipTest
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from tests.redis_server import RedisServer, make_tls_files, start_redis
+from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
+from vncmux.redisstore import (
+    INSTANCE_KEY_PREFIX,
+    REVOKE_CHANNEL,
+    RedisConfig,
+    RedisTokenStore,
+    open_token_store,
+    token_key,
+)
+from vncmux.tokens import (
+    ISSUED_FILE_NAME,
+    BadTarget,
+    FileTokenStore,
+    MemoryTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    UnsupportedOperation,
+    format_target,
+    hash_token,
+    parse_target,
+    parse_token_value,
+)
+
+TOKEN = "s3cr3t-T0ken_abcdefghijklmnopqrstuvwxyz012345"
+OTHER = "another-secret-token-9876543210zyxwvutsrqponm"
+
+
+def _record(token: str, host: str = "10.0.0.5", port: int = 5900, **fields: Any) -> TokenRecord:
+    return TokenRecord(token_hash=hash_token(token), host=host, port=port, **fields)
+
+
+def _messages(observer: EventLoggingObserver) -> list[str]:
+    return [formatEvent(event) for event in observer]
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract every store honours
+
+
+class TokenStoreContract:
+    """ITokenStore + ITokenAdmin behaviour shared by every store; subclasses say what they keep."""
+
+    #: The store keeps expiry, instance, limits and password (a token file does not).
+    rich_records = True
+
+    def make_store(self) -> Any:
+        raise NotImplementedError
+
+    def test_provides_interfaces(self) -> None:
+        """The store provides ITokenStore and ITokenAdmin, checked with verifyObject."""
+        store = self.make_store()
+        verifyObject(ITokenStore, store)
+        verifyObject(ITokenAdmin, store)
+
+    @inlineCallbacks
+    def test_unknown_token(self) -> Any:
+        """An unknown token is C{None}, not an error."""
+        store = self.make_store()
+        self.assertIsNone((yield store.lookup("no-such-token")))
+
+    @inlineCallbacks
+    def test_issue_then_lookup(self) -> Any:
+        """An issued token looks up to its target, named by the hash of the token."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN), TOKEN)
+        found = yield store.lookup(TOKEN)
+        self.assertEqual((found.host, found.port), ("10.0.0.5", 5900))
+        self.assertEqual(found.token_hash, hash_token(TOKEN))
+        self.assertEqual(found.token_id, hash_token(TOKEN)[:12])
+        self.assertIsNone((yield store.lookup(OTHER)))
+
+    @inlineCallbacks
+    def test_ipv6_target(self) -> Any:
+        """An IPv6 backend round-trips without brackets in C{host}."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN, host="fd00::5", port=5901), TOKEN)
+        found = yield store.lookup(TOKEN)
+        self.assertEqual(
+            (found.host, found.port, found.target), ("fd00::5", 5901, "[fd00::5]:5901")
+        )
+
+    @inlineCallbacks
+    def test_show(self) -> Any:
+        """C{show} answers like C{lookup}."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN), TOKEN)
+        self.assertEqual((yield store.show(TOKEN)), (yield store.lookup(TOKEN)))
+        self.assertIsNone((yield store.show(OTHER)))
+
+    @inlineCallbacks
+    def test_revoke(self) -> Any:
+        """Revoking deletes the record once; other tokens stay."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(_record(OTHER, port=5902), OTHER)
+        self.assertIs((yield store.revoke(hash_token(TOKEN))), True)
+        self.assertIsNone((yield store.lookup(TOKEN)))
+        self.assertIs((yield store.revoke(hash_token(TOKEN))), False)
+        self.assertEqual((yield store.lookup(OTHER)).port, 5902)
+
+    @inlineCallbacks
+    def test_ping(self) -> Any:
+        """A healthy store answers a ping with C{None}."""
+        store = self.make_store()
+        self.assertIsNone((yield store.ping()))
+
+    @inlineCallbacks
+    def test_rich_record_round_trip(self) -> Any:
+        """Expiry, instance, limits and password survive (or are refused with a clear error)."""
+        store = self.make_store()
+        record = _record(
+            TOKEN,
+            instance_uuid="3f1c2b9e-0000-4000-8000-000000000001",
+            issued_at=1000.0,
+            expires_at=10**10,
+            max_sessions=2,
+            single_use=True,
+            password="vnc-pass",
+        )
+        if not self.rich_records:
+            failure = yield self.assertFailure(store.issue(record, TOKEN), UnsupportedOperation)
+            self.assertIn("redis://", str(failure))
+            return
+        yield store.issue(record, TOKEN)
+        self.assertEqual((yield store.lookup(TOKEN)), record)
+
+    @inlineCallbacks
+    def test_revoke_instance(self) -> Any:
+        """Revoking an instance removes all of its tokens and only those."""
+        store = self.make_store()
+        if not self.rich_records:
+            yield self.assertFailure(store.revoke_instance("i-1"), UnsupportedOperation)
+            return
+        third = "third-secret-token-aaaaaaaaaaaaaaaaaaaaaaaaaa"
+        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(_record(OTHER, instance_uuid="i-1"), OTHER)
+        yield store.issue(_record(third, instance_uuid="i-2"), third)
+        self.assertEqual((yield store.revoke_instance("i-1")), 2)
+        self.assertIsNone((yield store.lookup(TOKEN)))
+        self.assertIsNone((yield store.lookup(OTHER)))
+        self.assertIsNotNone((yield store.lookup(third)))
+        self.assertEqual((yield store.revoke_instance("i-1")), 0)
+
+
+class MemoryTokenStoreContractTests(TokenStoreContract, TestCase):
+    """The contract against MemoryTokenStore."""
+
+    def make_store(self) -> MemoryTokenStore:
+        return MemoryTokenStore()
+
+
+class FileTokenStoreContractTests(TokenStoreContract, TestCase):
+    """The contract against FileTokenStore (a file cannot keep rich records)."""
+
+    rich_records = False
+
+    def make_store(self) -> FileTokenStore:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# tokens\n")
+        return FileTokenStore(path, Clock())
+
+
+class RedisStoreMixin:
+    """Starts a real redis-server and a RedisTokenStore on the real reactor for one test."""
+
+    timeout = 30
+
+    def start_server(self, *extra_args: str) -> RedisServer:
+        return start_redis(self, extra_args)
+
+    def redis_store(self, server: RedisServer, query: str = "", **kwargs: Any) -> RedisTokenStore:
+        store = RedisTokenStore(
+            RedisConfig.from_url(server.url(query=query)), reactor, reactor=reactor, **kwargs
+        )
+        store.startService()
+        self.addCleanup(store.stopService)  # type: ignore[attr-defined]
+        return store
+
+
+class RedisTokenStoreContractTests(RedisStoreMixin, TokenStoreContract, TestCase):
+    """The contract against RedisTokenStore and a real redis-server."""
+
+    def make_store(self) -> RedisTokenStore:
+        return self.redis_store(self.start_server())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+hostnames = st.from_regex(
+    r"\A[a-z0-9]([a-z0-9-]{0,12}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,12}[a-z0-9])?){0,3}\Z"
+)
+hosts = st.one_of(
+    hostnames,
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+)
+ports = st.integers(min_value=1, max_value=65535)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+record_objects = st.dictionaries(
+    st.sampled_from(
+        ["host", "port", "instance_uuid", "issued_at", "expires_at", "max_sessions",
+         "single_use", "password", "console_type"]
+    ),
+    st.one_of(json_values, hosts, ports.map(str)),
+)  # fmt: skip
+
+
+class ParseTargetTests(SynchronousTestCase):
+    """``parse_target`` / ``format_target`` / ``parse_token_value``."""
+
+    def test_valid(self) -> None:
+        """Names, IPv4, bracketed and bare IPv6 parse; the port is after the last colon."""
+        self.assertEqual(parse_target("vnc.example:5900"), ("vnc.example", 5900))
+        self.assertEqual(parse_target(" 10.0.0.1:5901 "), ("10.0.0.1", 5901))
+        self.assertEqual(parse_target("[fd00::1]:5902"), ("fd00::1", 5902))
+        self.assertEqual(parse_target("fd00::1:5903"), ("fd00::1", 5903))
+
+    def test_invalid(self) -> None:
+        """Everything else is a BadTarget."""
+        for text in ["", "host", ":5900", "h:0", "h:65536", "h:x", "[fd00::1:5900",
+                     "fd00::1]:5900", "[nothex]:1", "a b:1", "[]:1", "fd00::zz:1"]:  # fmt: skip
+            with self.subTest(text=text):
+                self.assertRaises(BadTarget, parse_target, text)
+
+    def test_format_target(self) -> None:
+        """IPv6 addresses get brackets, nothing else does."""
+        self.assertEqual(format_target("::1", 5900), "[::1]:5900")
+        self.assertEqual(format_target("h", 1), "h:1")
+
+    def test_token_values(self) -> None:
+        """websockify's ``host:port`` and ``{"host": "h:p"}``, and nova's record shape."""
+        h = hash_token(TOKEN)
+        self.assertEqual(parse_token_value(h, "h:1").target, "h:1")
+        self.assertEqual(parse_token_value(h, '{"host": "[::1]:5900"}').target, "[::1]:5900")
+        nova = parse_token_value(
+            h, json.dumps({"host": "10.0.0.3", "port": "5902", "instance_uuid": "u-1"})
+        )
+        self.assertEqual((nova.host, nova.port, nova.instance_uuid), ("10.0.0.3", 5902, "u-1"))
+        for bad in ["{bad", '{"port": 1}', "[1]", '{"host": "h:1", "max_sessions": "nan"}']:
+            with self.subTest(bad=bad):
+                self.assertRaises(BadTarget, parse_token_value, h, bad)
+
+    @given(host=hosts, port=ports)
+    def test_round_trip(self, host: str, port: int) -> None:
+        """``parse_target(format_target(h, p)) == (h, p)`` for names, IPv4 and IPv6."""
+        self.assertEqual(parse_target(format_target(host, port)), (host, port))
+
+    @given(text=st.text(max_size=60))
+    def test_parse_target_only_raises_bad_target(self, text: str) -> None:
+        """Arbitrary text gives a (host, port) or BadTarget, never another exception."""
+        try:
+            host, port = parse_target(text)
+        except BadTarget:
+            return
+        self.assertTrue(host)
+        self.assertTrue(0 < port < 65536)
+
+    @given(value=st.one_of(st.text(max_size=60), record_objects.map(json.dumps)))
+    def test_parse_token_value_only_raises_bad_target(self, value: str) -> None:
+        """Arbitrary values (text and JSON objects) give a record or BadTarget, nothing else."""
+        try:
+            record = parse_token_value("h", value)
+        except BadTarget:
+            return
+        self.assertEqual(parse_target(record.target), (record.host, record.port))
+
+
+# ---------------------------------------------------------------------------------------------
+# FileTokenStore
+
+
+class FileTokenStoreTests(SynchronousTestCase):
+    """websockify's TokenFile format, change detection and the admin side of a token file."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def write(self, path: str, text: str) -> str:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def target(self, store: FileTokenStore, token: str) -> str | None:
+        record = self.successResultOf(store.lookup(token))
+        return None if record is None else record.target
+
+    def test_missing_file(self) -> None:
+        """A missing file is TokenStoreUnavailable naming the path, for lookup and ping."""
+        path = self.mktemp()
+        store = FileTokenStore(path, self.clock)
+        failure = self.failureResultOf(store.lookup(TOKEN), TokenStoreUnavailable)
+        self.assertIn(path, str(failure.value))
+        self.assertIn("does not exist", str(failure.value))
+        self.failureResultOf(store.ping(), TokenStoreUnavailable)
+        self.write(path, f"{TOKEN}: h:1\n")
+        self.assertIsNone(self.successResultOf(store.ping()))
+        self.assertEqual(self.target(store, TOKEN), "h:1")
+
+    def test_format(self) -> None:
+        """Comments and blank lines are skipped; IPv6 in brackets; the space is optional."""
+        path = self.write(
+            self.mktemp(),
+            "# a comment\n\n   \n"
+            "plain: 10.0.0.1:5900\n"
+            "  v6: [fd00::7]:5901  \n"
+            "nospace:host.example:5902\n"
+            "# commented: 1.2.3.4:5\n",
+        )
+        store = FileTokenStore(path, self.clock)
+        self.assertEqual(self.target(store, "plain"), "10.0.0.1:5900")
+        self.assertEqual(self.target(store, "v6"), "[fd00::7]:5901")
+        self.assertEqual(self.target(store, "nospace"), "host.example:5902")
+        self.assertIsNone(self.target(store, "# commented"))
+        self.assertEqual(_messages(self.log), [])
+
+    def test_only_hashes_in_memory(self) -> None:
+        """The store keeps token hashes, not tokens."""
+        path = self.write(self.mktemp(), f"{TOKEN}: h:1\n")
+        store = FileTokenStore(path, self.clock)
+        self.assertEqual(self.target(store, TOKEN), "h:1")
+        self.assertNotIn(TOKEN, repr(vars(store)))
+        self.assertIn(hash_token(TOKEN), repr(vars(store)))
+
+    def test_not_reparsed_when_unchanged(self) -> None:
+        """Lookups stat the file at most once per interval and parse it only after a change."""
+        path = self.write(self.mktemp(), "a: h:1\n")
+        store = FileTokenStore(path, self.clock, check_interval=1.0)
+        for _ in range(5):
+            self.clock.advance(1.5)
+            self.assertEqual(self.target(store, "a"), "h:1")
+        self.assertEqual(store.parse_count, 1)
+        self.write(path, "a: other:2\n")
+        self.assertEqual(self.target(store, "a"), "h:1", "checked again only after the interval")
+        self.clock.advance(1.0)
+        self.assertEqual(self.target(store, "a"), "other:2")
+        self.assertEqual(store.parse_count, 2)
+
+    def test_same_size_edit(self) -> None:
+        """An edit keeping the size is seen through mtime."""
+        path = self.write(self.mktemp(), "a: h:1\n")
+        os.utime(path, ns=(10**18, 10**18))
+        store = FileTokenStore(path, self.clock, check_interval=0)
+        self.assertEqual(self.target(store, "a"), "h:1")
+        self.write(path, "a: h:2\n")
+        os.utime(path, ns=(10**18 + 1, 10**18 + 1))
+        self.assertEqual(self.target(store, "a"), "h:2")
+
+    def test_recently_modified_file_is_reparsed(self) -> None:
+        """A file modified in the last 2 s is parsed at every check, then cached."""
+        path = self.write(self.mktemp(), "a: h:1\n")
+        mtime = os.stat(path).st_mtime
+        self.clock.advance(mtime + 0.5)
+        store = FileTokenStore(path, self.clock, check_interval=0)
+        self.target(store, "a")
+        self.target(store, "a")
+        self.assertEqual(store.parse_count, 2)
+        self.clock.advance(2.0)
+        self.target(store, "a")
+        self.target(store, "a")
+        self.target(store, "a")
+        self.assertEqual(store.parse_count, 3)
+
+    def test_directory(self) -> None:
+        """A directory's files are merged; new, changed and removed files are picked up."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        one = self.write(os.path.join(directory, "one"), "a: h:1\n")
+        self.write(os.path.join(directory, "two"), "b: h:2\n")
+        self.write(os.path.join(directory, ".one.swp"), "hidden: h:3\n")
+        self.write(os.path.join(directory, "one~"), "backup: h:4\n")
+        os.mkdir(os.path.join(directory, "subdir"))
+        store = FileTokenStore(directory, self.clock)
+        self.assertEqual((self.target(store, "a"), self.target(store, "b")), ("h:1", "h:2"))
+        self.assertIsNone(self.target(store, "hidden"))
+        self.assertIsNone(self.target(store, "backup"))
+        self.assertEqual(store.parse_count, 2)
+
+        self.write(os.path.join(directory, "three"), "c: h:5\n")
+        self.clock.advance(1)
+        self.assertEqual(self.target(store, "c"), "h:5")
+        self.assertEqual(store.parse_count, 3, "only the new file was parsed")
+
+        os.unlink(one)
+        self.clock.advance(1)
+        self.assertIsNone(self.target(store, "a"))
+        self.assertEqual(self.target(store, "b"), "h:2")
+        self.assertEqual(store.parse_count, 3)
+
+    def test_malformed_lines(self) -> None:
+        """Malformed lines are skipped with one warning each naming file:line, never the token."""
+        path = self.write(
+            self.mktemp(),
+            "lonely-secret-token\n"
+            "secret-one: not-a-target\n"
+            "secret-two: [fd00::1:5900\n"
+            ": 1.2.3.4:5900\n"
+            "secret three: h:1\n"
+            "good: h:9\n",
+        )
+        store = FileTokenStore(path, self.clock)
+        self.assertEqual(self.target(store, "good"), "h:9")
+        self.target(store, "good")
+        messages = _messages(self.log)
+        self.assertEqual(len(messages), 5)
+        for number, message in zip(range(1, 6), messages, strict=True):
+            self.assertIn(f"{path}:{number}:", message)
+        for secret in ("lonely", "secret", "not-a-target", "fd00"):
+            self.assertFalse([m for m in messages if secret in m.replace(path, "")], secret)
+
+    def test_issue_and_revoke_edit_the_file(self) -> None:
+        """Issue appends a line; revoke removes it and keeps every other line and the mode."""
+        path = self.write(self.mktemp(), "# header\nkeep: h:1")
+        os.chmod(path, 0o640)
+        store = FileTokenStore(path, self.clock)
+        self.successResultOf(store.issue(_record(TOKEN, host="fd00::2", port=5901), TOKEN))
+        with open(path) as f:
+            self.assertEqual(f.read(), f"# header\nkeep: h:1\n{TOKEN}: [fd00::2]:5901\n")
+        self.assertEqual(self.target(store, TOKEN), "[fd00::2]:5901")
+        self.assertIs(self.successResultOf(store.revoke(hash_token(TOKEN))), True)
+        with open(path) as f:
+            self.assertEqual(f.read(), "# header\nkeep: h:1\n")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+        self.assertIsNone(self.target(store, TOKEN))
+
+    def test_issue_into_directory(self) -> None:
+        """In directory mode, issued tokens go to their own file."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        store = FileTokenStore(directory, self.clock)
+        self.successResultOf(store.issue(_record(TOKEN), TOKEN))
+        self.assertTrue(os.path.exists(os.path.join(directory, ISSUED_FILE_NAME)))
+        self.assertEqual(self.target(store, TOKEN), "10.0.0.5:5900")
+
+    def test_issue_rejects_unstorable_tokens(self) -> None:
+        """A token that would break the line format is refused."""
+        store = FileTokenStore(self.write(self.mktemp(), ""), self.clock)
+        for bad in ["with space", "with:colon", "#comment", ""]:
+            self.failureResultOf(store.issue(_record(bad), bad), ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis URL parsing and the factory
+
+
+class RedisConfigTests(SynchronousTestCase):
+    """``--tokens`` URLs for Redis, and ``open_token_store``."""
+
+    def test_plain(self) -> None:
+        """Host, port and database, with defaults."""
+        config = RedisConfig.from_url("redis://redis.example")
+        self.assertEqual(
+            (config.hosts, config.db, config.tls), ((("redis.example", 6379),), 0, False)
+        )
+        config = RedisConfig.from_url("redis://[::1]:6380/3")
+        self.assertEqual((config.hosts, config.db), ((("::1", 6380),), 3))
+        self.assertEqual((config.connect_timeout, config.reply_timeout), (2.0, 2.0))
+
+    def test_credentials_never_shown(self) -> None:
+        """Passwords are percent-decoded, and absent from repr and the redacted URL."""
+        config = RedisConfig.from_url("redis://:p%40ss%3Aword@h:1/0")
+        self.assertEqual((config.username, config.password), (None, "p@ss:word"))
+        config = RedisConfig.from_url("redis://alice:hunter2@h:1/0")
+        self.assertEqual((config.username, config.password), ("alice", "hunter2"))
+        self.assertNotIn("hunter2", repr(config))
+        self.assertEqual(config.redacted_url(), "redis://alice:***@h:1/0")
+        self.assertNotIn("hunter2", repr(RedisTokenStore(config, Clock())))
+
+    def test_options(self) -> None:
+        """format=websockify, timeouts, TLS and Sentinel."""
+        config = RedisConfig.from_url(
+            "redis://h/1?format=websockify&reply_timeout=0.5&connect_timeout=1"
+        )
+        self.assertTrue(config.websockify_format)
+        self.assertEqual((config.reply_timeout, config.connect_timeout), (0.5, 1.0))
+        self.assertTrue(RedisConfig.from_url("rediss://h:6380").tls)
+        config = RedisConfig.from_url("redis+sentinel://:pw@s1:5000,[fd00::1],s3/mymaster/2")
+        self.assertEqual(config.hosts, (("s1", 5000), ("fd00::1", 26379), ("s3", 26379)))
+        self.assertEqual(
+            (config.sentinel_master, config.db, config.password), ("mymaster", 2, "pw")
+        )
+        self.assertEqual(
+            config.redacted_url(),
+            "redis+sentinel://:***@s1:5000,[fd00::1]:26379,s3:26379/mymaster/2",
+        )
+
+    def test_errors(self) -> None:
+        """Mistakes are ValueErrors with readable messages that never quote the password."""
+        for url in [
+            "redis://:hunter2@h/notadb",
+            "redis://:hunter2@h/0?colour=blue",
+            "redis://:hunter2@h/0?format=json",
+            "redis://hunter2@h/0",
+            "redis://:hunter2@fd00::1/0",
+            "redis://:hunter2@h:99999/0",
+            "redis://:hunter2@h/0?reply_timeout=0",
+            "redis://:hunter2@h/0?ssl_ca_certs=x",
+            "rediss+sentinel://:hunter2@h/m",
+            "redis+sentinel://:hunter2@h",
+            "memcached://:hunter2@h",
+        ]:
+            with self.subTest(url=url):
+                error = self.assertRaises(ValueError, RedisConfig.from_url, url)
+                self.assertNotIn("hunter2", str(error))
+
+    def test_tls_options(self) -> None:
+        """rediss:// builds verified TLS options; a missing CA file is a clear ValueError."""
+        store = RedisTokenStore(RedisConfig.from_url("rediss://h:1"), Clock())
+        self.assertIsNotNone(store._tls)
+        missing = self.mktemp()
+        error = self.assertRaises(
+            ValueError,
+            RedisTokenStore,
+            RedisConfig.from_url(f"rediss://h:1?ssl_ca_certs={missing}"),
+            Clock(),
+        )
+        self.assertIn("ssl_ca_certs", str(error))
+
+    def test_open_token_store(self) -> None:
+        """file: and redis URLs map to their stores; anything else is a ValueError."""
+        clock = Clock()
+        store = open_token_store("file:etc/tokens", clock)
+        self.assertIsInstance(store, FileTokenStore)
+        self.assertEqual(store.path, os.path.abspath("etc/tokens"))
+        self.assertEqual(open_token_store("file:///srv/tokens", clock).path, "/srv/tokens")
+        redis_store = open_token_store("redis://h:1/2", clock, reply_timeout=0.25)
+        self.assertIsInstance(redis_store, RedisTokenStore)
+        self.assertEqual((redis_store.config.db, redis_store.max_wait), (2, 0.25))
+        self.assertIsInstance(open_token_store("redis+sentinel://h/m", clock), RedisTokenStore)
+        for source in ["", "file:", "tokens.txt", "mysql://u:hunter2@h/db"]:
+            with self.subTest(source=source):
+                error = self.assertRaises(ValueError, open_token_store, source, clock)
+                self.assertNotIn("hunter2", str(error))
+                self.assertIn("file:PATH", str(error)) if source != "file:" else None
+
+    def test_not_started(self) -> None:
+        """A Redis store that is not running fails fast with TokenStoreUnavailable."""
+        store = RedisTokenStore(RedisConfig.from_url("redis://h:1"), Clock())
+        self.failureResultOf(store.lookup(TOKEN), TokenStoreUnavailable)
+        self.failureResultOf(store.ping(), TokenStoreUnavailable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis: layout, backchannel, failures
+
+
+class _Inbox:
+    """Collects revocation messages; C{next()} is a Deferred for the next one."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._waiting: list[Deferred[str]] = []
+
+    def put(self, message: str) -> None:
+        self.messages.append(message)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(message)
+
+    def next(self) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+class RedisTokenStoreTests(RedisStoreMixin, TestCase):
+    """DESIGN.md section 4 on a real redis-server."""
+
+    def setUp(self) -> None:
+        self.server = self.start_server()
+        self.redis = self.server.client()
+        self.addCleanup(self.redis.close)
+        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_backchannel_interface(self) -> None:
+        """The Redis store is also the sessions' backchannel."""
+        verifyObject(ISessionBackchannel, self.redis_store(self.server))
+
+    @inlineCallbacks
+    def test_layout(self) -> Any:
+        """A HASH per token hash with the record's fields and a TTL; a SET per instance."""
+        store = self.redis_store(self.server, expired_grace=60)
+        now = reactor.seconds()
+        record = _record(TOKEN, instance_uuid="i-1", issued_at=now, expires_at=now + 600,
+                         password="vnc-pass")  # fmt: skip
+        yield store.issue(record, TOKEN)
+        key = token_key(hash_token(TOKEN))
+        self.assertEqual(self.redis.hgetall(key), record.to_fields())
+        self.assertTrue(600 < self.redis.ttl(key) <= 661, self.redis.ttl(key))
+        instance = INSTANCE_KEY_PREFIX + "i-1"
+        self.assertEqual(self.redis.smembers(instance), {hash_token(TOKEN)})
+        self.assertTrue(600 < self.redis.ttl(instance) <= 661)
+
+        yield store.issue(_record(OTHER, instance_uuid="i-1"), OTHER)
+        self.assertEqual(self.redis.ttl(token_key(hash_token(OTHER))), -1, "no expiry, no TTL")
+        self.assertEqual(self.redis.ttl(instance), -1, "the set lives as long as its tokens")
+
+    @inlineCallbacks
+    def test_token_is_never_stored(self) -> Any:
+        """Neither key names nor values contain the raw token."""
+        store = self.redis_store(self.server)
+        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.claim_use(hash_token(TOKEN))
+        dump = []
+        for key in self.redis.keys("*"):
+            kind = self.redis.type(key)
+            value = self.redis.hgetall(key) if kind == "hash" else self.redis.smembers(key)
+            dump.append(f"{key} {value}")
+        self.assertEqual(len(dump), 2)
+        self.assertNotIn(TOKEN, "\n".join(dump))
+
+    @inlineCallbacks
+    def test_database_and_password(self) -> Any:
+        """The URL's database and password are used (and auth covers the subscriber)."""
+        server = self.start_server("--requirepass", "hunter2")
+        url = f"redis://:hunter2@127.0.0.1:{server.port}/3"
+        store = RedisTokenStore(RedisConfig.from_url(url), reactor, reactor=reactor)
+        store.startService()
+        self.addCleanup(store.stopService)
+        yield store.watch_revocations(lambda message: None)
+        yield store.issue(_record(TOKEN), TOKEN)
+        client = server.client(password="hunter2", db=3)
+        self.addCleanup(client.close)
+        self.assertEqual(client.hget(token_key(hash_token(TOKEN)), "port"), "5900")
+        self.assertNotIn("hunter2", "\n".join(_messages(self.log)))
+
+    @inlineCallbacks
+    def test_websockify_format(self) -> Any:
+        """format=websockify reads raw-token keys: host:port, {"host": ...} and nova JSON."""
+        store = self.redis_store(self.server, query="format=websockify")
+        self.redis.set("tok-plain", "10.0.0.1:5900")
+        self.redis.set("tok-json", json.dumps({"host": "[fd00::1]:5901"}))
+        self.redis.set("tok-nova", json.dumps({"host": "10.0.0.3", "port": "5902",
+                                               "instance_uuid": "u-1"}))  # fmt: skip
+        self.assertEqual((yield store.lookup("tok-plain")).target, "10.0.0.1:5900")
+        self.assertEqual((yield store.lookup("tok-json")).target, "[fd00::1]:5901")
+        nova = yield store.lookup("tok-nova")
+        self.assertEqual((nova.target, nova.instance_uuid), ("10.0.0.3:5902", "u-1"))
+        self.assertEqual(nova.token_hash, hash_token("tok-nova"))
+        self.assertIsNone((yield store.lookup("tok-missing")))
+        yield self.assertFailure(store.issue(_record(TOKEN), TOKEN), UnsupportedOperation)
+        yield self.assertFailure(store.revoke(hash_token(TOKEN)), UnsupportedOperation)
+        self.assertIs((yield store.claim_use(hash_token("tok-plain"))), True)
+        self.assertIs((yield store.claim_use(hash_token("tok-plain"))), False)
+
+    @inlineCallbacks
+    def test_garbage_is_unavailable(self) -> Any:
+        """Values that are not records fail as TokenStoreUnavailable, logged by token_id."""
+        self.redis.set("tok-garbage", "not a target")
+        self.redis.hset("tok-hash", "a", "b")
+        self.redis.hset(token_key(hash_token(TOKEN)), "port", "5900")  # no host
+        self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
+        websockify = self.redis_store(self.server, query="format=websockify")
+        native = self.redis_store(self.server)
+        yield self.assertFailure(websockify.lookup("tok-garbage"), TokenStoreUnavailable)
+        yield self.assertFailure(websockify.lookup("tok-hash"), TokenStoreUnavailable)
+        yield self.assertFailure(native.lookup(TOKEN), TokenStoreUnavailable)
+        yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
+        messages = _messages(self.log)
+        self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
+        for secret in ("tok-garbage", "tok-hash", TOKEN, OTHER):
+            self.assertFalse([m for m in messages if secret in m])
+
+    @inlineCallbacks
+    def test_revoke_publishes(self) -> Any:
+        """Revoking publishes the token hash; revoking an instance publishes instance:<uuid>."""
+        store = self.redis_store(self.server)
+        pubsub = self.redis.pubsub()
+        self.addCleanup(pubsub.close)
+        pubsub.subscribe(REVOKE_CHANNEL)
+        self.assertEqual(pubsub.get_message(timeout=5)["type"], "subscribe")
+        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(_record(OTHER, instance_uuid="i-2"), OTHER)
+
+        self.assertIs((yield store.revoke(hash_token(TOKEN))), True)
+        self.assertEqual(pubsub.get_message(timeout=5)["data"], hash_token(TOKEN))
+        self.assertEqual(self.redis.smembers(INSTANCE_KEY_PREFIX + "i-1"), set())
+
+        self.assertEqual((yield store.revoke_instance("i-2")), 1)
+        self.assertEqual(pubsub.get_message(timeout=5)["data"], "instance:i-2")
+        self.assertEqual(self.redis.keys("*"), [])
+
+    @inlineCallbacks
+    def test_record_activity(self) -> Any:
+        """One round trip for many tokens; only forward; deleted keys are not re-created."""
+        store = self.redis_store(self.server)
+        live, revoked, never = hash_token(TOKEN), hash_token(OTHER), hash_token("never")
+        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(_record(OTHER), OTHER)
+        yield store.revoke(revoked)
+        yield store.ping()
+
+        monitor = self.redis.monitor()
+        monitor.__enter__()
+        self.addCleanup(monitor.__exit__)
+        yield store.record_activity({live: 1700000100, revoked: 1700000100, never: 1700000100.5})
+        self.redis.echo("end-of-test-traffic")
+        commands = []
+        while True:
+            command = monitor.next_command()
+            if "end-of-test-traffic" in command["command"]:
+                break
+            commands.append(command)
+        test_client = command["client_port"]
+        sent = [
+            c["command"].split()[0]
+            for c in commands
+            if c["client_type"] != "lua" and c["client_port"] != test_client
+        ]
+        self.assertEqual(len(sent), 1, commands)
+        self.assertIn(sent[0], ("EVAL", "EVALSHA"))
+
+        self.assertEqual(self.redis.hget(token_key(live), "last_activity_at"), "1700000100")
+        self.assertEqual(self.redis.exists(token_key(revoked), token_key(never)), 0)
+        yield store.record_activity({live: 1700000000})
+        self.assertEqual((yield store.lookup(TOKEN)).last_activity_at, 1700000100)
+        self.assertIsNone((yield store.record_activity({})))
+
+    @inlineCallbacks
+    def test_claim_use(self) -> Any:
+        """The first claim wins, later ones lose, and an unknown token is never created."""
+        store = self.redis_store(self.server)
+        yield store.issue(_record(TOKEN, single_use=True), TOKEN)
+        claims = []
+        for _ in range(3):
+            claims.append((yield store.claim_use(hash_token(TOKEN))))
+        self.assertEqual(claims, [True, False, False])
+        self.assertIs((yield store.claim_use(hash_token(OTHER))), False)
+        self.assertEqual(self.redis.exists(token_key(hash_token(OTHER))), 0)
+        self.assertEqual((yield store.lookup(TOKEN)).port, 5900)
+
+    @inlineCallbacks
+    def test_watch_revocations_survives_restart(self) -> Any:
+        """The subscriber hears revocations, and again after Redis restarts on the same port."""
+        store = self.redis_store(self.server, resubscribe_policy=lambda attempt: 0.05)
+        inbox, reconnects = _Inbox(), []
+        yield store.watch_revocations(inbox.put, lambda: reconnects.append(True))
+        heard = inbox.next()
+        yield store.revoke(hash_token(TOKEN))
+        self.assertEqual((yield heard), hash_token(TOKEN))
+
+        subscribed_again = store.next_subscription()
+        self.server.restart()
+        yield subscribed_again
+        heard = inbox.next()
+        self.server.client().publish(REVOKE_CHANNEL, "instance:i-9")
+        self.assertEqual((yield heard), "instance:i-9")
+        self.assertEqual(inbox.messages, [hash_token(TOKEN), "instance:i-9"])
+        self.assertEqual(reconnects, [True])
+
+    @inlineCallbacks
+    def test_redis_down(self) -> Any:
+        """With Redis stopped, calls fail with TokenStoreUnavailable within the reply timeout."""
+        store = self.redis_store(self.server, query="reply_timeout=0.5")
+        yield store.ping()
+        self.server.stop()
+        for _ in range(2):  # first on the dead connection, then waiting for a new one
+            started = reactor.seconds()
+            failure = yield self.assertFailure(store.lookup(TOKEN), TokenStoreUnavailable)
+            self.assertLess(reactor.seconds() - started, 0.5 + 0.5, str(failure))
+        yield self.assertFailure(store.ping(), TokenStoreUnavailable)
+        yield self.assertFailure(store.issue(_record(TOKEN), TOKEN), TokenStoreUnavailable)
+        messages = _messages(self.log)
+        self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
+        self.assertFalse([m for m in messages if TOKEN in m])
+
+
+class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
+    """``rediss://`` (verified TLS) and ``redis+sentinel://`` against real servers."""
+
+    def start_tls_server(self) -> tuple[RedisServer, dict[str, str]]:
+        directory = tempfile.mkdtemp(prefix="vncmux-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        files = make_tls_files(directory)
+        args = ["--tls-cert-file", files["cert"], "--tls-key-file", files["key"],
+                "--tls-ca-cert-file", files["ca"], "--tls-auth-clients", "no"]  # fmt: skip
+        try:
+            return start_redis(self, args, tls=True), files
+        except RuntimeError as e:
+            last = str(e).strip().splitlines()[-1]
+            raise SkipTest(f"this redis-server has no TLS support ({last})") from None
+
+    def store(self, url: str, **kwargs: Any) -> RedisTokenStore:
+        store = RedisTokenStore(RedisConfig.from_url(url), reactor, reactor=reactor, **kwargs)
+        store.startService()
+        self.addCleanup(store.stopService)
+        return store
+
+    @inlineCallbacks
+    def test_tls(self) -> Any:
+        """rediss:// with the server's CA works for the pool and for the subscriber."""
+        server, files = self.start_tls_server()
+        store = self.store(f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={files['ca']}")
+        inbox = _Inbox()
+        yield store.watch_revocations(inbox.put)
+        yield store.issue(_record(TOKEN), TOKEN)
+        self.assertEqual((yield store.lookup(TOKEN)).target, "10.0.0.5:5900")
+        heard = inbox.next()
+        yield store.revoke(hash_token(TOKEN))
+        self.assertEqual((yield heard), hash_token(TOKEN))
+
+    @inlineCallbacks
+    def test_tls_verifies_the_server(self) -> Any:
+        """Without the CA the certificate is not trusted: the store is unavailable."""
+        server, _ = self.start_tls_server()
+        store = self.store(f"rediss://127.0.0.1:{server.port}/0?reply_timeout=0.5")
+        yield self.assertFailure(store.ping(), TokenStoreUnavailable)
+
+    @inlineCallbacks
+    def test_sentinel(self) -> Any:
+        """redis+sentinel:// finds the master through Sentinel, for commands and revocations."""
+        master = self.start_server()
+        sentinel = start_redis(
+            self,
+            ["--sentinel"],
+            config=f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n",
+            ready_marker=b"+monitor master",
+        )
+        store = self.store(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/2")
+        inbox = _Inbox()
+        yield store.watch_revocations(inbox.put)
+        yield store.issue(_record(TOKEN), TOKEN)
+        client = master.client(db=2)
+        self.addCleanup(client.close)
+        self.assertEqual(client.hget(token_key(hash_token(TOKEN)), "host"), "10.0.0.5")
+        heard = inbox.next()
+        yield store.revoke(hash_token(TOKEN))
+        self.assertEqual((yield heard), hash_token(TOKEN))

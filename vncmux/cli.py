@@ -1,0 +1,290 @@
+"""
+``vncmux token add|show|revoke``: manage console tokens in the proxy's ``--tokens`` store.
+
+The CLI is the edge of the program: it takes issued_at/expires_at from the real reactor's
+clock (``task.react``). Exit codes: 0 done, 1 not found or failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import IO, Any, NoReturn
+from urllib.parse import quote
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from vncmux.redisstore import open_token_store
+from vncmux.settings import DEFAULT_TOKENS
+from vncmux.tokens import (
+    BadTarget,
+    TokenRecord,
+    TokenStoreUnavailable,
+    UnsupportedOperation,
+    format_target,
+    hash_token,
+    parse_port,
+    parse_target,
+)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:6080/vnc_lite.html"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line or the config file (exit code 2)."""
+
+
+def new_token() -> str:
+    """C{secrets.token_urlsafe(32)}, never starting with ``-`` (it would read as an option)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
+def access_url(base_url: str, token: str) -> str:
+    """noVNC's URL for a token: ``BASE?path=websockify%3Ftoken%3D<token>``."""
+    joiner = "&" if "?" in base_url else "?"
+    return f"{base_url}{joiner}path={quote(f'websockify?token={token}', safe='')}"
+
+
+def record_json(record: TokenRecord) -> dict[str, Any]:
+    """A record for humans and scripts: with its token_id, without the backend password."""
+    return {
+        "token_id": record.token_id,
+        "host": record.host,
+        "port": record.port,
+        "instance_uuid": record.instance_uuid,
+        "console_type": record.console_type,
+        "internal_access_path": record.internal_access_path,
+        "access_url": record.access_url,
+        "issued_at": record.issued_at,
+        "expires_at": record.expires_at,
+        "last_activity_at": record.last_activity_at,
+        "max_sessions": record.max_sessions,
+        "single_use": record.single_use,
+        "has_password": record.password is not None,
+    }
+
+
+def _port(text: str) -> int:
+    try:
+        return parse_port(text, "--port")
+    except BadTarget as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return value
+
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vncmux`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--tokens",
+        default=argparse.SUPPRESS,
+        help=f"token store: file:PATH, redis://…, rediss://…, redis+sentinel://… "
+        f"(default: the config file's, else {DEFAULT_TOKENS})",
+    )
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="INI file with a [vncmux] tokens = … line"
+    )
+
+    parser = argparse.ArgumentParser(prog="vncmux", description="Manage vncmux console tokens.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    token = commands.add_parser("token", help="issue, show and revoke tokens")
+    actions = token.add_subparsers(dest="action", required=True)
+
+    add = actions.add_parser("add", parents=[common], help="issue a token, print it and its URL")
+    add.add_argument("--host", required=True, help="VNC server host (name, IPv4 or IPv6)")
+    add.add_argument("--port", required=True, type=_port, help="VNC server port")
+    add.add_argument("--ttl", type=_positive(float), help="seconds until the token expires")
+    add.add_argument("--instance", help="instance UUID (revoke --instance revokes them all)")
+    add.add_argument("--base-url", default=DEFAULT_BASE_URL, help="noVNC page of the URL")
+    add.add_argument("--single-use", action="store_true", help="the token opens one session")
+    add.add_argument("--max-sessions", type=_positive(int), help="concurrent sessions allowed")
+    secret = add.add_mutually_exclusive_group()
+    secret.add_argument("--password", help="VNC password of the server (visible in ps!)")
+    secret.add_argument("--password-file", help="read the VNC password from this file")
+
+    show = actions.add_parser("show", parents=[common], help="print a token's record as JSON")
+    show.add_argument("token")
+
+    revoke = actions.add_parser("revoke", parents=[common], help="revoke a token or an instance")
+    revoke.add_argument("token", nargs="?")
+    revoke.add_argument("--instance", help="revoke every token of this instance UUID")
+    return parser
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; exits with status 2 on a usage error."""
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.action == "revoke" and (options.token is None) == (options.instance is None):
+        parser.error("revoke takes either a TOKEN or --instance UUID")
+    if options.action == "add":
+        if not options.host or any(c.isspace() for c in options.host):
+            parser.error("--host must be a host name or address")
+        try:
+            parse_target(format_target(options.host.strip("[]"), options.port))
+        except BadTarget as e:
+            parser.error(str(e))
+        if options.instance is not None and (
+            not options.instance or any(c.isspace() for c in options.instance)
+        ):
+            parser.error("--instance must be a UUID without spaces")
+    return options
+
+
+def token_source(options: argparse.Namespace) -> str:
+    """``--tokens``, else ``tokens`` in the [vncmux] section of ``--config``, else the default."""
+    if getattr(options, "tokens", None):
+        return str(options.tokens)
+    config_path = getattr(options, "config", None)
+    if config_path:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except (OSError, configparser.Error) as e:
+            raise UsageError(f"cannot read config file {config_path}: {e}") from None
+        value = parser.get("vncmux", "tokens", fallback="").strip()
+        if value:
+            return value
+    return DEFAULT_TOKENS
+
+
+@inlineCallbacks
+def execute(
+    options: argparse.Namespace, reactor: Any, out: IO[str], err: IO[str]
+) -> Any:  # Generator: returns Deferred[int] through inlineCallbacks
+    """Run a parsed command against its token store; fires with the exit code."""
+    try:
+        source = token_source(options)
+        store = open_token_store(source, reactor)
+        password = _password(options) if options.action == "add" else None
+    except (UsageError, ValueError) as e:
+        err.write(f"vncmux: error: {e}\n")
+        return EXIT_USAGE
+    service = IService(store, None)
+    if service is not None:
+        service.startService()
+    try:
+        code = yield _dispatch(options, store, password, reactor, out, err)
+    except TokenStoreUnavailable as e:
+        err.write(f"vncmux: token store unavailable: {e}\n")
+        code = EXIT_FAILED
+    except UnsupportedOperation as e:
+        err.write(f"vncmux: not supported by this token store: {e}\n")
+        code = EXIT_FAILED
+    except ValueError as e:
+        err.write(f"vncmux: error: {e}\n")
+        code = EXIT_FAILED
+    finally:
+        if service is not None:
+            yield service.stopService()
+    return code
+
+
+def _password(options: argparse.Namespace) -> str | None:
+    if options.password_file:
+        try:
+            with open(options.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise UsageError(f"cannot read --password-file: {e.strerror}") from None
+    return options.password  # type: ignore[no-any-return]
+
+
+@inlineCallbacks
+def _dispatch(
+    options: argparse.Namespace,
+    store: Any,
+    password: str | None,
+    reactor: Any,
+    out: IO[str],
+    err: IO[str],
+) -> Any:
+    if options.action == "add":
+        token = new_token()
+        now = reactor.seconds()
+        record = TokenRecord(
+            token_hash=hash_token(token),
+            host=options.host.strip("[]"),
+            port=options.port,
+            instance_uuid=options.instance or "",
+            access_url=options.base_url,
+            issued_at=now,
+            expires_at=now + options.ttl if options.ttl else None,
+            max_sessions=options.max_sessions,
+            single_use=options.single_use,
+            password=password,
+        )
+        yield store.issue(record, token)
+        out.write(f"token: {token}\n")
+        out.write(f"token_id: {record.token_id}\n")
+        out.write(f"url: {access_url(options.base_url, token)}\n")
+        return EXIT_OK
+    if options.action == "show":
+        found = yield store.show(options.token)
+        if found is None:
+            err.write("vncmux: token not found\n")
+            return EXIT_FAILED
+        out.write(json.dumps(record_json(found), indent=2, sort_keys=True) + "\n")
+        return EXIT_OK
+    if options.instance is not None:
+        count = yield store.revoke_instance(options.instance)
+        if not count:
+            err.write("vncmux: no tokens found for that instance\n")
+            return EXIT_FAILED
+        out.write(f"revoked {count} token(s)\n")
+        return EXIT_OK
+    token_hash = hash_token(options.token)
+    revoked = yield store.revoke(token_hash)
+    if not revoked:
+        err.write("vncmux: token not found\n")
+        return EXIT_FAILED
+    out.write(f"revoked token {token_hash[:12]}\n")
+    return EXIT_OK
+
+
+def run(argv: Sequence[str], reactor: Any, out: IO[str], err: IO[str]) -> Deferred[int]:
+    """Parse C{argv} and run it: for tests and embedding (argparse exits 2 on usage errors)."""
+    return execute(parse_arguments(argv), reactor, out, err)  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``vncmux`` console script."""
+    from twisted.internet.task import react
+
+    options = parse_arguments(argv)
+
+    def exit_with(code: int) -> None:
+        if code:
+            raise SystemExit(code)  # react() turns it into the exit status
+
+    react(lambda reactor: execute(options, reactor, sys.stdout, sys.stderr).addCallback(exit_with))
+    raise AssertionError("react() returned")  # pragma: no cover
+
+
+if __name__ == "__main__":
+    main()

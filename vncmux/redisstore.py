@@ -1,0 +1,886 @@
+"""
+The Redis token store (DESIGN.md section 4), and L{open_token_store} for ``--tokens``.
+
+txredisapi imports and uses the global reactor; it is imported lazily and stays inside
+L{RedisTokenStore}, so importing this module installs no reactor. Every call is bounded by
+C{reply_timeout} on the injected clock, whatever txredisapi does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
+from vncmux.tokens import (
+    TOKEN_ID_LENGTH,
+    BadTarget,
+    FileTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    UnsupportedOperation,
+    _number_text,
+    hash_token,
+    parse_target,
+    parse_token_value,
+)
+
+TOKEN_KEY_PREFIX = "vncmux:token:"
+INSTANCE_KEY_PREFIX = "vncmux:instance:"
+REVOKE_CHANNEL = "vncmux:revoke"
+#: websockify format only: single-use claims, since the token's own key is not ours.
+USED_KEY_PREFIX = "vncmux:used:"
+
+#: Both stay well below autobahn's default openHandshakeTimeout (5 s), which bounds the lookup.
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_REPLY_TIMEOUT = 2.0
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+
+# txredisapi aborts a connection whose reply is late, but only while its own timer runs;
+# our deadline cancels the command (and that timer) at reply_timeout. Its timer is set a
+# little shorter so that a silent-but-open connection is aborted and reconnected instead of
+# every later command on it being cancelled by our deadline, forever.
+_INNER_REPLY_FRACTION = 0.8
+_ACTIVITY_BATCH = 1000
+_USED_TTL = 86400
+
+SCHEMES = ("redis", "rediss", "redis+sentinel")
+
+# Scripts: one round trip each, atomic, and never re-create a key that is gone.
+_COMPAT = "if redis.replicate_commands then redis.replicate_commands() end\n"
+
+_ISSUE = (
+    _COMPAT
+    + """
+-- KEYS[1] token key, KEYS[2] instance set (optional)
+-- ARGV[1] ttl (0: none), ARGV[2] token hash, ARGV[3] token key prefix, ARGV[4..] fields
+redis.call('DEL', KEYS[1])
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if KEYS[2] then
+  if redis.call('SCARD', KEYS[2]) >= 64 then
+    for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+      if redis.call('EXISTS', ARGV[3] .. member) == 0 then
+        redis.call('SREM', KEYS[2], member)
+      end
+    end
+  end
+  local existed = redis.call('EXISTS', KEYS[2])
+  redis.call('SADD', KEYS[2], ARGV[2])
+  if ttl == 0 then
+    redis.call('PERSIST', KEYS[2])
+  else
+    local current = redis.call('TTL', KEYS[2])
+    if existed == 0 or (current >= 0 and current < ttl) then
+      redis.call('EXPIRE', KEYS[2], ttl)
+    end
+  end
+end
+return 1
+"""
+)
+
+_REVOKE = (
+    _COMPAT
+    + """
+-- KEYS[1] token key; ARGV[1] token hash, ARGV[2] channel, ARGV[3] instance key prefix
+local instance = redis.call('HGET', KEYS[1], 'instance_uuid')
+local deleted = redis.call('DEL', KEYS[1])
+if instance and instance ~= '' then
+  redis.call('SREM', ARGV[3] .. instance, ARGV[1])
+end
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return deleted
+"""
+)
+
+_REVOKE_INSTANCE = (
+    _COMPAT
+    + """
+-- KEYS[1] instance set; ARGV[1] token key prefix, ARGV[2] channel, ARGV[3] instance uuid
+local deleted = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  deleted = deleted + redis.call('DEL', ARGV[1] .. member)
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], 'instance:' .. ARGV[3])
+return deleted
+"""
+)
+
+_RECORD_ACTIVITY = (
+    _COMPAT
+    + """
+-- KEYS: token keys; ARGV: unix seconds, one per key. Keys that are gone stay gone.
+local written = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local current = tonumber(redis.call('HGET', key, 'last_activity_at') or '') or 0
+    if tonumber(ARGV[i]) > current then
+      redis.call('HSET', key, 'last_activity_at', ARGV[i])
+      written = written + 1
+    end
+  end
+end
+return written
+"""
+)
+
+_CLAIM_USE = (
+    _COMPAT
+    + """
+-- KEYS[1] token key; ARGV[1] unix seconds
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'used_at', ARGV[1])
+"""
+)
+
+
+def token_key(token_hash: str) -> str:
+    """The HASH key of a token record."""
+    return TOKEN_KEY_PREFIX + token_hash
+
+
+def instance_key(instance_uuid: str) -> str:
+    """The SET key of an instance's token hashes."""
+    return INSTANCE_KEY_PREFIX + instance_uuid
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """
+    Where the tokens live, parsed from a ``--tokens`` URL: ``redis://[[user]:password@]host
+    [:port][/db]``, ``rediss://…`` (TLS) or ``redis+sentinel://[[user]:password@]h1:p1,h2:p2
+    /master[/db]``. Query options: ``format=websockify``, ``connect_timeout``,
+    ``reply_timeout`` (seconds), ``ssl_ca_certs`` (rediss: PEM file of trusted CAs) and
+    ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
+    """
+
+    hosts: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_certs: str | None = None
+    sentinel_master: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    websockify_format: bool = False
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    reply_timeout: float = DEFAULT_REPLY_TIMEOUT
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        connect_timeout: float | None = None,
+        reply_timeout: float | None = None,
+    ) -> RedisConfig:
+        """Parse a token store URL; C{ValueError} (never quoting a password) when it is wrong."""
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if not sep or scheme not in SCHEMES:
+            if scheme in ("rediss+sentinel", "redis+sentinels"):
+                raise ValueError(
+                    "Sentinel with TLS is not supported: txredisapi's Sentinel client connects"
+                    " to the master without TLS"
+                )
+            raise ValueError(f"a Redis token store URL starts with {', '.join(SCHEMES)}")
+        rest, _, fragment = rest.partition("#")
+        if fragment:
+            raise ValueError("a Redis URL has no #fragment")
+        rest, _, query = rest.partition("?")
+        netloc, _, path = rest.partition("/")
+        userinfo, at, hostlist = netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            if not colon:
+                raise ValueError(
+                    "the Redis URL has credentials without a ':'; write redis://:PASSWORD@host"
+                    " or redis://USER:PASSWORD@host"
+                )
+            username = unquote(user) or None
+            password = unquote(secret)
+        sentinel = scheme == "redis+sentinel"
+        default_port = DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_REDIS_PORT
+        parts = hostlist.split(",") if sentinel else [hostlist]
+        hosts = tuple(_parse_host(h, default_port) for h in parts)
+        master = None
+        db_text = path
+        if sentinel:
+            master, _, db_text = path.partition("/")
+            if not master:
+                raise ValueError(
+                    "a redis+sentinel URL names the master: redis+sentinel://h1:p1,h2:p2/master"
+                )
+        db_text = db_text.rstrip("/")
+        if db_text and not db_text.isdigit():
+            raise ValueError(f"Redis database {db_text!r} is not a number")
+        db = int(db_text or 0)
+
+        values = dict(
+            format="vncmux",
+            connect_timeout=connect_timeout,
+            reply_timeout=reply_timeout,
+            ssl_ca_certs=None,
+            sentinel_password=None,
+        )
+        allowed = {"format", "connect_timeout", "reply_timeout"}
+        allowed |= {"ssl_ca_certs"} if scheme == "rediss" else set()
+        allowed |= {"sentinel_password"} if sentinel else set()
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            raise ValueError("the Redis URL query is not name=value&…") from None
+        for name, value in pairs:
+            if name not in allowed:
+                raise ValueError(
+                    f"unknown Redis URL option {name!r} (known: {', '.join(sorted(allowed))})"
+                )
+            values[name] = value
+        if values["format"] not in ("vncmux", "websockify"):
+            raise ValueError("format must be 'vncmux' or 'websockify'")
+        return cls(
+            hosts=hosts,
+            db=db,
+            username=username,
+            password=password,
+            tls=scheme == "rediss",
+            ca_certs=values["ssl_ca_certs"],  # type: ignore[arg-type]
+            sentinel_master=unquote(master) if master else None,
+            sentinel_password=values["sentinel_password"],  # type: ignore[arg-type]
+            websockify_format=values["format"] == "websockify",
+            connect_timeout=_seconds("connect_timeout", values["connect_timeout"]),
+            reply_timeout=_seconds("reply_timeout", values["reply_timeout"]),
+        )
+
+    def redacted_url(self) -> str:
+        """The URL for logs and errors: the password is shown as ``***``."""
+        scheme = "redis+sentinel" if self.sentinel_master else "rediss" if self.tls else "redis"
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(self.username or '', safe='')}:***@"
+        hosts = ",".join(_host_text(h, p) for h, p in self.hosts)
+        path = f"/{quote(self.sentinel_master, safe='')}" if self.sentinel_master else ""
+        path += f"/{self.db}"
+        query = "?format=websockify" if self.websockify_format else ""
+        return f"{scheme}://{auth}{hosts}{path}{query}"
+
+
+def _host_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_host(text: str, default_port: int) -> tuple[str, int]:
+    text = unquote(text.strip())
+    if not text:
+        raise ValueError("the Redis URL has no host")
+    try:
+        if text.startswith("[") and text.endswith("]"):
+            return parse_target(f"{text}:{default_port}")
+        if text.count(":") == 1 or text.startswith("["):
+            return parse_target(text)
+        if ":" in text:
+            raise ValueError("put an IPv6 Redis address in brackets: redis://[::1]:6379")
+        return parse_target(f"{text}:{default_port}")
+    except BadTarget:
+        # Not quoted: a URL typo can put the password where the host should be.
+        raise ValueError(
+            "bad Redis host or port in the URL: write host:port or [v6addr]:port"
+        ) from None
+
+
+def _seconds(name: str, value: object) -> float:
+    if value is None:
+        return DEFAULT_CONNECT_TIMEOUT if name == "connect_timeout" else DEFAULT_REPLY_TIMEOUT
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not a number of seconds") from None
+    if not 0 < seconds < 3600:
+        raise ValueError(f"{name} must be a positive number of seconds")
+    return seconds
+
+
+def _tls_options(config: RedisConfig) -> Any:
+    """Verified TLS for ``rediss://``: platform trust, or the CAs in C{ssl_ca_certs}."""
+    from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+
+    trust = None
+    if config.ca_certs:
+        try:
+            with open(config.ca_certs, encoding="ascii") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ValueError(f"ssl_ca_certs {config.ca_certs}: {e.strerror}") from None
+        end = "-----END CERTIFICATE-----"
+        blocks = [block + end for block in pem.split(end) if "-----BEGIN CERTIFICATE" in block]
+        if not blocks:
+            raise ValueError(f"ssl_ca_certs {config.ca_certs} holds no PEM certificate")
+        trust = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    return optionsForClientTLS(config.hosts[0][0], trustRoot=trust)
+
+
+@functools.cache
+def _subscriber_protocol() -> type:
+    """txredisapi's SubscriberProtocol, subscribing to the revocation channel when ready."""
+    import txredisapi
+
+    class RevocationSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+        factory: _SubscriberFactory
+
+        def connectionMade(self) -> Any:
+            ready = super().connectionMade()  # AUTH first, when a password is set
+            self.whenConnected().addCallback(self._subscribe)
+            return ready
+
+        def _subscribe(self, _: object) -> None:
+            subscribing = self.subscribe(REVOKE_CHANNEL)
+            subscribing.addCallbacks(self._subscribed, self._subscribe_failed)
+
+        def _subscribed(self, _: object) -> None:
+            self.factory.store._subscribed()
+
+        def _subscribe_failed(self, failure: Failure) -> None:
+            if not failure.check(txredisapi.ConnectionError):
+                self.factory.store._subscriber_problem(failure.getErrorMessage())
+                self.transport.loseConnection()
+
+        def messageReceived(self, pattern: object, channel: object, message: object) -> None:
+            self.factory.store._revocation_message(message)
+
+        def connectionLost(self, why: Failure) -> None:
+            try:
+                super().connectionLost(why)
+            finally:
+                self.factory.store._unsubscribed()
+
+    return RevocationSubscriber
+
+
+class _SubscriberFactory(Factory):
+    """Builds the revocation subscriber; ClientService reconnects it."""
+
+    noisy = False
+    isLazy = True  # read by txredisapi when AUTH fails
+
+    def __init__(self, store: RedisTokenStore) -> None:
+        self.store = store
+
+    def buildProtocol(self, addr: object) -> Any:
+        config = self.store.config
+        protocol = _subscriber_protocol()(
+            charset="utf-8",
+            replyTimeout=config.reply_timeout,
+            password=config.password,
+            dbid=None,
+            convertNumbers=False,
+            username=config.username,
+        )
+        protocol.factory = self
+        return protocol
+
+    def stopTrying(self) -> None:
+        """txredisapi calls this when AUTH fails: keep retrying, with backoff."""
+
+    def connectionError(self, why: str) -> None:
+        self.store._subscriber_problem(why)
+
+
+@implementer(IStreamClientEndpoint)
+class _SentinelMasterEndpoint:
+    """Asks Sentinel where the master is before every connection attempt."""
+
+    def __init__(self, sentinel: Any, master: str, reactor: Any, timeout: float) -> None:
+        self._sentinel = sentinel
+        self._master = master
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def connect_to(address: tuple[str, int]) -> Deferred[Any]:
+            endpoint = HostnameEndpoint(self._reactor, address[0], address[1], self._timeout)
+            return endpoint.connect(factory)
+
+        return self._sentinel.discover_master(self._master).addCallback(connect_to)
+
+
+@implementer(ITokenStore, ITokenAdmin, ISessionBackchannel)
+class RedisTokenStore(Service):
+    """
+    Token records in Redis, shared by every proxy instance (DESIGN.md section 4).
+
+    A service: C{startService} opens one txredisapi lazy connection pool (it reconnects by
+    itself), C{stopService} closes it and the revocation subscriber (its own connection, made
+    through C{reactor}, by default C{clock} when that can connect). Every call fails with
+    L{TokenStoreUnavailable} when Redis is down, slow (over C{reply_timeout} on C{clock}, from
+    the call to the answer, waiting for a connection included) or answers garbage.
+
+    Keys of expiring tokens live C{expired_grace} seconds past C{expires_at}, so a late user
+    is told "token expired" rather than "invalid token".
+
+    With C{format=websockify} lookups read websockify's layout (the raw token as a string
+    key); that layout is not vncmux's to manage, so issuing and revoking are refused.
+    """
+
+    _log = Logger()
+    name = "token-store"
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        clock: IReactorTime,
+        *,
+        reactor: Any = None,
+        poolsize: int = 2,
+        expired_grace: float = 300.0,
+        resubscribe_policy: Callable[[int], float] | None = None,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._reactor = reactor
+        self._poolsize = poolsize
+        self._expired_grace = expired_grace
+        self._resubscribe_policy = resubscribe_policy or backoffPolicy(
+            initialDelay=0.25, maxDelay=10.0, factor=2.0
+        )
+        self._tls = _tls_options(config) if config.tls else None
+        self._pool: Any = None
+        self._sentinel: Any = None
+        self._subscriber: ClientService | None = None
+        self._pending: set[Deferred[Any]] = set()
+        self._watchers: list[Callable[[str], object]] = []
+        self._reconnect_watchers: list[Callable[[], object]] = []
+        self._subscribed_now = False
+        self._subscriptions = 0
+        self._subscription_waiters: list[Deferred[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<RedisTokenStore {self.config.redacted_url()}>"
+
+    @property
+    def max_wait(self) -> float:
+        """The longest any call waits: compare with the WebSocket open-handshake timeout."""
+        return self.config.reply_timeout
+
+    # service
+
+    def startService(self) -> None:
+        import txredisapi
+
+        super().startService()
+        config = self.config
+        common: dict[str, Any] = dict(
+            password=config.password,
+            username=config.username,
+            replyTimeout=config.reply_timeout * _INNER_REPLY_FRACTION,
+            convertNumbers=False,
+            poolsize=self._poolsize,
+        )
+        if config.sentinel_master:
+            self._sentinel = txredisapi.Sentinel(
+                list(config.hosts),
+                password=config.sentinel_password,
+                connectTimeout=config.connect_timeout,
+                replyTimeout=config.reply_timeout * _INNER_REPLY_FRACTION,
+            )
+            self._sentinel.discovery_timeout = config.connect_timeout
+            self._pool = self._sentinel.master_for(
+                config.sentinel_master, dbid=config.db or None, isLazy=True, **common
+            )
+        else:
+            host, port = config.hosts[0]
+            self._pool = txredisapi.lazyConnectionPool(
+                host,
+                port,
+                dbid=config.db or None,  # no SELECT round trip for database 0
+                ssl_context_factory=self._tls or False,
+                connectTimeout=config.connect_timeout,
+                **common,
+            )
+        self._log.info("token store: {url}", url=config.redacted_url())
+        if self._watchers:
+            self._start_subscriber()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        for pending in list(self._pending):
+            pending.cancel()
+        stopping: list[Deferred[Any]] = []
+        if self._subscriber is not None:
+            stopping.append(self._subscriber.stopService())
+            self._subscriber = None
+        if self._pool is not None:
+            stopping.append(self._pool.disconnect())
+            self._pool = None
+        if self._sentinel is not None:
+            stopping.append(self._sentinel.disconnect())
+            self._sentinel = None
+        done = gatherResults(stopping, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    # ITokenStore
+
+    def lookup(self, token: str) -> Deferred[TokenRecord | None]:
+        token_hash = hash_token(token)
+        if self.config.websockify_format:
+            return self._run(
+                "lookup",
+                _about(token_hash),
+                lambda pool: pool.get(token),
+                lambda value: _from_websockify_value(token_hash, value),
+            )
+        return self.lookup_hash(token_hash)
+
+    def lookup_hash(self, token_hash: str) -> Deferred[TokenRecord | None]:
+        """Read a record by its hash (native layout): for re-checks by live sessions."""
+        return self._run(
+            "lookup",
+            _about(token_hash),
+            lambda pool: pool.hgetall(token_key(token_hash)),
+            lambda fields: _from_hash_fields(token_hash, fields),
+        )
+
+    def ping(self) -> Deferred[None]:
+        def check(reply: object) -> None:
+            if reply != "PONG":
+                raise BadTarget(f"PING answered {reply!r}")
+
+        return self._run("ping", "", lambda pool: pool.ping(), check)
+
+    # ITokenAdmin
+
+    def issue(self, record: TokenRecord, token: str) -> Deferred[None]:
+        if self.config.websockify_format:
+            return fail(_read_only())
+        token_hash = hash_token(token)
+        if record.token_hash != token_hash:
+            record = replace(record, token_hash=token_hash)
+        ttl = self._ttl(record.expires_at)
+        keys = [token_key(token_hash)]
+        if record.instance_uuid:
+            keys.append(instance_key(record.instance_uuid))
+        args = [str(ttl), token_hash, TOKEN_KEY_PREFIX]
+        for name, value in record.to_fields().items():
+            args += [name, value]
+        return self._run(
+            "issue", _about(token_hash), lambda pool: pool.eval(_ISSUE, keys, args), lambda _: None
+        )
+
+    def show(self, token: str) -> Deferred[TokenRecord | None]:
+        return self.lookup(token)
+
+    def revoke(self, token_hash: str) -> Deferred[bool]:
+        if self.config.websockify_format:
+            return fail(_read_only())
+        args = [token_hash, REVOKE_CHANNEL, INSTANCE_KEY_PREFIX]
+        return self._run(
+            "revoke",
+            _about(token_hash),
+            lambda pool: pool.eval(_REVOKE, [token_key(token_hash)], args),
+            lambda deleted: _integer(deleted) > 0,
+        )
+
+    def revoke_instance(self, instance_uuid: str) -> Deferred[int]:
+        if self.config.websockify_format:
+            return fail(_read_only())
+        args = [TOKEN_KEY_PREFIX, REVOKE_CHANNEL, instance_uuid]
+        return self._run(
+            "revoke_instance",
+            f"instance {instance_uuid}",
+            lambda pool: pool.eval(_REVOKE_INSTANCE, [instance_key(instance_uuid)], args),
+            _integer,
+        )
+
+    # ISessionBackchannel
+
+    def record_activity(self, updates: Mapping[str, float]) -> Deferred[None]:
+        """
+        Write C{last_activity_at} (only ever forward) for every token that still exists, in
+        one script call per 1000 tokens; nothing is written for websockify-format tokens.
+        """
+        if self.config.websockify_format or not updates:
+            return succeed(None)
+        items = list(updates.items())
+        batches = []
+        for start in range(0, len(items), _ACTIVITY_BATCH):
+            batch = items[start : start + _ACTIVITY_BATCH]
+            keys = [token_key(h) for h, _ in batch]
+            args = [_number_text(seconds) for _, seconds in batch]
+            batches.append(
+                self._run(
+                    "record_activity",
+                    f"{len(batch)} tokens",
+                    lambda pool, keys=keys, args=args: pool.eval(_RECORD_ACTIVITY, keys, args),
+                    lambda _: None,
+                )
+            )
+        if len(batches) == 1:
+            return batches[0]
+        return gatherResults(batches, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: f.value.subFailure
+        )
+
+    def claim_use(self, token_hash: str) -> Deferred[bool]:
+        """C{True} for the first claim of an existing token, C{False} after (or when gone)."""
+        now = _number_text(self._clock.seconds())
+        if self.config.websockify_format:
+            return self._run(
+                "claim_use",
+                _about(token_hash),
+                lambda pool: pool.set(
+                    USED_KEY_PREFIX + token_hash, now, expire=_USED_TTL, only_if_not_exists=True
+                ),
+                lambda reply: reply == "OK",
+            )
+        return self._run(
+            "claim_use",
+            _about(token_hash),
+            lambda pool: pool.eval(_CLAIM_USE, [token_key(token_hash)], [now]),
+            lambda claimed: _integer(claimed) == 1,
+        )
+
+    def watch_revocations(
+        self,
+        on_revoke: Callable[[str], object],
+        on_reconnect: Callable[[], object] | None = None,
+    ) -> Deferred[None]:
+        """
+        Call C{on_revoke(message)} for every message on ``vncmux:revoke``, on a connection of
+        its own that is re-established (with backoff) and re-subscribed after it is lost.
+        Messages published while it was down are missed: C{on_reconnect()} is called after
+        every re-subscription so the caller can re-check its live sessions (L{lookup_hash}).
+
+        @return: a Deferred that fires once the subscription is active.
+        """
+        self._watchers.append(on_revoke)
+        if on_reconnect is not None:
+            self._reconnect_watchers.append(on_reconnect)
+        if self.running and self._subscriber is None:
+            self._start_subscriber()
+        if self._subscribed_now:
+            return succeed(None)
+        return self.next_subscription()
+
+    def next_subscription(self) -> Deferred[None]:
+        """A Deferred that fires the next time the revocation subscription becomes active."""
+        waiter: Deferred[None] = Deferred()
+        self._subscription_waiters.append(waiter)
+        return waiter
+
+    # internals
+
+    def _run(
+        self,
+        what: str,
+        subject: str,
+        command: Callable[[Any], Deferred[Any]],
+        convert: Callable[[Any], Any],
+    ) -> Deferred[Any]:
+        """
+        Run one command with the deadline, and turn every failure into TokenStoreUnavailable
+        and one log line naming C{subject} (``token <token_id>``, never a token).
+        """
+        if self._pool is None:
+            return fail(TokenStoreUnavailable("the Redis token store is not running"))
+        try:
+            sent = command(self._pool)
+        except Exception:
+            sent = fail()
+        self._pending.add(sent)
+        sent.addTimeout(self.config.reply_timeout, self._clock)
+
+        def forget(result: object) -> object:
+            self._pending.discard(sent)
+            return result
+
+        sent.addBoth(forget)
+        sent.addCallback(convert)
+        sent.addErrback(self._unavailable, what, subject)
+        return sent
+
+    def _unavailable(self, failure: Failure, what: str, subject: str) -> None:
+        if failure.check(defer.TimeoutError, error.TimeoutError):
+            why = f"no answer within {self.config.reply_timeout:g} s"
+        elif failure.check(defer.CancelledError):
+            why = "cancelled: the store is stopping"
+        elif failure.check(BadTarget, ValueError, TypeError, KeyError, UnicodeError):
+            why = f"unexpected data ({failure.getErrorMessage()})"
+        else:
+            why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self._log.warn(
+            "token store: {what} failed{subject}: {why}",
+            what=what,
+            subject=f" for {subject}" if subject else "",
+            why=why,
+        )
+        raise TokenStoreUnavailable(f"Redis {what}: {why}")
+
+    def _ttl(self, expires_at: float | None) -> int:
+        if expires_at is None:
+            return 0
+        remaining = max(0, math.ceil(expires_at - self._clock.seconds()))
+        return max(1, remaining + math.ceil(self._expired_grace))
+
+    def _start_subscriber(self) -> None:
+        self._subscriber = ClientService(
+            self._subscriber_endpoint(),
+            _SubscriberFactory(self),
+            retryPolicy=self._resubscribe_policy,
+            clock=self._clock,
+        )
+        self._subscriber.startService()
+
+    def _subscriber_endpoint(self) -> Any:
+        reactor = self._reactor
+        if reactor is None:
+            if IReactorTCP.providedBy(self._clock):
+                reactor = self._clock
+            else:  # txredisapi already runs on the global reactor
+                from twisted.internet import reactor as global_reactor
+
+                reactor = global_reactor
+        config = self.config
+        if config.sentinel_master:
+            return _SentinelMasterEndpoint(
+                self._sentinel, config.sentinel_master, reactor, config.connect_timeout
+            )
+        host, port = config.hosts[0]
+        endpoint = HostnameEndpoint(reactor, host, port, config.connect_timeout)
+        if self._tls is not None:
+            return wrapClientTLS(self._tls, endpoint)
+        return endpoint
+
+    def _subscribed(self) -> None:
+        self._subscribed_now = True
+        self._subscriptions += 1
+        if self._subscriptions > 1:
+            self._log.info("revocations: subscribed again")
+            for on_reconnect in list(self._reconnect_watchers):
+                self._call_watcher(on_reconnect)
+        waiters, self._subscription_waiters = self._subscription_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _unsubscribed(self) -> None:
+        if self._subscribed_now and self.running:
+            self._log.warn("revocations: lost the Redis subscription; reconnecting")
+        self._subscribed_now = False
+
+    def _subscriber_problem(self, why: str) -> None:
+        self._log.warn("revocations: {why}", why=why)
+
+    def _revocation_message(self, message: object) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        if not isinstance(message, str):
+            return
+        for on_revoke in list(self._watchers):
+            self._call_watcher(on_revoke, message)
+
+    def _call_watcher(self, callback: Callable[..., object], *args: str) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            self._log.failure("revocations: a callback failed")
+
+
+def _about(token_hash: str) -> str:
+    return f"token {token_hash[:TOKEN_ID_LENGTH]}"
+
+
+def _read_only() -> UnsupportedOperation:
+    return UnsupportedOperation(
+        "format=websockify keys are raw tokens written by another tool: vncmux only reads them"
+    )
+
+
+def _integer(reply: object) -> int:
+    if not isinstance(reply, int):
+        raise TypeError(f"expected an integer reply, got {type(reply).__name__}")
+    return reply
+
+
+def _from_hash_fields(token_hash: str, fields: object) -> TokenRecord | None:
+    if not isinstance(fields, dict):
+        raise TypeError(f"HGETALL answered {type(fields).__name__}")
+    if not fields:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+        raise UnicodeError("the token record is not UTF-8 text")
+    return TokenRecord.from_fields(token_hash, fields)
+
+
+def _from_websockify_value(token_hash: str, value: object) -> TokenRecord | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UnicodeError("the token value is not UTF-8 text")
+    return parse_token_value(token_hash, value)
+
+
+def open_token_store(
+    source: str,
+    clock: IReactorTime,
+    *,
+    connect_timeout: float | None = None,
+    reply_timeout: float | None = None,
+    reactor: Any = None,
+) -> FileTokenStore | RedisTokenStore:
+    """
+    The token store a ``--tokens`` value names: ``file:PATH`` (relative to the current
+    directory), ``redis://…``, ``rediss://…`` or ``redis+sentinel://…``. A Redis store is an
+    IService: start it (e.g. C{setServiceParent}) before use. C{ValueError} for anything else.
+    """
+    if source.startswith("file:"):
+        path = source[len("file:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError("file: needs a path, e.g. file:etc/tokens")
+        return FileTokenStore(path, clock)
+    scheme = source.partition("://")[0].lower() if "://" in source else ""
+    if scheme in SCHEMES or scheme in ("rediss+sentinel", "redis+sentinels"):
+        config = RedisConfig.from_url(
+            source, connect_timeout=connect_timeout, reply_timeout=reply_timeout
+        )
+        return RedisTokenStore(config, clock, reactor=reactor)
+    shown = f"{scheme}://…" if scheme else "this value"
+    raise ValueError(
+        f"unknown token source ({shown}): use file:PATH, redis://[:password@]host:port/db,"
+        " rediss://… or redis+sentinel://h1:p1,h2:p2/master"
+    )
+
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_REPLY_TIMEOUT",
+    "INSTANCE_KEY_PREFIX",
+    "REVOKE_CHANNEL",
+    "TOKEN_KEY_PREFIX",
+    "RedisConfig",
+    "RedisTokenStore",
+    "instance_key",
+    "open_token_store",
+    "token_key",
+]
