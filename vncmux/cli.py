@@ -227,14 +227,14 @@ def _dispatch(
     if options.action == "add":
         token = new_token()
         now = reactor.seconds()
-        record = TokenRecord(
-            token_hash=hash_token(token),
-            host=options.host.strip("[]"),
-            port=options.port,
+        record = TokenRecord.issued(
+            token,
+            options.host,
+            options.port,
+            now,
+            options.ttl,
             instance_uuid=options.instance or "",
             access_url=options.base_url,
-            issued_at=now,
-            expires_at=now + options.ttl if options.ttl else None,
             max_sessions=options.max_sessions,
             single_use=options.single_use,
             password=password,

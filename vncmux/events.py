@@ -55,14 +55,15 @@ class Observers:
         self._each("stage_timed", stage, seconds)
 
 
+_session_log = Logger(namespace="vncmux.session")
+
+
 @implementer(ISessionObserver)
 class SessionLog:
     """
     One log event per refusal, session start and session end, with fields a log pipeline
     can index (``vncmux_event``, ``session_id``, ``token_id``, …). Never the token.
     """
-
-    _log = Logger(namespace="vncmux.session")
 
     def session_rejected(
         self,
@@ -72,7 +73,7 @@ class SessionLog:
         detail: str,
         token_id: str | None,
     ) -> None:
-        self._log.info(
+        _session_log.info(
             "session {session_id} from {client_address} refused ({close_code} {close_reason}):"
             " {detail}",
             vncmux_event="session_rejected",
@@ -86,7 +87,7 @@ class SessionLog:
 
     def session_opened(self, session: Session) -> None:
         record = session.record
-        self._log.info(
+        _session_log.info(
             "session {session_id} from {client_address} opened to {backend} (token {token_id})",
             vncmux_event="session_opened",
             session_id=session.id,
@@ -99,7 +100,7 @@ class SessionLog:
     def session_closed(self, session: Session, duration: float) -> None:
         record = session.record
         ending = session.ending
-        self._log.info(
+        _session_log.info(
             "session {session_id} closed after {duration:.1f}s: {close_reason}"
             " ({bytes_to_backend} bytes in, {bytes_to_client} bytes out)",
             vncmux_event="session_closed",

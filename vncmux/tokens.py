@@ -14,6 +14,7 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass, replace
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -108,6 +109,20 @@ class TokenRecord:
     max_sessions: int | None = None
     single_use: bool = False
     password: str | None = None
+
+    @classmethod
+    def issued(
+        cls, token: str, host: str, port: int, now: float, ttl: float | None = None, **fields: Any
+    ) -> TokenRecord:
+        """The record of a token issued at C{now}, valid for C{ttl} seconds (None: no expiry)."""
+        return cls(
+            token_hash=hash_token(token),
+            host=host.strip("[]"),
+            port=port,
+            issued_at=now,
+            expires_at=now + ttl if ttl else None,
+            **fields,
+        )
 
     @property
     def token_id(self) -> str:

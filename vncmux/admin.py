@@ -1,0 +1,425 @@
+"""The admin API on the metrics port: list and end sessions, issue and revoke tokens.
+
+Off unless ``--admin-token-file`` names a file holding the shared secret. Every request needs
+``Authorization: Bearer <secret>`` (401 without it, 403 with a wrong one). Tokens are never
+logged: the log names them by ``token_id``, and sessions by their session id.
+
+- ``GET /sessions``: the live sessions as a JSON list;
+- ``DELETE /sessions/<id>``: end one with close code 4002 'token revoked';
+- ``POST /tokens``: issue a token, like ``vncmux token add`` (JSON body: ``host``, ``port``,
+  optional ``ttl``, ``instance_uuid``, ``single_use``, ``max_sessions``, ``password``,
+  ``base_url``); answers 201 with ``token``, ``token_id``, ``access_url``, ``expires_at``;
+- ``DELETE /tokens/<token>``: revoke one, like ``vncmux token revoke TOKEN``;
+- ``DELETE /tokens?instance_uuid=<uuid>``: revoke every token of an instance, like
+  ``vncmux token revoke --instance``.
+
+Revoking also ends this process's sessions of the token at once; other proxies hear it on
+the revocation channel.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from vncmux.cli import DEFAULT_BASE_URL, access_url
+from vncmux.health import answer_later, write_json
+from vncmux.interfaces import ITokenAdmin
+from vncmux.refusals import TOKEN_REVOKED
+from vncmux.tokens import (
+    BadTarget,
+    TokenRecord,
+    TokenStoreUnavailable,
+    UnsupportedOperation,
+    format_target,
+    hash_token,
+    parse_port,
+    parse_target,
+)
+
+if TYPE_CHECKING:
+    from vncmux.relay import Session
+    from vncmux.supervisor import Supervisor
+
+#: Bodies larger than this are refused before parsing.
+MAX_BODY = 64 * 1024
+
+_log = Logger(namespace="vncmux.admin")
+
+
+def read_admin_secret(path: str) -> bytes:
+    """
+    The shared secret in C{path} (its first line, surrounding whitespace removed).
+
+    @raise ValueError: the file cannot be read or holds no secret (the message never
+        contains the file's content).
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.readline().strip()
+    except OSError as e:
+        raise ValueError(f"--admin-token-file {path}: {e.strerror}") from None
+    if not secret:
+        raise ValueError(f"--admin-token-file {path} is empty")
+    return secret
+
+
+class BadRequest(ValueError):
+    """The request body is not what the endpoint takes; the message is shown to the caller."""
+
+
+def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind is not bool:
+        raise BadRequest(f"{name} must not be a boolean")
+    if not isinstance(value, kind):
+        raise BadRequest(f"{name} has the wrong type")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """A checked ``POST /tokens`` body: the same choices as ``vncmux token add``."""
+
+    host: str
+    port: int
+    ttl: float | None = None
+    instance_uuid: str = ""
+    single_use: bool = False
+    max_sessions: int | None = None
+    password: str | None = None
+    base_url: str = DEFAULT_BASE_URL
+
+    @classmethod
+    def from_json(cls, body: object, default_base_url: str = DEFAULT_BASE_URL) -> TokenRequest:
+        """Check a decoded JSON body; L{BadRequest} names the first problem."""
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        unknown = set(body) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
+        host = _field(body, "host", str)
+        if not host or any(c.isspace() for c in host):
+            raise BadRequest("host must be a host name or address")
+        host = host.strip("[]")
+        port_value = _field(body, "port", (int, str))
+        if port_value is None:
+            raise BadRequest("port is required")
+        try:
+            port = parse_port(port_value, "port")
+            parse_target(format_target(host, port))
+        except BadTarget as e:
+            raise BadRequest(str(e)) from None
+        ttl = _field(body, "ttl", (int, float))
+        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+            raise BadRequest("ttl must be a positive number of seconds")
+        instance_uuid = _field(body, "instance_uuid", str) or ""
+        if any(c.isspace() for c in instance_uuid):
+            raise BadRequest("instance_uuid must not contain spaces")
+        max_sessions = _field(body, "max_sessions", int)
+        if max_sessions is not None and max_sessions <= 0:
+            raise BadRequest("max_sessions must be positive")
+        base_url = _field(body, "base_url", str) or default_base_url
+        return cls(
+            host=host,
+            port=port,
+            ttl=float(ttl) if ttl is not None else None,
+            instance_uuid=instance_uuid,
+            single_use=bool(_field(body, "single_use", bool)),
+            max_sessions=max_sessions,
+            password=_field(body, "password", str),
+            base_url=base_url,
+        )
+
+    def record(self, token: str, now: float) -> TokenRecord:
+        """The record ``vncmux token add`` would store for C{token} at C{now}."""
+        return TokenRecord.issued(
+            token,
+            self.host,
+            self.port,
+            now,
+            self.ttl,
+            instance_uuid=self.instance_uuid,
+            access_url=self.base_url,
+            max_sessions=self.max_sessions,
+            single_use=self.single_use,
+            password=self.password,
+        )
+
+
+def session_json(session: Session) -> dict[str, Any]:
+    """One live session for ``GET /sessions``: never its token, only the token_id."""
+    record = session.record
+    return {
+        "session_id": session.id,
+        "client_address": session.client_address,
+        "backend_host": record.host,
+        "backend_port": record.port,
+        "instance_uuid": record.instance_uuid,
+        "token_id": record.token_id,
+        "started_at": session.started_at,
+        "last_activity_at": session.last_activity_at,
+        "bytes_to_backend": session.bytes_to_backend,
+        "bytes_to_client": session.bytes_to_client,
+    }
+
+
+class Guarded(Resource):
+    """A resource that answers only requests carrying ``Authorization: Bearer <secret>``."""
+
+    def __init__(self, secret: bytes) -> None:
+        super().__init__()
+        self._secret = secret
+
+    def render(self, request: Request) -> bytes | int:
+        """401 without a bearer secret, 403 with a wrong one, else the method's answer."""
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
+            request.setHeader(b"www-authenticate", b'Bearer realm="vncmux"')
+            return write_json(request, 401, {"error": "bearer secret required"})
+        if not hmac.compare_digest(given.strip(), self._secret):
+            _log.warn(
+                "admin request from {client} refused: wrong secret",
+                vncmux_event="admin_refused",
+                client=_client(request),
+            )
+            return write_json(request, 403, {"error": "wrong secret"})
+        allowed = {n[len("render_") :] for n in dir(self) if n.startswith("render_")}
+        if "GET" not in allowed:
+            allowed.discard("HEAD")
+        method = request.method.decode("ascii", "replace")
+        if method not in allowed:
+            request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
+            return write_json(request, 405, {"error": "method not allowed"})
+        return getattr(self, "render_" + method)(request)  # type: ignore[no-any-return]
+
+
+def _client(request: Request) -> str:
+    return str(getattr(request.getClientAddress(), "host", "?"))
+
+
+class SessionsPage(Guarded):
+    """``GET /sessions`` and, through its children, ``DELETE /sessions/<id>``."""
+
+    def __init__(self, secret: bytes, supervisor: Supervisor) -> None:
+        super().__init__(secret)
+        self._supervisor = supervisor
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """``/sessions/<id>``; ``/sessions/`` is the list itself."""
+        if path == b"":
+            return self
+        return OneSession(self._secret, self._supervisor, path.decode("ascii", "replace"))
+
+    def render_GET(self, request: Request) -> bytes:
+        """The live sessions, oldest first."""
+        sessions = sorted(self._supervisor.sessions.values(), key=lambda s: s.started_at)
+        return write_json(request, 200, [session_json(s) for s in sessions])
+
+
+class OneSession(Guarded):
+    """``DELETE /sessions/<id>``: end one session with 4002 'token revoked'."""
+
+    isLeaf = True
+
+    def __init__(self, secret: bytes, supervisor: Supervisor, session_id: str) -> None:
+        super().__init__(secret)
+        self._supervisor = supervisor
+        self._session_id = session_id
+
+    def render_GET(self, request: Request) -> bytes:
+        """One session as JSON, or 404."""
+        session = self._supervisor.sessions.get(self._session_id)
+        if session is None:
+            return write_json(request, 404, {"error": "no such session"})
+        return write_json(request, 200, session_json(session))
+
+    def render_DELETE(self, request: Request) -> bytes:
+        """End the session; 404 when it is not live (any more)."""
+        if not self._supervisor.end(self._session_id, TOKEN_REVOKED):
+            return write_json(request, 404, {"error": "no such session"})
+        _log.info(
+            "admin: session {session_id} ended by {client}",
+            vncmux_event="admin_session_ended",
+            session_id=self._session_id,
+            client=_client(request),
+        )
+        return write_json(request, 200, {"ended": self._session_id})
+
+
+class TokensPage(Guarded):
+    """``POST /tokens`` (issue), ``DELETE /tokens?instance_uuid=`` and ``/tokens/<token>``."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        admin: ITokenAdmin | None,
+        supervisor: Supervisor,
+        clock: IReactorTime,
+        base_url: str = DEFAULT_BASE_URL,
+    ) -> None:
+        super().__init__(secret)
+        self._admin = admin
+        self._supervisor = supervisor
+        self._clock = clock
+        self._base_url = base_url
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """``/tokens/<token>``."""
+        if path == b"":
+            return self
+        token = unquote(path.decode("utf-8", "replace"))
+        return OneToken(self._secret, self, token)
+
+    def render_POST(self, request: Request) -> bytes | int:
+        """Issue a token from the JSON body; 201 with the token and its access URL."""
+        if self._admin is None:
+            return _no_admin(request)
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > MAX_BODY:
+            return write_json(request, 413, {"error": "body too large"})
+        try:
+            wanted = TokenRequest.from_json(json.loads(raw or b"null"), self._base_url)
+        except (ValueError, UnicodeDecodeError) as e:  # BadRequest and JSON errors
+            message = str(e) if isinstance(e, BadRequest) else "the body is not valid JSON"
+            return write_json(request, 400, {"error": message})
+        token = secrets.token_urlsafe(32)
+        record = wanted.record(token, self._clock.seconds())
+        issuing = maybeDeferred(self._admin.issue, record, token)
+
+        def issued(_: object) -> tuple[int, object]:
+            _log.info(
+                "admin: token {token_id} issued for {backend} (instance {instance_uuid})",
+                vncmux_event="admin_token_issued",
+                token_id=record.token_id,
+                backend=record.target,
+                instance_uuid=record.instance_uuid,
+                client=_client(request),
+            )
+            return 201, {
+                "token": token,
+                "token_id": record.token_id,
+                "access_url": access_url(wanted.base_url, token),
+                "expires_at": record.expires_at,
+            }
+
+        return answer_later(request, issuing.addCallbacks(issued, _store_failure))
+
+    def render_DELETE(self, request: Request) -> bytes | int:
+        """Revoke every token of ``?instance_uuid=``."""
+        if self._admin is None:
+            return _no_admin(request)
+        values = request.args.get(b"instance_uuid", [])
+        instance = values[0].decode("utf-8", "replace") if values else ""
+        if not instance:
+            return write_json(request, 400, {"error": "DELETE /tokens needs ?instance_uuid="})
+        revoking = maybeDeferred(self._admin.revoke_instance, instance)
+
+        def revoked(count: int) -> tuple[int, object]:
+            ended = self._supervisor.revoked(f"instance:{instance}")
+            _log.info(
+                "admin: {count} tokens of instance {instance_uuid} revoked",
+                vncmux_event="admin_instance_revoked",
+                count=count,
+                instance_uuid=instance,
+                sessions_ended=ended,
+                client=_client(request),
+            )
+            status = 200 if count else 404
+            return status, {"revoked": count, "sessions_ended": ended}
+
+        return answer_later(request, revoking.addCallbacks(revoked, _store_failure))
+
+    def revoke(self, request: Request, token: str) -> bytes | int:
+        """Revoke one token and end this process's sessions of it."""
+        if self._admin is None:
+            return _no_admin(request)
+        token_hash = hash_token(token)
+        revoking = maybeDeferred(self._admin.revoke, token_hash)
+
+        def revoked(found: bool) -> tuple[int, object]:
+            ended = self._supervisor.revoked(token_hash)
+            _log.info(
+                "admin: token {token_id} revoked ({found})",
+                vncmux_event="admin_token_revoked",
+                token_id=token_hash[:12],
+                found="found" if found else "not found",
+                sessions_ended=ended,
+                client=_client(request),
+            )
+            body = {"revoked": bool(found), "token_id": token_hash[:12], "sessions_ended": ended}
+            return (200 if found else 404), body
+
+        return answer_later(request, revoking.addCallbacks(revoked, _store_failure))
+
+
+class OneToken(Guarded):
+    """``DELETE /tokens/<token>``."""
+
+    isLeaf = True
+
+    def __init__(self, secret: bytes, tokens: TokensPage, token: str) -> None:
+        super().__init__(secret)
+        self._tokens = tokens
+        self._token = token
+
+    def render_DELETE(self, request: Request) -> bytes | int:
+        """Revoke the token; 404 when the store did not know it."""
+        return self._tokens.revoke(request, self._token)
+
+
+def _no_admin(request: Request) -> bytes:
+    return write_json(request, 501, {"error": "this token store cannot issue or revoke tokens"})
+
+
+def _store_failure(failure: Failure) -> tuple[int, object]:
+    if failure.check(TokenStoreUnavailable):
+        return 503, {"error": f"token store unavailable: {failure.getErrorMessage()}"}
+    if failure.check(UnsupportedOperation, ValueError):
+        return 400, {"error": failure.getErrorMessage()}
+    return failure  # type: ignore[return-value]  # answer_later logs it and answers 500
+
+
+def admin_resources(
+    secret: bytes,
+    supervisor: Supervisor,
+    store: object,
+    clock: IReactorTime,
+    base_url: str = DEFAULT_BASE_URL,
+) -> dict[bytes, Resource]:
+    """The admin API's top-level resources by path segment, to put on the HTTP root."""
+    admin = ITokenAdmin(store, None)
+    return {
+        b"sessions": SessionsPage(secret, supervisor),
+        b"tokens": TokensPage(secret, admin, supervisor, clock, base_url),
+    }
+
+
+__all__ = [
+    "MAX_BODY",
+    "BadRequest",
+    "OneSession",
+    "OneToken",
+    "SessionsPage",
+    "TokenRequest",
+    "TokensPage",
+    "admin_resources",
+    "read_admin_secret",
+    "session_json",
+]

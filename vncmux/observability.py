@@ -1,0 +1,121 @@
+"""The metrics port: ``/metrics``, ``/healthz``, ``/readyz`` and the admin API, on one Site.
+
+L{build_observability} is the one call ``makeService`` makes; everything here renders on the
+reactor thread (no WSGI, no thread pool) and writes no access log (paths may hold a token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from vncmux.admin import admin_resources, read_admin_secret
+from vncmux.cli import DEFAULT_BASE_URL
+from vncmux.health import READINESS_DEADLINE, Liveness, Readiness, write_json
+from vncmux.interfaces import ITokenStore
+from vncmux.metrics import Metrics, MetricsPage, new_registry
+from vncmux.service import Listener
+
+if TYPE_CHECKING:
+    from vncmux.relay import RelayStats
+    from vncmux.supervisor import Supervisor
+
+#: Idle HTTP connections on the metrics port are closed after this many seconds.
+HTTP_TIMEOUT = 60
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return write_json(request, 404, {"error": "not found"})
+
+
+class Root(Resource):
+    """The top of the metrics port: named children, a JSON 404 for anything else."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """``/`` is this index; unknown paths (and the admin API when it is off) are 404."""
+        return self if path == b"" and not request.postpath else _NotFound()
+
+    def render_GET(self, request: Request) -> bytes:
+        """``/`` lists what this port serves."""
+        return write_json(request, 200, {"paths": sorted("/" + p.decode() for p in self.children)})
+
+
+class QuietSite(Site):
+    """A Site without an access log: a ``DELETE /tokens/<token>`` line would leak the token."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        """No access log."""
+
+
+def build_http_root(
+    metrics: Metrics,
+    readiness: Readiness,
+    admin: dict[bytes, Resource] | None = None,
+    process_metrics: bool = True,
+) -> Root:
+    """The resource tree: ``/metrics``, ``/healthz``, ``/readyz`` and the admin pages."""
+    root = Root()
+    root.putChild(b"metrics", MetricsPage(new_registry(metrics, process=process_metrics)))
+    root.putChild(b"healthz", Liveness())
+    root.putChild(b"readyz", readiness)
+    for name, resource in (admin or {}).items():
+        root.putChild(name, resource)
+    return root
+
+
+def build_observability(
+    endpoint: str | None,
+    reactor: Any,
+    supervisor: Supervisor,
+    store: ITokenStore,
+    relay_stats: RelayStats,
+    listener_up: Callable[[], bool],
+    *,
+    admin_token_file: str | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    readiness_deadline: float = READINESS_DEADLINE,
+    clock: IReactorTime | None = None,
+) -> tuple[Listener | None, Metrics]:
+    """
+    Build the metrics port and the metrics observer.
+
+    @param endpoint: ``--metrics`` (an endpoint string), or C{None} for ``none``.
+    @param reactor: listens on C{endpoint}; also the clock unless C{clock} is given.
+    @param supervisor: its live session table is read at scrape time; the admin API ends
+        sessions through it.
+    @param store: pinged by ``/readyz``; issues and revokes tokens when it is an ITokenAdmin.
+    @param relay_stats: the console factory's L{RelayStats} (C{factory.stats}).
+    @param listener_up: whether the console listener is listening (C{ProxyService.accepting}).
+    @param admin_token_file: ``--admin-token-file``; C{None} leaves the admin API off.
+    @param base_url: the noVNC page that ``POST /tokens`` builds access URLs on.
+    @return: the service to add to the proxy (C{None} when C{endpoint} is C{None}) and the
+        L{Metrics} observer to add to the session observers (it counts either way).
+    @raise ValueError: the admin token file cannot be read or is empty.
+    """
+    clock = clock if clock is not None else reactor
+    metrics = Metrics(supervisor.sessions, relay_stats)
+    if endpoint is None:
+        return None, metrics
+    secret = read_admin_secret(admin_token_file) if admin_token_file else None
+    readiness = Readiness(
+        store, clock, listener_up, metrics.token_store_error, deadline=readiness_deadline
+    )
+    admin = admin_resources(secret, supervisor, store, clock, base_url) if secret else None
+    site = QuietSite(
+        build_http_root(metrics, readiness, admin), timeout=HTTP_TIMEOUT, reactor=reactor
+    )
+    return Listener(endpoint, site, reactor), metrics
+
+
+__all__ = ["QuietSite", "Root", "build_http_root", "build_observability"]
