@@ -1,0 +1,174 @@
+"""The twistd plugin, its options and config file, and the wiring of the services."""
+
+from __future__ import annotations
+
+import configparser
+import os
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from vncmux.service import Listener, ProxyService
+from vncmux.supervisor import Limits, Supervisor
+from vncmux.tap import Options, makeService
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE_INI = os.path.join(ROOT, "etc", "vncmux.ini")
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class PluginTests(SynchronousTestCase):
+    """twistd finds the plugin without importing the server."""
+
+    def test_found(self) -> None:
+        """getPlugins(IServiceMaker) lists vncmux, pointing at vncmux.tap."""
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("vncmux", makers)
+        self.assertIs(makers["vncmux"].options, Options)
+
+
+class OptionsTests(SynchronousTestCase):
+    """Command-line options and their defaults."""
+
+    def test_defaults(self) -> None:
+        """The defaults are the embedded ones: local listener, example token file."""
+        settings = parse().settings()
+        self.assertEqual(settings.listen, "tcp:6080:interface=127.0.0.1")
+        self.assertEqual(settings.tokens, "file:etc/tokens")
+        self.assertEqual(settings.metrics, "tcp:9108:interface=127.0.0.1")
+        self.assertIsNone(settings.web)
+        self.assertEqual(settings.limits, Limits())
+        self.assertEqual(settings.idle_activity, "input")
+
+    def test_longdesc_in_help(self) -> None:
+        """--help explains what the proxy does."""
+        self.assertIn("relays noVNC WebSocket sessions", str(Options()))
+
+    def test_values(self) -> None:
+        """Options are coerced and land in the settings."""
+        settings = parse(
+            "--listen",
+            "tcp:7000",
+            "--idle-timeout",
+            "60",
+            "--max-sessions",
+            "5",
+            "--enforce-expiry",
+            "--allowed-origin",
+            "https://a.example",
+            "--allowed-origin",
+            "https://b.example",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--metrics",
+            "none",
+            "--idle-activity",
+            "any",
+        ).settings()
+        self.assertEqual(settings.listen, "tcp:7000")
+        self.assertEqual(settings.limits.idle_timeout, 60.0)
+        self.assertEqual(settings.limits.max_sessions, 5)
+        self.assertTrue(settings.limits.enforce_expiry)
+        self.assertEqual(settings.allowed_origins, ("https://a.example", "https://b.example"))
+        self.assertEqual([str(n) for n in settings.trusted_proxies], ["10.0.0.0/8"])
+        self.assertIsNone(settings.metrics)
+        self.assertEqual(settings.idle_activity, "any")
+
+    def test_bad_values(self) -> None:
+        """Bad values are usage errors that name the option."""
+        for args in (
+            ["--idle-timeout", "-1"],
+            ["--max-sessions", "many"],
+            ["--trusted-proxy", "10.0.0.0/99"],
+            ["--idle-activity", "sometimes"],
+            ["--connect-timeout", "0"],
+        ):
+            with self.subTest(args=args):
+                self.assertRaises(UsageError, parse, *args)
+
+
+class ConfigFileTests(SynchronousTestCase):
+    """--config FILE: an INI [vncmux] section; the command line wins."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_file_values(self) -> None:
+        """Values, flags and repeatable options come from the file."""
+        path = self.write(
+            "[vncmux]\nlisten = tcp:7001\nidle_timeout = 99\nenforce_expiry = yes\n"
+            "allowed_origin = https://a.example https://b.example\n"
+        )
+        settings = parse("--config", path).settings()
+        self.assertEqual(settings.listen, "tcp:7001")
+        self.assertEqual(settings.limits.idle_timeout, 99.0)
+        self.assertTrue(settings.limits.enforce_expiry)
+        self.assertEqual(settings.allowed_origins, ("https://a.example", "https://b.example"))
+
+    def test_command_line_wins(self) -> None:
+        """An option given on the command line overrides the file."""
+        path = self.write("[vncmux]\nlisten = tcp:7001\nmax_sessions = 3\n")
+        settings = parse("--listen=tcp:7002", "--config", path).settings()
+        self.assertEqual(settings.listen, "tcp:7002")
+        self.assertEqual(settings.limits.max_sessions, 3)
+
+    def test_unknown_option(self) -> None:
+        """A misspelt option in the file is an error, not silently ignored."""
+        path = self.write("[vncmux]\nidle_timout = 5\n")
+        e = self.assertRaises(UsageError, parse, "--config", path)
+        self.assertIn("idle_timout", str(e))
+
+    def test_missing_file(self) -> None:
+        """A missing file is a usage error naming it."""
+        self.assertRaises(UsageError, parse, "--config", "/nonexistent/vncmux.ini")
+
+    def test_example_documents_every_option(self) -> None:
+        """etc/vncmux.ini parses and mentions every option with its default."""
+        parse("--config", EXAMPLE_INI)
+        with open(EXAMPLE_INI) as f:
+            text = f.read()
+        options = Options()
+        names = [p[0] for p in options.optParameters if p[0] != "config"]
+        names += [f[0] for f in options.optFlags] + ["allowed-origin", "trusted-proxy"]
+        for name in names:
+            self.assertIn(f"# {name.replace('-', '_')} =", text, name)
+        configparser.ConfigParser().read(EXAMPLE_INI)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """makeService wires the parts without touching the network."""
+
+    def test_children(self) -> None:
+        """A ProxyService holding the console listener and the supervisor."""
+        tokens = self.mktemp()
+        with open(tokens, "w") as f:
+            f.write("demo: 127.0.0.1:5900\n")
+        reactor = MemoryReactorClock()
+        service = makeService(parse("--tokens", f"file:{tokens}", "--listen", "tcp:6999"), reactor)
+        self.assertIsInstance(service, ProxyService)
+        kinds = {type(child) for child in service}
+        self.assertEqual(kinds, {Listener, Supervisor})
+        service.startService()
+        self.assertEqual(reactor.tcpServers[0][0], 6999)
+        self.successResultOf(service.listener.listening())
+        self.assertTrue(service.accepting)
+        stopping = service.stopService()
+        self.successResultOf(stopping)
+        self.assertFalse(service.accepting)
+
+    def test_bad_token_source(self) -> None:
+        """An unknown --tokens scheme is a usage error."""
+        self.assertRaises(
+            UsageError, makeService, parse("--tokens", "ldap://x"), MemoryReactorClock()
+        )

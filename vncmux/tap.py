@@ -1,0 +1,248 @@
+"""``twistd vncmux``: the command line and the wiring of the services. No logic lives here."""
+
+from __future__ import annotations
+
+import configparser
+import resource
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from vncmux.cli import DEFAULT_BASE_URL
+from vncmux.events import Observers, SessionLog
+from vncmux.handshake import parse_networks
+from vncmux.observability import build_observability
+from vncmux.redisstore import open_token_store
+from vncmux.service import ProxyService, build_console
+from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Settings
+from vncmux.supervisor import Limits
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"{value} is not a positive number of seconds")
+    return number
+
+
+_positive_float.coerceDoc = "Seconds, greater than zero."  # type: ignore[attr-defined]
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
+_seconds.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
+_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _activity(value: str) -> str:
+    if value not in ("input", "any"):
+        raise ValueError(f"{value!r} is neither 'input' nor 'any'")
+    return value
+
+
+class Options(usage.Options):
+    """Options of ``twistd vncmux``; each may also come from ``--config FILE``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "vncmux relays noVNC WebSocket sessions to VNC servers chosen by token. The token "
+        "comes from the 'token' query parameter (or cookie) and is looked up in the token "
+        "store; the client never names a host or port. Every option can also be set in an "
+        "INI file given with --config (section [vncmux], option names without dashes); the "
+        "command line wins over the file."
+    )
+    optParameters: list[list[Any]] = [
+        ["config", None, None, "INI file with a [vncmux] section (see etc/vncmux.ini)."],
+        ["listen", None, DEFAULT_LISTEN, "Endpoint string of the console listener."],
+        ["tokens", None, DEFAULT_TOKENS, "Token store: file:PATH, redis://[:pw@]host:port/db, "
+         "rediss://..., redis+sentinel://h1:p1,h2:p2/master (add ?format=websockify to read "
+         "websockify's raw-token keys)."],
+        ["web", None, None, "Serve the noVNC files in this directory on the listener."],
+        ["metrics", None, DEFAULT_METRICS, "Endpoint of /metrics, /healthz, /readyz and the "
+         "admin API; 'none' disables it."],
+        ["connect-timeout", None, 5.0, "Seconds to connect to a VNC server and read its "
+         "greeting.", _positive_float],
+        ["store-timeout", None, 2.0, "Seconds a token lookup may take.", _positive_float],
+        ["refusal-timeout", None, 5.0, "Seconds a refused client has to answer the RFB "
+         "greeting before it is dropped.", _positive_float],
+        ["idle-timeout", None, 1800.0, "Close a session after this many seconds without user "
+         "activity (4000); 0 disables.", _seconds],
+        ["idle-activity", None, "input", "What counts as activity: 'input' (keyboard, pointer, "
+         "clipboard from the client) or 'any' (every byte either way).", _activity],
+        ["max-session", None, 0.0, "Close a session this many seconds after it opened "
+         "(4001); 0 disables.", _seconds],
+        ["max-sessions", None, 0, "Sessions this process holds at most (4429); 0 unlimited.",
+         _count],
+        ["max-sessions-per-token", None, 0, "Sessions per token unless its record sets "
+         "max_sessions; 0 unlimited.", _count],
+        ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.",
+         _count],
+        ["ping-interval", None, 30.0, "Seconds between WebSocket pings that keep load "
+         "balancers from cutting idle-looking sessions; 0 disables.", _seconds],
+        ["ping-timeout", None, 20.0, "Drop a client (and its backend) that has not answered "
+         "a ping for this many seconds.", _seconds],
+        ["drain-timeout", None, 30.0, "On SIGTERM, seconds live sessions may go on before "
+         "they are closed with 1001.", _seconds],
+        ["flush-interval", None, 10.0, "Seconds between batched writes of last_activity_at "
+         "to the token store.", _positive_float],
+        ["admin-token-file", None, None, "File whose first line is the bearer secret of the "
+         "admin API on the metrics endpoint; without it the admin API is off."],
+        ["base-url", None, DEFAULT_BASE_URL, "noVNC page that access URLs issued by the admin "
+         "API point at."],
+    ]
+    optFlags: list[list[str | None]] = [
+        ["enforce-expiry", None, "Close a session when its token's expires_at passes."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allowed-origin"] = []
+        self["trusted-proxy"] = []
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Also allow this browser Origin (scheme://host[:port], '*' wildcards); repeatable."""
+        self["allowed-origin"].append(origin)
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """Believe X-Forwarded-For/-Proto from peers in this CIDR; repeatable."""
+        try:
+            parse_networks([cidr])
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy {cidr}: {e}") from None
+        self["trusted-proxy"].append(cidr)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Read ``--config`` first, so that the command line overrides the file."""
+        args = list(options if options is not None else [])
+        super().parseOptions(self._config_file_args(args) + args)
+
+    def _config_file_args(self, args: list[str]) -> list[str]:
+        path = _find_config(args)
+        if path is None:
+            return []
+        parser = configparser.ConfigParser()
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except (OSError, configparser.Error) as e:
+            raise usage.UsageError(f"--config {path}: {e}") from None
+        if not parser.has_section("vncmux"):
+            raise usage.UsageError(f"--config {path}: no [vncmux] section")
+        given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+        flags = {flag[0] for flag in getattr(self, "optFlags", [])}
+        known = {p[0] for p in self.optParameters} | {"allowed-origin", "trusted-proxy"} | flags
+        file_args: list[str] = []
+        for name, value in parser.items("vncmux"):
+            option = name.replace("_", "-")
+            if option not in known or option == "config":
+                raise usage.UsageError(f"--config {path}: unknown option {name!r}")
+            if f"--{option}" in given:
+                continue
+            if option in flags:
+                if parser.getboolean("vncmux", name):
+                    file_args.append(f"--{option}")
+                continue
+            for item in value.split() if option in ("allowed-origin", "trusted-proxy") else [value]:
+                file_args.append(f"--{option}={item}")
+        return file_args
+
+    def postOptions(self) -> None:
+        if self["metrics"] in ("none", ""):
+            self["metrics"] = None
+
+    def settings(self) -> Settings:
+        """The frozen settings every session shares."""
+        return Settings(
+            listen=self["listen"],
+            tokens=self["tokens"],
+            web=self["web"],
+            metrics=self["metrics"],
+            connect_timeout=self["connect-timeout"],
+            store_timeout=self["store-timeout"],
+            refusal_timeout=self["refusal-timeout"],
+            allowed_origins=tuple(self["allowed-origin"]),
+            trusted_proxies=parse_networks(self["trusted-proxy"]),
+            idle_activity=self["idle-activity"],
+            drain_timeout=self["drain-timeout"],
+            limits=Limits(
+                idle_timeout=self["idle-timeout"],
+                max_session=self["max-session"],
+                enforce_expiry=bool(self["enforce-expiry"]),
+                max_sessions=self["max-sessions"],
+                max_sessions_per_token=self["max-sessions-per-token"],
+                max_sessions_per_client=self["max-sessions-per-client"],
+                flush_interval=self["flush-interval"],
+                ping_interval=self["ping-interval"],
+                ping_timeout=self["ping-timeout"],
+            ),
+        )
+
+
+def _find_config(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def raise_open_files_limit() -> None:
+    """Each session holds two descriptors: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def makeService(config: Options, reactor: Any = None) -> ProxyService:
+    """Compose the token store, the supervisor and the console listener."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    raise_open_files_limit()
+    settings = config.settings()
+    try:
+        store = open_token_store(
+            settings.tokens, reactor, reply_timeout=settings.store_timeout, reactor=reactor
+        )
+    except ValueError as e:
+        raise usage.UsageError(f"--tokens: {e}") from None
+    observers = Observers([SessionLog()])
+    console = build_console(settings, store, reactor, observers)
+    service = ProxyService(settings, console, reactor)
+    if IService.providedBy(store):
+        service.add(store)
+    try:
+        metrics_service, metrics = build_observability(
+            settings.metrics,
+            reactor,
+            console.supervisor,
+            store,
+            console.factory.stats,
+            lambda: service.accepting,
+            admin_token_file=config["admin-token-file"],
+            base_url=config["base-url"],
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+    observers.add(metrics)
+    if metrics_service is not None:
+        service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
+    return service
