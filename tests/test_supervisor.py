@@ -36,7 +36,9 @@ class FakeBackchannel:
     def __init__(self) -> None:
         self.writes: list[dict[str, float]] = []
         self.on_revoke = None
+        self.on_reconnect = None
         self.pending: Deferred[None] | None = None
+        self.records: dict[str, TokenRecord] = {}
 
     def record_activity(self, updates: dict[str, float]) -> Deferred[None]:
         self.writes.append(dict(updates))
@@ -45,8 +47,13 @@ class FakeBackchannel:
     def claim_use(self, token_hash: str) -> Deferred[bool]:
         return succeed(True)
 
-    def watch_revocations(self, on_revoke) -> None:  # type: ignore[no-untyped-def]
+    def watch_revocations(self, on_revoke, on_reconnect=None) -> Deferred[None]:  # type: ignore[no-untyped-def]
         self.on_revoke = on_revoke
+        self.on_reconnect = on_reconnect
+        return succeed(None)
+
+    def lookup_hash(self, token_hash: str) -> Deferred[TokenRecord | None]:
+        return succeed(self.records.get(token_hash))
 
 
 def record(n: int = 1, **fields: object) -> TokenRecord:
@@ -265,6 +272,16 @@ class RevocationTests(SupervisorTestCase):
         c = self.open(record(3, instance_uuid="u2"))
         self.assertEqual(self.supervisor.revoked("instance:u1"), 2)
         self.assertEqual([a.ending, b.ending, c.ending], [TOKEN_REVOKED, TOKEN_REVOKED, None])
+
+    def test_recheck_after_reconnect(self) -> None:
+        """Revocations missed while the channel was down are found on reconnect: sessions
+        whose records are gone end with 4002, the others go on."""
+        self.make()
+        gone, kept = self.open(record(1)), self.open(record(2))
+        self.backchannel.records = {record(2).token_hash: record(2)}
+        self.successResultOf(self.backchannel.on_reconnect())
+        self.assertIs(gone.ending, TOKEN_REVOKED)
+        self.assertIsNone(kept.ending)
 
 
 class WriteBackTests(SupervisorTestCase):

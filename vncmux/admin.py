@@ -329,10 +329,12 @@ class TokensPage(Guarded):
         instance = values[0].decode("utf-8", "replace") if values else ""
         if not instance:
             return write_json(request, 400, {"error": "DELETE /tokens needs ?instance_uuid="})
+        # This process's sessions end first: the store's own announcement may reach them
+        # before its answer does, and the count below must still include them.
+        ended = self._supervisor.revoked(f"instance:{instance}")
         revoking = maybeDeferred(self._admin.revoke_instance, instance)
 
         def revoked(count: int) -> tuple[int, object]:
-            ended = self._supervisor.revoked(f"instance:{instance}")
             _log.info(
                 "admin: {count} tokens of instance {instance_uuid} revoked",
                 vncmux_event="admin_instance_revoked",
@@ -351,10 +353,10 @@ class TokensPage(Guarded):
         if self._admin is None:
             return _no_admin(request)
         token_hash = hash_token(token)
+        ended = self._supervisor.revoked(token_hash)  # first: see render_DELETE above
         revoking = maybeDeferred(self._admin.revoke, token_hash)
 
         def revoked(found: bool) -> tuple[int, object]:
-            ended = self._supervisor.revoked(token_hash)
             _log.info(
                 "admin: token {token_id} revoked ({found})",
                 vncmux_event="admin_token_revoked",

@@ -75,10 +75,18 @@ class ISessionBackchannel(Interface):
         @return: a Deferred firing with C{True} for the first claim, C{False} after.
         """
 
-    def watch_revocations(on_revoke):  # type: ignore[no-untyped-def]
+    def watch_revocations(on_revoke, on_reconnect=None):  # type: ignore[no-untyped-def]
         """
         Call C{on_revoke(message)} for each message on the revocation channel (a token hash,
-        or C{"instance:<uuid>"}), re-subscribing by itself after a lost connection.
+        or C{"instance:<uuid>"}), re-subscribing by itself after a lost connection. Messages
+        sent while disconnected are missed, so C{on_reconnect()} is called after every
+        re-subscription for the caller to re-check its sessions with L{lookup_hash}.
+        """
+
+    def lookup_hash(token_hash: str):  # type: ignore[no-untyped-def]
+        """
+        @return: a Deferred firing with the record stored under C{token_hash}, or C{None}
+            when it is gone (revoked or expired).
         """
 
 

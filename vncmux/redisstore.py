@@ -554,6 +554,8 @@ class RedisTokenStore(Service):
 
     def lookup_hash(self, token_hash: str) -> Deferred[TokenRecord | None]:
         """Read a record by its hash (native layout): for re-checks by live sessions."""
+        if self.config.websockify_format:
+            return fail(UnsupportedOperation("websockify-format keys are raw tokens, not hashes"))
         return self._run(
             "lookup",
             _about(token_hash),

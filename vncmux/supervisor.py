@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -217,6 +217,30 @@ class Supervisor(Service):
             session.end(TOKEN_REVOKED)
         return len(matches)
 
+    def recheck(self) -> Deferred[None]:
+        """
+        After the revocation channel was re-established (messages sent meanwhile are lost):
+        end the sessions whose token records are gone from the store.
+        """
+        assert self.backchannel is not None
+        checks = []
+        for token_hash in {s.record.token_hash for s in self.sessions.values()}:
+            looking = self.backchannel.lookup_hash(token_hash)
+            looking.addCallback(self._revoke_if_gone, token_hash)
+            checks.append(looking)
+
+        def failed(failure: Failure) -> None:
+            self._log.warn(
+                "could not re-check live sessions: {error}",
+                error=failure.value.subFailure.getErrorMessage(),  # type: ignore[attr-defined]
+            )
+
+        return gatherResults(checks, consumeErrors=True).addCallbacks(lambda _: None, failed)
+
+    def _revoke_if_gone(self, record: TokenRecord | None, token_hash: str) -> None:
+        if record is None:
+            self.revoked(token_hash)
+
     def end(self, session_id: str, ending: Ending) -> bool:
         """End one session by id (the admin API); False when there is no such session."""
         session = self.sessions.get(session_id)
@@ -258,7 +282,7 @@ class Supervisor(Service):
         super().startService()
         self._sweeper.start(self.limits.sweep_interval, now=False)
         if self.backchannel is not None:
-            self.backchannel.watch_revocations(self.revoked)
+            self.backchannel.watch_revocations(self.revoked, self.recheck)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -160,6 +160,8 @@ class LimitTests(TestCase):
         store.add("once", "127.0.0.1", vnc_port, single_use=True)
         first = await connect_client(self, proxy.port, path="/?token=once")
         self.assertEqual(await first.receive(12), GREETING)
+        first.send(b"relayed")  # the fake VNC server echoes: this is a live console
+        self.assertEqual(await first.receive(12 + 7), GREETING + b"relayed")
         self.assertEqual(
             await self._refusal(proxy.port, "/?token=once"), (4403, "token already used")
         )

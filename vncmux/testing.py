@@ -1,0 +1,386 @@
+"""
+Public helpers for tests and benchmarks that run vncmux and VNC servers as real processes.
+
+Every server gets a listening socket that the caller created on a free loopback port and passes
+in, so nothing picks a fixed port and nothing polls for readiness: connections made before the
+server calls ``accept()`` wait in the socket's backlog.
+
+- L{loopback_listener} and L{reserved_port} make the sockets;
+- L{spawn_with_listener} and L{spawn_vncmux} start a program with the listener as its fd 3,
+  the systemd socket-activation convention (``LISTEN_FDS=1``, ``LISTEN_PID``) that Twisted's
+  ``systemd:domain=INET:index=0`` endpoint reads;
+- L{start_xvnc} starts TigerVNC's ``Xvnc`` on a listener (its ``-inetd`` mode accepts a
+  listening socket) and waits for the display number it reports through ``-displayfd``;
+- L{stop_process} ends a process group started by these helpers and reaps it, escalating
+  from SIGTERM to SIGKILL.
+
+This module imports no reactor and nothing outside the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+LOOPBACK = "127.0.0.1"
+SYSTEMD_LISTEN_ENDPOINT = "systemd:domain=INET:index=0"
+
+# Runs in the child between fork and the real program: moves the listener to fd 3 and sets
+# the socket-activation variables with the pid that the program will have after exec.
+# LISTEN_FDNAMES too: systemd sets it since version 227, and Twisted ignores LISTEN_FDS
+# without it.
+_TRAMPOLINE = """\
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDNAMES"] = sys.argv[2]
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+_Output = int | IO[bytes] | None
+
+
+class ProcessStartError(RuntimeError):
+    """A helper process exited or stayed silent instead of reporting that it was ready."""
+
+
+def loopback_listener(backlog: int = 128) -> socket.socket:
+    """A TCP socket listening on a free port of 127.0.0.1; its port is C{getsockname()[1]}."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reserved_port() -> socket.socket:
+    """
+    A socket bound to a free port of 127.0.0.1 that does not listen.
+
+    While it stays open no other program can take the port and every connection to it is
+    refused at once: a backend that is down, without any race.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    """The local port of a bound socket."""
+    return int(sock.getsockname()[1])
+
+
+def is_listening(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a TCP connection to C{host:port} is accepted (the connection is closed again)."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
+def spawn_with_listener(
+    argv: Sequence[str],
+    listener: socket.socket,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdout: _Output = None,
+    stderr: _Output = None,
+    name: str = "listener",
+) -> subprocess.Popen[bytes]:
+    """
+    Start C{argv} with C{listener} as its fd 3, announced as systemd does it: C{LISTEN_FDS=1},
+    C{LISTEN_PID} (the program's pid) and C{LISTEN_FDNAMES=name}.
+
+    The process gets its own session (so L{stop_process} can end it with everything it forked),
+    no standard input, and no other inherited descriptor. The caller may close its own copy of
+    C{listener} as soon as this returns.
+    """
+    fd = listener.fileno()
+    return subprocess.Popen(
+        [sys.executable, "-I", "-c", _TRAMPOLINE, str(fd), name, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        env=dict(os.environ if env is None else env),
+        cwd=cwd,
+        pass_fds=(fd,),
+        start_new_session=True,
+    )
+
+
+def twistd_command() -> list[str]:
+    """The C{twistd} beside the running interpreter (a virtualenv's), else the one on C{PATH}."""
+    local = Path(sys.executable).parent / "twistd"
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("twistd")
+    if found is None:
+        raise FileNotFoundError("twistd is not installed (pip install Twisted)")
+    return [found]
+
+
+def spawn_vncmux(
+    args: Sequence[str],
+    listener: socket.socket,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdout: _Output = None,
+    stderr: _Output = None,
+) -> subprocess.Popen[bytes]:
+    """
+    Run C{twistd -n --pidfile= vncmux --listen systemd:domain=INET:index=0 ARGS...}, serving
+    on C{listener}.
+
+    Connections to the listener wait in its backlog until vncmux accepts them, so the caller
+    needs no readiness check: the first request is answered once the proxy is up.
+    """
+    argv = [*twistd_command(), "-n", "--pidfile=", "vncmux", "--listen", SYSTEMD_LISTEN_ENDPOINT]
+    return spawn_with_listener(
+        [*argv, *args], listener, env=env, cwd=cwd, stdout=stdout, stderr=stderr
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """
+    End a process started in its own session by these helpers, and reap it.
+
+    SIGTERM goes to its whole process group; after C{timeout} seconds SIGKILL follows. Any
+    member of the group still alive once the leader is reaped (a forked worker) gets SIGKILL.
+    @return: the leader's exit status (negative: the signal that ended it).
+    """
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only then
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+    _signal_group(proc.pid, signal.SIGKILL)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return int(proc.returncode)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The pids of live (not zombie) processes in process group C{pgid}, read from C{/proc}."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(entry)
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of the live (not zombie) descendants of process C{pid}, read from C{/proc}."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(entry)
+        if fields is not None and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    """Fields 3 onwards of C{/proc/PID/stat} (state, ppid, pgrp, ...), or C{None} if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces: split after its last ')'.
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+@dataclass
+class Xvnc:
+    """A running TigerVNC server: its process, X display number and RFB port on 127.0.0.1."""
+
+    process: subprocess.Popen[bytes]
+    display: int
+    port: int
+    password: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def display_name(self) -> str:
+        """The value of C{DISPLAY} for X clients of this server."""
+        return f":{self.display}"
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """An environment for X clients of this server (C{DISPLAY} set, C{XAUTHORITY} unset)."""
+        env = dict(os.environ if base is None else base)
+        env["DISPLAY"] = self.display_name
+        env.pop("XAUTHORITY", None)
+        return env
+
+    def x_files(self) -> list[Path]:
+        """The lock file and socket the X server keeps under /tmp for its display."""
+        return [Path(f"/tmp/.X{self.display}-lock"), Path(f"/tmp/.X11-unix/X{self.display}")]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """
+        Stop the server and reap it. A server that had to be killed cannot remove its own X
+        lock file and socket, so they are removed here.
+        """
+        status = stop_process(self.process, timeout)
+        if status == -signal.SIGKILL:
+            for path in self.x_files():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def start_xvnc(
+    workdir: Path,
+    *,
+    password: str | None = None,
+    geometry: str = "640x400",
+    desktop: str = "vncmux",
+    extra_args: Sequence[str] = (),
+    timeout: float = 10.0,
+) -> Xvnc:
+    """
+    Start TigerVNC's C{Xvnc} serving RFB on a fresh loopback listener, with no authentication
+    or, given C{password}, VNC authentication (password file made by C{vncpasswd -f} in
+    C{workdir}).
+
+    Xvnc takes the listening socket as its standard input (C{-inetd}) and picks a free X
+    display itself, which it writes to a pipe once it is ready (C{-displayfd}); this returns
+    then, or raises L{ProcessStartError} after C{timeout} seconds.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    if password is None:
+        security = ["-SecurityTypes", "None"]
+    else:
+        password_file = workdir / f"passwd-{os.getpid()}-{time.monotonic_ns()}"
+        encoded = subprocess.run(
+            ["vncpasswd", "-f"],
+            input=password.encode() + b"\n",
+            capture_output=True,
+            check=True,
+            timeout=timeout,
+        ).stdout
+        password_file.write_bytes(encoded)
+        password_file.chmod(0o600)
+        files.append(password_file)
+        security = ["-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file)]
+
+    read_end, write_end = os.pipe()
+    # Xvnc's -inetd moves its standard input to fd 3: keep the display pipe well above that.
+    high_write_end = fcntl.fcntl(write_end, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(write_end)
+    listener = loopback_listener()
+    port = port_of(listener)
+    try:
+        argv = [
+            "Xvnc",
+            "-displayfd",
+            str(high_write_end),
+            "-geometry",
+            geometry,
+            "-depth",
+            "24",
+            "-desktop",
+            desktop,
+            *security,
+            *extra_args,
+            "-inetd",
+        ]
+        process = subprocess.Popen(
+            argv,
+            stdin=listener,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(high_write_end,),
+            start_new_session=True,
+        )
+    finally:
+        os.close(high_write_end)
+        listener.close()
+    try:
+        display = int(_read_line(read_end, timeout, process, "Xvnc"))
+    except BaseException:
+        stop_process(process)
+        raise
+    finally:
+        os.close(read_end)
+    return Xvnc(process, display, port, password, files)
+
+
+def _read_line(fd: int, timeout: float, process: subprocess.Popen[bytes], what: str) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+        if not ready:
+            raise ProcessStartError(f"{what} reported nothing within {timeout} s")
+        chunk = os.read(fd, 64)
+        if not chunk:
+            raise ProcessStartError(
+                f"{what} exited with status {process.wait(timeout)} before it was ready"
+            )
+        data += chunk
+    return data.decode("ascii").strip()
+
+
+__all__ = [
+    "LOOPBACK",
+    "SYSTEMD_LISTEN_ENDPOINT",
+    "ProcessStartError",
+    "Xvnc",
+    "descendants",
+    "group_members",
+    "is_listening",
+    "loopback_listener",
+    "port_of",
+    "reserved_port",
+    "spawn_vncmux",
+    "spawn_with_listener",
+    "start_xvnc",
+    "stop_process",
+    "twistd_command",
+]
