@@ -7,8 +7,8 @@ server calls ``accept()`` wait in the socket's backlog.
 
 - L{loopback_listener} and L{reserved_port} make the sockets;
 - L{spawn_with_listener} and L{spawn_vncmux} start a program with the listener as its fd 3,
-  the systemd socket-activation convention (``LISTEN_FDS=1``, ``LISTEN_PID``) that Twisted's
-  ``systemd:domain=INET:index=0`` endpoint reads;
+  the systemd socket-activation convention (``LISTEN_FDS=1``, ``LISTEN_PID``,
+  ``LISTEN_FDNAMES``) that Twisted's ``systemd:domain=INET:index=0`` endpoint reads;
 - L{start_xvnc} starts TigerVNC's ``Xvnc`` on a listener (its ``-inetd`` mode accepts a
   listening socket) and waits for the display number it reports through ``-displayfd``;
 - L{stop_process} ends a process group started by these helpers and reaps it, escalating
@@ -37,23 +37,35 @@ from typing import IO
 LOOPBACK = "127.0.0.1"
 SYSTEMD_LISTEN_ENDPOINT = "systemd:domain=INET:index=0"
 
-# Runs in the child between fork and the real program: moves the listener to fd 3 and sets
-# the socket-activation variables with the pid that the program will have after exec.
-# LISTEN_FDNAMES too: systemd sets it since version 227, and Twisted ignores LISTEN_FDS
-# without it.
+# Runs in the child between fork and the real program (same pid after the exec):
+# - asks the kernel for SIGTERM when the process that spawned it dies, so nothing outlives a
+#   test run that was killed (prctl PR_SET_PDEATHSIG survives exec), and gives up at once if
+#   that process is already gone;
+# - with a listener: moves it to fd 3 and sets systemd's socket-activation variables, with
+#   LISTEN_FDNAMES as well (systemd sets it since version 227; Twisted ignores LISTEN_FDS
+#   without it).
 _TRAMPOLINE = """\
 import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ["LISTEN_FDS"] = "1"
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDNAMES"] = sys.argv[2]
-os.execvp(sys.argv[3], sys.argv[3:])
+parent, fd, name, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 15, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(70)
+if fd >= 0:
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDNAMES"] = name
+os.execvp(argv[0], argv)
 """
 
 _Output = int | IO[bytes] | None
+_Input = int | IO[bytes] | socket.socket | None
 
 
 class ProcessStartError(RuntimeError):
@@ -102,6 +114,46 @@ def is_listening(port: int, host: str = LOOPBACK) -> bool:
         return False
 
 
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: _Input = subprocess.DEVNULL,
+    stdout: _Output = None,
+    stderr: _Output = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    pass_fds: Sequence[int] = (),
+    listener: socket.socket | None = None,
+    listener_name: str = "listener",
+) -> subprocess.Popen[bytes]:
+    """
+    Start C{argv} in a session of its own (so L{stop_process} ends it with everything it
+    forked), with no inherited descriptor but the standard ones and C{pass_fds}. It gets
+    SIGTERM if the calling thread dies first (Linux's parent-death signal follows the thread
+    that forked: spawn long-lived processes from the main thread).
+
+    With C{listener}, the socket becomes the program's fd 3, announced as systemd does it:
+    C{LISTEN_FDS=1}, C{LISTEN_PID} (the program's pid) and C{LISTEN_FDNAMES=listener_name}.
+    The caller may close its own copy of the listener as soon as this returns.
+    """
+    fds = list(pass_fds)
+    fd = -1
+    if listener is not None:
+        fd = listener.fileno()
+        fds.append(fd)
+    trampoline = [sys.executable, "-I", "-c", _TRAMPOLINE, str(os.getpid()), str(fd)]
+    return subprocess.Popen(
+        [*trampoline, listener_name, *argv],
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env=dict(os.environ if env is None else env),
+        cwd=cwd,
+        pass_fds=fds,
+        start_new_session=True,
+    )
+
+
 def spawn_with_listener(
     argv: Sequence[str],
     listener: socket.socket,
@@ -112,24 +164,15 @@ def spawn_with_listener(
     stderr: _Output = None,
     name: str = "listener",
 ) -> subprocess.Popen[bytes]:
-    """
-    Start C{argv} with C{listener} as its fd 3, announced as systemd does it: C{LISTEN_FDS=1},
-    C{LISTEN_PID} (the program's pid) and C{LISTEN_FDNAMES=name}.
-
-    The process gets its own session (so L{stop_process} can end it with everything it forked),
-    no standard input, and no other inherited descriptor. The caller may close its own copy of
-    C{listener} as soon as this returns.
-    """
-    fd = listener.fileno()
-    return subprocess.Popen(
-        [sys.executable, "-I", "-c", _TRAMPOLINE, str(fd), name, *argv],
-        stdin=subprocess.DEVNULL,
+    """L{spawn} C{argv} with C{listener} as its fd 3 (systemd socket activation)."""
+    return spawn(
+        argv,
         stdout=stdout,
         stderr=stderr,
-        env=dict(os.environ if env is None else env),
+        env=env,
         cwd=cwd,
-        pass_fds=(fd,),
-        start_new_session=True,
+        listener=listener,
+        listener_name=name,
     )
 
 
@@ -329,13 +372,12 @@ def start_xvnc(
             *extra_args,
             "-inetd",
         ]
-        process = subprocess.Popen(
+        process = spawn(
             argv,
             stdin=listener,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(high_write_end,),
-            start_new_session=True,
         )
     finally:
         os.close(high_write_end)
@@ -378,6 +420,7 @@ __all__ = [
     "loopback_listener",
     "port_of",
     "reserved_port",
+    "spawn",
     "spawn_vncmux",
     "spawn_with_listener",
     "start_xvnc",
