@@ -289,10 +289,13 @@ class WriteBackTests(SupervisorTestCase):
 
     def test_one_batch_per_interval(self) -> None:
         """Many sessions and many packets make one write per interval, newest stamp per
-        token, and only tokens that saw input since the last flush."""
+        token, and only for tokens that saw input (or a new session) since the last flush."""
         self.make(idle_timeout=0, flush_interval=10)
         a1, a2 = self.open(record(1)), self.open(record(1))
         b, quiet = self.open(record(2)), self.open(record(3))
+        self.clock.pump([1.0] * 10)
+        opened = {record(n).token_hash: 1000.0 for n in (1, 2, 3)}
+        self.assertEqual(self.backchannel.writes, [opened])
         self.clock.advance(3)
         a1.from_client(POINTER * 50)
         b.from_client(POINTER)
@@ -300,11 +303,31 @@ class WriteBackTests(SupervisorTestCase):
         a2.from_client(POINTER)
         self.clock.pump([1.0] * 4)
         self.assertEqual(
-            self.backchannel.writes, [{record(1).token_hash: 1006.0, record(2).token_hash: 1003.0}]
+            self.backchannel.writes[1:],
+            [{record(1).token_hash: 1016.0, record(2).token_hash: 1013.0}],
         )
         self.clock.pump([1.0] * 10)
-        self.assertEqual(len(self.backchannel.writes), 1, "nothing new, nothing written")
-        del quiet
+        self.assertEqual(len(self.backchannel.writes), 2, "nothing new, nothing written")
+        self.assertIsNone(quiet.ending)
+
+    def test_input_right_after_a_flush(self) -> None:
+        """Input stamped with the very sweep time of the last flush still goes out next."""
+        self.make(idle_timeout=0, flush_interval=10)
+        session = self.open()
+        self.clock.pump([1.0] * 10)
+        session.from_client(POINTER)  # stamped 1010, the time of the flush just made
+        self.clock.pump([1.0] * 10)
+        self.assertEqual(self.backchannel.writes[-1], {record().token_hash: 1010.0})
+
+    def test_ended_sessions_flushed(self) -> None:
+        """A session that ended between flushes still has its last input written."""
+        self.make(idle_timeout=0, flush_interval=10)
+        session = self.open()
+        self.clock.pump([1.0] * 12)
+        session.from_client(POINTER)
+        session.end(IDLE_TIMEOUT)
+        self.successResultOf(self.supervisor.stopService())
+        self.assertEqual(self.backchannel.writes[-1], {record().token_hash: 1012.0})
 
     def test_failed_flush_is_retried(self) -> None:
         """A failed write keeps the activity for the next flush."""

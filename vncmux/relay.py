@@ -110,7 +110,8 @@ class Session:
         self.client = client
         self.backend = backend
         self.started_at = now
-        self.last_activity_at = now
+        #: On the supervisor's coarse clock, like every later stamp, so it never goes back.
+        self.last_activity_at = registry.now
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
         self.ending: Ending | None = None

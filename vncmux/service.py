@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
@@ -130,9 +130,16 @@ class ProxyService(MultiService):
         grace = self.settings.drain_timeout
         close_timeout = self.settings.close_timeout + 1.0
         stopping.addCallback(lambda _: self.console.supervisor.drain(grace, close_timeout))
-        stopping.addCallback(lambda _: self._stop_the_rest())
+        stopping.addCallback(lambda _: Deferred.fromCoroutine(self._stop_the_rest()))
         return stopping
 
-    def _stop_the_rest(self) -> Deferred[Any]:
+    async def _stop_the_rest(self) -> None:
+        """The supervisor first (it writes the last activity back to the store), then the
+        others in reverse order, each after the previous one has stopped."""
         rest = [s for s in reversed(list(self)) if s is not self.listener and s.running]
-        return gatherResults([maybeDeferred(s.stopService) for s in rest], consumeErrors=True)
+        rest.sort(key=lambda s: s is not self.console.supervisor)
+        for service in rest:
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                self._log.failure("stopping {service} failed", service=service)

@@ -84,6 +84,8 @@ class Supervisor(Service):
         self._sweeper.clock = clock
         self._flushing: Deferred[None] | None = None
         self._drain_waiters: list[Deferred[None]] = []
+        #: Activity of sessions that ended since the last flush, newest per token.
+        self._ended_activity: dict[str, float] = {}
         self.connections = ConnectionTracker()
 
     # -- admission -------------------------------------------------------------------------
@@ -131,6 +133,10 @@ class Supervisor(Service):
         if self.sessions.pop(session.id, None) is None:
             return
         self.release(session.record, session.client_address)
+        if session.last_activity_at >= self._flushed_at:
+            token_hash = session.record.token_hash
+            stamp = max(session.last_activity_at, self._ended_activity.get(token_hash, 0.0))
+            self._ended_activity[token_hash] = stamp
         self.observer.session_closed(session, self.clock.seconds() - session.started_at)
         if not self.sessions and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
@@ -182,10 +188,12 @@ class Supervisor(Service):
         if self.backchannel is None or self._flushing is not None:
             return succeed(None)
         since, self._flushed_at = self._flushed_at, self.now
-        updates: dict[str, float] = {}
+        updates, self._ended_activity = self._ended_activity, {}
         for session in self.sessions.values():
             stamp = session.last_activity_at
-            if stamp > since and stamp > updates.get(session.record.token_hash, 0.0):
+            # Input is stamped with the sweep's time, so input that arrived after the last
+            # flush (made in the same sweep) carries exactly C{since}: include it.
+            if stamp >= since and stamp > updates.get(session.record.token_hash, 0.0):
                 updates[session.record.token_hash] = stamp
         if not updates:
             return succeed(None)
@@ -195,6 +203,9 @@ class Supervisor(Service):
             self._flushing = None
             if isinstance(result, Failure):
                 self._flushed_at = min(self._flushed_at, since)
+                for token_hash, stamp in updates.items():
+                    if stamp > self._ended_activity.get(token_hash, 0.0):
+                        self._ended_activity[token_hash] = stamp
                 self._log.warn(
                     "could not write activity of {n} tokens back: {error}",
                     n=len(updates),
@@ -285,9 +296,13 @@ class Supervisor(Service):
             self.backchannel.watch_revocations(self.revoked, self.recheck)
 
     def stopService(self) -> Deferred[None]:
+        """Stop sweeping, then write the last activity back (after a flush in flight)."""
         super().stopService()
         if self._sweeper.running:
             self._sweeper.stop()
+        self.now = self.clock.seconds()
+        if self._flushing is not None:
+            return self._flushing.addCallback(lambda _: self.flush_activity())
         return self.flush_activity()
 
 

@@ -86,7 +86,6 @@ class ConsoleProtocol(WebSocketServerProtocol):
     _admission: Deferred[tuple[TokenRecord, BackendProtocol]] | None = None
     _backend: BackendProtocol | None = None
     _refusal: Refusal | None = None
-    _refusal_detail = ""
     _refuser: RefusingServer | None = None
     _refusal_timer: IDelayedCall | None = None
     _gone = False
@@ -181,7 +180,6 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def _refuse(self, refusal: Refusal, detail: str) -> None:
         self._refusal = refusal
-        self._refusal_detail = detail
         self._report_refusal(refusal, detail)
 
     def _report_refusal(self, refusal: Refusal, detail: str) -> None:
@@ -313,7 +311,6 @@ class ConsoleFactory(WebSocketServerFactory):
             openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=settings.close_timeout,
             failByDrop=False,
-            # autobahn would echo the close code of an unknown-reason drop; we set ours.
             autoFragmentSize=0,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,

@@ -134,10 +134,26 @@ class RefusalTests(TestCase):
 
     @deferred_test
     async def test_unknown_token(self) -> None:
-        """An unknown token gets 'invalid token' as RFB failure and close code 4401."""
-        answer, closed = await self._refused("/websockify?token=nope")
+        """An unknown token gets 'invalid token' as RFB failure and close code 4401, and no
+        VNC server is contacted."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        store = MemoryTokenStore()
+        store.add("good", "127.0.0.1", vnc_port)
+        answer, closed = await self._refused("/websockify?token=nope", store)
         self.assertEqual(answer, rfb_failure(b"invalid token"))
         self.assertEqual(closed, (4401, "invalid token"))
+        self.assertEqual(vnc.connections, [])
+
+    @deferred_test
+    async def test_silent_client_dropped(self) -> None:
+        """A refused client that never answers the RFB greeting is dropped after the
+        refusal timeout, leaving no connection and no timer behind."""
+        proxy = await listen_proxy(self, MemoryTokenStore(), refusal_timeout=0.2)
+        client = await connect_client(self, proxy.port, path="/?token=nope")
+        self.assertEqual(await client.receive(12), GREETING)
+        code, _ = await client.closed
+        self.assertEqual(code, 1006)
+        await proxy.supervisor.connections.all_closed()
 
     @deferred_test
     async def test_no_token(self) -> None:

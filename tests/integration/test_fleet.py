@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from tests.redis_server import start_redis
 from tests.support import GREETING, ClientState, connect_client, listen_fake_vnc
 from vncmux.testing import loopback_listener, port_of, spawn_vncmux, stop_process
+from vncmux.tokens import hash_token
 
 VNCMUX_CLI = str(Path(sys.executable).parent / "vncmux")
 
@@ -46,14 +47,14 @@ class FleetRevocationTests(TestCase):
         )
         return out.split("token: ", 1)[1].split()[0]
 
-    def start_proxy(self) -> int:
+    def start_proxy(self, *args: str) -> int:
         """A `twistd -n vncmux` process on its own listener, stopped on cleanup."""
         listener = loopback_listener()
-        proc = spawn_vncmux(
-            ["--tokens", self.redis.url(), "--metrics", "none", "--idle-timeout", "0"],
+        self.proc = spawn_vncmux(
+            ["--tokens", self.redis.url(), "--metrics", "none", "--idle-timeout", "0", *args],
             listener,
         )
-        self.addCleanup(stop_process, proc)
+        self.addCleanup(stop_process, self.proc)
         port = port_of(listener)
         listener.close()
         return port
@@ -99,3 +100,35 @@ class FleetRevocationTests(TestCase):
         # revocation channel was down meanwhile. The proxy notices once it re-subscribes.
         self.redis.restart()
         self.assertEqual(await b1.closed, (4002, "token revoked"))
+
+
+class ActivityWriteBackTests(TestCase):
+    """last_activity_at reaches the token record, where other proxies and restarts see it."""
+
+    timeout = 60
+    cli = FleetRevocationTests.cli
+    add_token = FleetRevocationTests.add_token
+    start_proxy = FleetRevocationTests.start_proxy
+
+    def test_input_written_back(self) -> None:
+        """User input on a session is in the Redis record once the proxy has stopped."""
+        return ensureDeferred(self._write_back())
+
+    async def _write_back(self) -> None:
+        self.redis = start_redis(self)
+        vnc, vnc_port = await listen_fake_vnc(self)
+        token = await self.add_token(vnc_port, "instance-a")
+        port = self.start_proxy("--drain-timeout", "0")
+        client = await connect_client(self, port, path=f"/websockify?token={token}")
+        await client.receive(12)
+        client.send(b"RFB 003.008\n\x01\x01")  # version, security None, ClientInit
+        client.send(b"\x05\x00\x00\x10\x00\x10")  # a PointerEvent: user input
+        await client.receive(12 + 14 + 6)
+        typed_at = reactor.seconds()
+        assert client.client is not None
+        client.client.sendClose(1000)
+        await client.closed
+        stop_process(self.proc)  # SIGTERM: drain, write activity back, exit
+        stamp = self.redis.client().hget(f"vncmux:token:{hash_token(token)}", "last_activity_at")
+        self.assertIsNotNone(stamp, "no last_activity_at in the record")
+        self.assertLess(abs(float(stamp) - typed_at), 2.0)
