@@ -1,0 +1,267 @@
+"""
+A fast fake VNC server for the benchmarks: one process, one mode, one listening port.
+
+Every connection gets ``RFB 003.008\\n`` at once, then a minimal RFB 3.8 handshake
+(security type None, ClientInit, ServerInit) so that a proxy that watches the RFB stream
+sees a well-formed session. After the handshake the mode decides:
+
+- ``echo``: every byte from the client is written back unchanged;
+- ``sink``: client messages are parsed by length and discarded; each KeyEvent is answered
+  with one Bell byte, which the client uses as an end-of-upload acknowledgement;
+- ``blast``: ``--blast-bytes`` bytes are sent in 64 KiB chunks (flow-controlled), then
+  input is discarded until the client leaves.
+
+The chosen port is printed as ``PORT <n>`` on stdout once listening (``--port 0`` is the
+default, so there is no free-port race). Runs until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import signal
+import socket
+import struct
+import sys
+
+GREETING = b"RFB 003.008\n"
+SECURITY_TYPES = b"\x01\x01"  # one type offered: None
+SECURITY_OK = b"\x00\x00\x00\x00"
+NAME = b"vncmux-bench"
+# width, height, pixel format (32 bpp, depth 24, little endian, true colour), name
+SERVER_INIT = (
+    struct.pack(">HH", 1024, 768)
+    + struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+    + struct.pack(">I", len(NAME))
+    + NAME
+)
+BELL = b"\x02"
+CHUNK = 64 * 1024
+BLAST_CHUNK = bytes(range(256)) * (CHUNK // 256)
+
+# Bytes needed to learn a client message's length, by message type (RFB 3.8 §7.5).
+_HEADER_NEED = {0: 20, 2: 4, 3: 10, 4: 8, 5: 6, 6: 8}
+
+# One receive buffer shared by every connection: buffer_updated() consumes it synchronously
+# before the loop asks for a buffer again, so thousands of idle sessions cost no buffer each.
+_SHARED = bytearray(256 * 1024)
+_SHARED_VIEW = memoryview(_SHARED)
+
+_V_VERSION, _V_SECTYPE, _V_CLIENTINIT, _V_RUNNING = range(4)
+
+
+class Counters:
+    """Totals for one backend process (printed on exit)."""
+
+    __slots__ = ("accepted", "bytes_in", "bytes_out", "protocol_errors")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.protocol_errors = 0
+
+
+class RfbBackend(asyncio.BufferedProtocol):
+    """One fake-VNC connection; see the module docstring for the modes."""
+
+    __slots__ = (
+        "_mode",
+        "_blast_left",
+        "_counters",
+        "_hdr",
+        "_paused",
+        "_skip",
+        "_state",
+        "_transport",
+    )
+
+    def __init__(self, mode: str, blast_bytes: int, counters: Counters) -> None:
+        self._mode = mode
+        self._blast_left = blast_bytes
+        self._counters = counters
+        self._hdr = bytearray()
+        self._paused = False
+        self._skip = 0
+        self._state = _V_VERSION
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send the RFB greeting at once."""
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._counters.accepted += 1
+        transport.write(GREETING)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The shared receive buffer."""
+        return _SHARED_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Handle ``nbytes`` fresh bytes at the start of the shared buffer."""
+        self._counters.bytes_in += nbytes
+        if self._state == _V_RUNNING:
+            self._running(_SHARED_VIEW[:nbytes])
+        else:
+            self._handshake(_SHARED_VIEW[:nbytes])
+
+    def _handshake(self, data: memoryview) -> None:
+        hdr = self._hdr
+        i, n = 0, len(data)
+        transport = self._transport
+        assert transport is not None
+        while i < n and self._state != _V_RUNNING:
+            need = 12 if self._state == _V_VERSION else 1
+            take = min(need - len(hdr), n - i)
+            hdr += data[i : i + take]
+            i += take
+            if len(hdr) < need:
+                return
+            if self._state == _V_VERSION:
+                if not hdr.startswith(b"RFB 003."):
+                    self._protocol_error()
+                    return
+                transport.write(SECURITY_TYPES)
+                self._state = _V_SECTYPE
+            elif self._state == _V_SECTYPE:
+                if hdr[0] != 1:
+                    self._protocol_error()
+                    return
+                transport.write(SECURITY_OK)
+                self._state = _V_CLIENTINIT
+            else:
+                transport.write(SERVER_INIT)
+                self._state = _V_RUNNING
+                if self._mode == "blast":
+                    self._pump()
+            hdr.clear()
+        if i < n:
+            self._running(data[i:])
+
+    def _running(self, data: memoryview) -> None:
+        mode = self._mode
+        if mode == "echo":
+            assert self._transport is not None
+            self._counters.bytes_out += len(data)
+            self._transport.write(bytes(data))
+        elif mode == "sink":
+            self._sink(data)
+        # blast: input after the handshake is ignored
+
+    def _sink(self, data: memoryview) -> None:
+        """Skip client messages by their declared lengths; answer KeyEvent with Bell."""
+        n = len(data)
+        skip = self._skip
+        if skip >= n:  # the fast path: the middle of a large ClientCutText
+            self._skip = skip - n
+            return
+        i = skip
+        self._skip = 0
+        hdr = self._hdr
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+                continue
+            mtype = data[i] if not hdr else hdr[0]
+            need = _HEADER_NEED.get(mtype)
+            if need is None:
+                self._protocol_error()
+                return
+            take = min(need - len(hdr), n - i)
+            hdr += data[i : i + take]
+            i += take
+            if len(hdr) < need:
+                return
+            if mtype == 6:
+                self._skip = struct.unpack_from(">I", hdr, 4)[0]
+            elif mtype == 2:
+                self._skip = 4 * struct.unpack_from(">H", hdr, 2)[0]
+            elif mtype == 4:
+                assert self._transport is not None
+                self._transport.write(BELL)
+            hdr.clear()
+
+    def _pump(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        counters = self._counters
+        while self._blast_left > 0 and not self._paused:
+            chunk = BLAST_CHUNK if self._blast_left >= CHUNK else BLAST_CHUNK[: self._blast_left]
+            transport.write(chunk)
+            self._blast_left -= len(chunk)
+            counters.bytes_out += len(chunk)
+
+    def pause_writing(self) -> None:
+        """The transport buffer is full: stop blasting."""
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """The transport buffer drained: blast on."""
+        self._paused = False
+        if self._state == _V_RUNNING and self._mode == "blast":
+            self._pump()
+
+    def _protocol_error(self) -> None:
+        self._counters.protocol_errors += 1
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Drop the transport reference."""
+        self._transport = None
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def serve(host: str, port: int, mode: str, blast_bytes: int) -> Counters:
+    """Listen until SIGTERM or SIGINT; return the counters."""
+    loop = asyncio.get_running_loop()
+    counters = Counters()
+    server = await loop.create_server(
+        lambda: RfbBackend(mode, blast_bytes, counters),
+        host,
+        port,
+        backlog=1024,
+        reuse_address=True,
+    )
+    sock: socket.socket = server.sockets[0]
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    return counters
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--mode", choices=("echo", "sink", "blast"), required=True)
+    parser.add_argument("--blast-bytes", type=int, default=64 * 1024 * 1024)
+    args = parser.parse_args(argv)
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        parser.error("the benchmark backend only listens on loopback")
+    raise_nofile()
+    counters = asyncio.run(serve(args.host, args.port, args.mode, args.blast_bytes))
+    print(
+        f"accepted={counters.accepted} in={counters.bytes_in} out={counters.bytes_out} "
+        f"protocol_errors={counters.protocol_errors}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1157 @@
+"""
+Side-by-side benchmark of vncmux and websockify on loopback.
+
+Starts fake VNC backends (``backend.py``, one process per mode and instance), one token file
+that both proxies read, ``--proxies K`` vncmux processes and K websockify processes (each in
+its own process group, on free loopback ports), then runs every scenario for both proxies in
+alternating order (A B, B A, A B, ...) for ``--rounds`` rounds. The load comes from
+``client.py`` in separate processes. Proxy CPU time is read from /proc around each run (for
+websockify's forked children: the parent's cutime/cstime after it reaped them, see
+``ProxyInstance.cpu``). Prints a table and writes ``benchmarks/results/latest.json``.
+
+    .venv/bin/python benchmarks/run.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+PROXIES = ("vncmux", "websockify")
+MiB = 2**20
+
+
+def venv_bin(name: str) -> str:
+    """A console script from the project's virtualenv (else next to this interpreter)."""
+    for d in (REPO / ".venv" / "bin", Path(sys.executable).parent):
+        if (d / name).exists():
+            return str(d / name)
+    raise SystemExit(f"{name} not found; run `make` or pip install -e '.[bench]'")
+
+
+def python() -> str:
+    """The interpreter for the client and backend processes."""
+    return venv_bin("python")
+
+
+# -- /proc helpers ----------------------------------------------------------------------
+def read_stat(pid: int) -> tuple[int, int, int] | None:
+    """(process group, utime+stime, cutime+cstime) in clock ticks, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    # fields[0] is field 3 (state): pgrp is field 5, utime..cstime are fields 14..17
+    return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Every live or zombie process of a process group."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = read_stat(int(name))
+            if st is not None and st[0] == pgid:
+                out.append(int(name))
+    return out
+
+
+def smaps_rollup(pid: int) -> tuple[int, int]:
+    """(Pss, Rss) of a process in KiB; (0, 0) if it is gone or a zombie."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith(b"Rss:"):
+                    rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+def mem_available_kib() -> int:
+    """MemAvailable from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> int:
+    """Raise our soft RLIMIT_NOFILE to the hard limit; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# -- processes --------------------------------------------------------------------------
+class Proc:
+    """A child in its own process group (session), stopped by signalling the whole group."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, **kw: Any) -> None:
+        self.name = name
+        self.argv = argv
+        self.log = log
+        self._logf = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdin=kw.pop("stdin", subprocess.DEVNULL),
+            stdout=kw.pop("stdout", self._logf),
+            stderr=self._logf,
+            start_new_session=True,
+            **kw,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        """True while the group leader runs."""
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group, wait, SIGKILL what is left, reap."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(timeout=0.1)
+                if self.popen.poll() is not None and not group_members(self.pid):
+                    break
+            else:
+                continue
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=1)
+        self._logf.close()
+
+    def log_tail(self, n: int = 15) -> str:
+        """The last lines of the log, for error messages."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class Registry:
+    """Every process started, so that all of them are stopped on the way out."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], log: Path, **kw: Any) -> Proc:
+        """Start and remember a process."""
+        p = Proc(name, argv, log, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, proc: Proc) -> None:
+        """Stop and forget one process."""
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        """Stop every process still registered, newest first."""
+        while self.procs:
+            self.stop(self.procs[-1])
+
+
+@dataclass
+class Backend:
+    """One backend.py process."""
+
+    mode: str
+    index: int
+    proc: Proc
+    port: int
+
+    @property
+    def token(self) -> str:
+        """Its token in the shared token file."""
+        return f"{self.mode}{self.index}"
+
+
+def start_backend(reg: Registry, logs: Path, mode: str, index: int, blast: int) -> Backend:
+    """Start one backend and read the port it printed."""
+    argv = [python(), str(HERE / "backend.py"), "--mode", mode, "--blast-bytes", str(blast)]
+    proc = reg.start(
+        f"backend-{mode}{index}", argv, logs / f"backend-{mode}{index}.log", stdout=subprocess.PIPE
+    )
+    assert proc.popen.stdout is not None
+    line = read_line(proc.popen.stdout, 20.0)
+    if not line or not line.startswith("PORT "):
+        raise SystemExit(f"backend {mode}{index} did not start:\n{proc.log_tail()}")
+    return Backend(mode, index, proc, int(line.split()[1]))
+
+
+def read_line(stream: IO[bytes], timeout: float) -> str | None:
+    """One line from a pipe, or None after ``timeout`` seconds or at EOF."""
+    fd = stream.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                break
+            ch = os.read(fd, 1)
+            if not ch:
+                return None
+            if ch == b"\n":
+                return buf.decode(errors="replace")
+            buf += ch
+    return None
+
+
+@dataclass
+class ProxyInstance:
+    """One proxy process (and, for websockify, its forked children)."""
+
+    kind: str
+    port: int
+    proc: Proc
+
+    def members(self) -> list[int]:
+        """The leader and every child in its process group."""
+        return group_members(self.proc.pid)
+
+    def cpu(self) -> float:
+        """
+        CPU seconds of the whole process tree so far.
+
+        The leader's utime+stime, plus cutime+cstime (children it has reaped: websockify
+        reaps through multiprocessing.active_children() on SIGCHLD, i.e. waitpid), plus the
+        utime+stime of members still alive or not yet reaped. Read it only when the group is
+        quiescent (see ``ProxySet.quiesce``) so that no child is reaped between reads.
+        """
+        total = 0
+        for pid in self.members():
+            st = read_stat(pid)
+            if st is None:
+                continue
+            total += st[1]
+            if pid == self.proc.pid:
+                total += st[2]
+        return total / CLK_TCK
+
+    def memory(self) -> tuple[int, int, int]:
+        """(sum of Pss KiB, sum of Rss KiB, number of processes) of the tree."""
+        pss = rss = n = 0
+        for pid in self.members():
+            p, r = smaps_rollup(pid)
+            if p or r:
+                pss += p
+                rss += r
+                n += 1
+        return pss, rss, n
+
+
+@dataclass
+class ProxySet:
+    """K instances of one proxy kind."""
+
+    kind: str
+    count: int
+    token_file: Path
+    logs: Path
+    reg: Registry
+    extra: list[str] = field(default_factory=list)
+    instances: list[ProxyInstance] = field(default_factory=list)
+    starts: int = 0
+
+    def argv(self, port: int) -> list[str]:
+        """The command line of one instance."""
+        if self.kind == "vncmux":
+            return [
+                venv_bin("twistd"),
+                "-n",
+                "--pidfile=",
+                "vncmux",
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--tokens",
+                f"file:{self.token_file}",
+                "--metrics",
+                "none",
+                *self.extra,
+            ]
+        return [
+            venv_bin("websockify"),
+            "--token-plugin",
+            "TokenFile",
+            "--token-source",
+            str(self.token_file),
+            *self.extra,
+            f"127.0.0.1:{port}",
+        ]
+
+    @property
+    def ports(self) -> list[int]:
+        """The listening ports."""
+        return [i.port for i in self.instances]
+
+    def start(self) -> None:
+        """Start every instance and wait until each accepts connections."""
+        self.starts += 1
+        for k in range(self.count):
+            for _attempt in range(3):
+                port = free_port()
+                log = self.logs / f"{self.kind}{k}.log"
+                proc = self.reg.start(f"{self.kind}{k}", self.argv(port), log)
+                if wait_listening(port, proc, 30.0):
+                    self.instances.append(ProxyInstance(self.kind, port, proc))
+                    break
+                self.reg.stop(proc)
+            else:
+                raise SystemExit(f"{self.kind} did not start; log {log}:\n{proc.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop every instance (process groups: websockify's children go too)."""
+        for inst in self.instances:
+            self.reg.stop(inst.proc)
+        self.instances.clear()
+
+    def restart(self) -> None:
+        """Fresh processes, for the memory scenario."""
+        self.stop()
+        self.start()
+
+    def check_alive(self) -> None:
+        """Fail loudly if an instance died."""
+        for inst in self.instances:
+            if not inst.proc.alive():
+                raise RuntimeError(f"{inst.proc.name} died:\n{inst.proc.log_tail()}")
+
+    def cpu(self) -> float:
+        """CPU seconds of every instance's tree."""
+        return sum(i.cpu() for i in self.instances)
+
+    def memory(self) -> tuple[int, int, int]:
+        """Summed (Pss KiB, Rss KiB, processes) of every instance."""
+        tot = [0, 0, 0]
+        for inst in self.instances:
+            for j, v in enumerate(inst.memory()):
+                tot[j] += v
+        return tot[0], tot[1], tot[2]
+
+    def nprocs(self) -> int:
+        """Processes in every instance's group, zombies included."""
+        return sum(len(i.members()) for i in self.instances)
+
+    def quiesce(self, timeout: float = 15.0) -> bool:
+        """
+        Wait until only the leaders are left (websockify reaped its children) and CPU time
+        stopped moving for 0.2 s. Bounded by ``timeout``; returns False if not reached.
+        """
+        deadline = time.monotonic() + timeout
+        last = -1.0
+        while time.monotonic() < deadline:
+            if self.nprocs() == len(self.instances):
+                now = self.cpu()
+                if now == last:
+                    return True
+                last = now
+            time.sleep(0.1)
+        return False
+
+
+def wait_listening(port: int, proc: Proc, timeout: float) -> bool:
+    """Poll-connect until the port accepts, the process dies or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            return False
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def proc_cpu(procs: Sequence[Proc]) -> float:
+    """CPU seconds of some single-process children (the backends)."""
+    total = 0
+    for p in procs:
+        st = read_stat(p.pid)
+        if st is not None:
+            total += st[1]
+    return total / CLK_TCK
+
+
+def system_busy() -> float:
+    """Busy CPU seconds of the whole machine (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
+
+
+def own_and_reaped_cpu() -> float:
+    """CPU seconds of this script plus its reaped children (the finished clients)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    return total
+
+
+# -- running the load client ------------------------------------------------------------
+class ClientFailed(RuntimeError):
+    """client.py exited with an error or timed out."""
+
+
+class Skipped(Exception):
+    """A run that was not attempted (e.g. it would exhaust memory)."""
+
+
+def client_argv(
+    scenario: str, ports: Sequence[int], tokens: Sequence[str], **opts: Any
+) -> list[str]:
+    """The command line of one client.py run."""
+    argv = [
+        python(),
+        str(HERE / "client.py"),
+        scenario,
+        "--ports",
+        ",".join(map(str, ports)),
+        "--tokens",
+        ",".join(tokens),
+    ]
+    for k, v in opts.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def run_clients(reg: Registry, logs: Path, argvs: list[list[str]], timeout: float) -> list[dict]:
+    """Run client processes in parallel; return each one's result line."""
+    procs = [
+        reg.start(f"client{i}", argv, logs / "client.log", stdout=subprocess.PIPE)
+        for i, argv in enumerate(argvs)
+    ]
+    out: list[dict] = []
+    try:
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                stdout, _ = p.popen.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise ClientFailed(f"{p.name} timed out after {timeout:.0f} s") from None
+            lines = [json.loads(x) for x in stdout.decode().splitlines() if x.strip()]
+            result = next((x for x in lines if x.get("event") == "result"), None)
+            if result is None:
+                err = next((x.get("error") for x in lines if x.get("event") == "error"), None)
+                raise ClientFailed(f"{p.name}: {err or p.log_tail()}")
+            out.append(result)
+    finally:
+        for p in procs:
+            reg.stop(p)
+    return out
+
+
+# -- scenarios --------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    """What every scenario needs."""
+
+    args: argparse.Namespace
+    reg: Registry
+    logs: Path
+    backends: dict[str, list[Backend]]
+    proxies: dict[str, ProxySet]
+    pss_per_session: dict[str, float] = field(default_factory=dict)
+
+    def tokens(self, mode: str) -> list[str]:
+        """The tokens of every backend instance of a mode."""
+        return [b.token for b in self.backends[mode]]
+
+    def backend_procs(self) -> list[Proc]:
+        """Every backend process."""
+        return [b.proc for bs in self.backends.values() for b in bs]
+
+
+Measure = dict[str, Any]
+
+
+class CpuSampler(threading.Thread):
+    """
+    ``--verify-cpu``: an independent lower bound of a proxy tree's CPU time.
+
+    Every 10 ms it reads utime+stime of every group member and keeps the largest value seen
+    per pid (children that live shorter than a sample are missed, so this can only be
+    lower than the truth). The leader's own time is read directly at the end.
+    """
+
+    def __init__(self, ps: ProxySet) -> None:
+        super().__init__(daemon=True)
+        self.ps = ps
+        self.stop_flag = threading.Event()
+        self.start_ticks: dict[int, int] = {}
+        self.max_ticks: dict[int, int] = {}
+
+    def sample(self) -> None:
+        """One pass over the process groups."""
+        for inst in self.ps.instances:
+            for pid in inst.members():
+                st = read_stat(pid)
+                if st is not None:
+                    self.max_ticks[pid] = max(self.max_ticks.get(pid, 0), st[1])
+
+    def run(self) -> None:
+        """Sample until stopped."""
+        self.sample()
+        self.start_ticks = dict(self.max_ticks)
+        while not self.stop_flag.wait(0.01):
+            self.sample()
+
+    def finish(self) -> float:
+        """Stop; CPU seconds seen (children's growth plus the leaders' growth)."""
+        self.stop_flag.set()
+        self.join()
+        self.sample()
+        ticks = sum(v - self.start_ticks.get(pid, 0) for pid, v in self.max_ticks.items())
+        return ticks / CLK_TCK
+
+
+@contextlib.contextmanager
+def cpu_window(ctx: Ctx, ps: ProxySet) -> Iterator[dict[str, float]]:
+    """Proxy and backend CPU seconds spent inside the block (proxy quiescent at both ends)."""
+    out: dict[str, float] = {}
+    q0 = ps.quiesce()
+    p0, b0, t0 = ps.cpu(), proc_cpu(ctx.backend_procs()), time.monotonic()
+    sampler = CpuSampler(ps) if ctx.args.verify_cpu else None
+    if sampler is not None:
+        sampler.start()
+    others0 = system_busy() - own_and_reaped_cpu()
+    yield out
+    if sampler is not None:
+        out["proxy_cpu_sampled"] = sampler.finish()
+    q1 = ps.quiesce()
+    out["proxy_cpu"] = ps.cpu() - p0
+    if sampler is not None:
+        # everything the machine did, minus this script, its reaped clients and the backends
+        others = system_busy() - own_and_reaped_cpu() - others0
+        out["proxy_cpu_residual"] = others - (proc_cpu(ctx.backend_procs()) - b0)
+    out["backend_cpu"] = proc_cpu(ctx.backend_procs()) - b0
+    out["window"] = time.monotonic() - t0
+    out["quiescent"] = float(q0 and q1)
+    ps.check_alive()
+
+
+def sc_bulk(ctx: Ctx, ps: ProxySet, direction: str) -> Measure:
+    """Bulk throughput: ``down`` = backend→client (blast), ``up`` = client→backend (sink)."""
+    a = ctx.args
+    mode = "blast" if direction == "down" else "sink"
+    argv = client_argv(
+        f"bulk-{direction}",
+        ps.ports,
+        ctx.tokens(mode),
+        bytes=a.bulk_bytes,
+        streams=a.streams,
+        timeout=a.client_timeout,
+    )
+    with cpu_window(ctx, ps) as cpu:
+        (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
+    secs = res["seconds"]
+    mib = res["bytes"] / MiB
+    return {
+        "throughput": mib / secs,
+        "per_cpu": mib / cpu["proxy_cpu"] if cpu["proxy_cpu"] > 0 else None,
+        "util": util(cpu, res, secs),
+        **cpu_fields(cpu),
+    }
+
+
+def cpu_fields(cpu: dict[str, float]) -> dict[str, float]:
+    """The raw CPU figures kept in the JSON of every run."""
+    keys = (
+        "proxy_cpu",
+        "proxy_cpu_sampled",
+        "proxy_cpu_residual",
+        "backend_cpu",
+        "window",
+        "quiescent",
+    )
+    return {k: cpu[k] for k in keys if k in cpu}
+
+
+def util(cpu: dict[str, float], res: dict[str, Any], secs: float) -> dict[str, float]:
+    """CPU use of proxy, backend and client as a fraction of one core over ``secs``."""
+    return {
+        "proxy": cpu["proxy_cpu"] / secs,
+        "backend": cpu["backend_cpu"] / secs,
+        "client": res["client_cpu"] / secs,
+    }
+
+
+def sc_latency(ctx: Ctx, ps: ProxySet) -> Measure:
+    """Sequential small round trips through the echo backend."""
+    a = ctx.args
+    argv = client_argv(
+        "latency",
+        ps.ports,
+        ctx.tokens("echo")[:1],
+        count=a.rtt_count,
+        duration=a.rtt_seconds,
+        streams=1,
+        timeout=a.client_timeout,
+    )
+    with cpu_window(ctx, ps) as cpu:
+        (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
+    n = res["round_trips"]
+    return {
+        "rtt_p50": res["rtt_us"]["p50"],
+        "rtt_p99": res["rtt_us"]["p99"],
+        "cpu_per_rt": cpu["proxy_cpu"] / n * 1e6 if n else None,
+        "util": util(cpu, res, res["client_wall"]),
+        **cpu_fields(cpu),
+    }
+
+
+def sc_setup(ctx: Ctx, ps: ProxySet) -> Measure:
+    """Connection setup rate: several client processes, each with several workers."""
+    a = ctx.args
+    n = a.setup_clients
+    per = max(1, a.setup_concurrency // n)
+    argvs = [
+        client_argv(
+            "setup",
+            ps.ports[i % len(ps.ports) :] + ps.ports[: i % len(ps.ports)],
+            ctx.tokens("echo"),
+            count=max(1, a.setup_count // n),
+            duration=a.setup_seconds,
+            concurrency=per,
+            timeout=a.client_timeout,
+        )
+        for i in range(n)
+    ]
+    with cpu_window(ctx, ps) as cpu:
+        results = run_clients(ctx.reg, ctx.logs, argvs, a.client_timeout + 10)
+    done = sum(r["completed"] for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    span = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
+    client_cpu = sum(r["client_cpu"] for r in results)
+    return {
+        "rate": done / span,
+        "setup_p50": statistics.median(r["latency_ms"]["p50"] for r in results),
+        "cpu_per_conn": cpu["proxy_cpu"] / done * 1e3 if done else None,
+        "completed": done,
+        "errors": errors,
+        "util": {
+            "proxy": cpu["proxy_cpu"] / span,
+            "backend": cpu["backend_cpu"] / span,
+            "client": client_cpu / span,
+        },
+        **cpu_fields(cpu),
+    }
+
+
+def sc_idle(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
+    """
+    Memory per idle session and sessions per process, on freshly started proxies.
+
+    Baseline (after one warm-up session per instance) → open ``sessions`` sessions with a
+    full RFB handshake → wait until the process count is stable → Pss/Rss of every proxy
+    process → one round trip on every session (all must answer) → close.
+    """
+    a = ctx.args
+    estimate = ctx.pss_per_session.get(ps.kind, 0.0) * sessions
+    if estimate > 0.7 * mem_available_kib():
+        raise Skipped(
+            f"{sessions} sessions would need about {estimate / 2**20:.1f} GiB "
+            f"(from the smaller size), more than 70% of MemAvailable"
+        )
+    ps.restart()
+    warm = client_argv(
+        "setup",
+        ps.ports,
+        ctx.tokens("echo"),
+        count=2 * len(ps.ports),
+        concurrency=1,
+        duration=10,
+        timeout=30,
+    )
+    run_clients(ctx.reg, ctx.logs, [warm], 40)
+    ps.quiesce()
+    pss0, rss0, n0 = ps.memory()
+    argv = client_argv(
+        "idle",
+        ps.ports,
+        ctx.tokens("echo"),
+        sessions=sessions,
+        concurrency=a.idle_concurrency,
+        open_timeout=a.idle_open_timeout,
+        timeout=a.idle_open_timeout + 120,
+    )
+    proc = ctx.reg.start(
+        "client-idle", argv, ctx.logs / "client.log", stdout=subprocess.PIPE, stdin=subprocess.PIPE
+    )
+    assert proc.popen.stdout is not None and proc.popen.stdin is not None
+    try:
+        ready = wait_event(proc, "ready", a.idle_open_timeout + 10, guard_memory=True)
+        opened = ready["opened"]
+        # settle: children done forking, process count stable for 1 s
+        stable_since, last = time.monotonic(), ps.nprocs()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and time.monotonic() - stable_since < 1.0:
+            time.sleep(0.2)
+            now = ps.nprocs()
+            if now != last:
+                stable_since, last = time.monotonic(), now
+        pss1, rss1, n1 = ps.memory()
+        proc.popen.stdin.write(b"check\n")
+        proc.popen.stdin.flush()
+        checked = wait_event(proc, "checked", 120)
+        proc.popen.stdin.write(b"close\n")
+        proc.popen.stdin.flush()
+        wait_event(proc, "result", 60)
+    finally:
+        ctx.reg.stop(proc)
+    ps.check_alive()
+    alive = checked["alive"]
+    if alive < sessions:
+        print(
+            f"  ! {ps.kind}: {alive} of {sessions} sessions held; client errors: {ready['errors']}",
+            file=sys.stderr,
+        )
+    if opened:
+        per = (pss1 - pss0) / opened
+        ctx.pss_per_session[ps.kind] = max(per, ctx.pss_per_session.get(ps.kind, 0.0))
+    return {
+        "pss_per_session": (pss1 - pss0) / opened if opened else None,
+        "rss_per_session": (rss1 - rss0) / opened if opened else None,
+        "sessions_per_process": alive / n1 if n1 else None,
+        "sessions_per_instance": alive / len(ps.instances),
+        "requested": sessions,
+        "opened": opened,
+        "alive": alive,
+        "open_rate": opened / ready["open_seconds"] if ready["open_seconds"] else None,
+        "baseline_pss_kib": pss0,
+        "baseline_procs": n0,
+        "procs": n1,
+        "errors": ready["errors"],
+    }
+
+
+def wait_event(proc: Proc, event: str, timeout: float, guard_memory: bool = False) -> dict:
+    """Read JSON lines from a client until ``event``; abort if memory runs low."""
+    assert proc.popen.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = read_line(proc.popen.stdout, 0.5)
+        if line:
+            msg = json.loads(line)
+            if msg.get("event") == event:
+                return msg
+            if msg.get("event") == "error":
+                raise ClientFailed(msg.get("error", "client error"))
+        elif not proc.alive():
+            raise ClientFailed(f"{proc.name} exited: {proc.log_tail()}")
+        if guard_memory and mem_available_kib() < 1024 * 1024:
+            raise ClientFailed("less than 1 GiB of memory left: stopped opening sessions")
+    raise ClientFailed(f"{proc.name}: no '{event}' within {timeout:.0f} s")
+
+
+# -- metrics table ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table."""
+
+    scenario: str
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+def scenario_plan(args: argparse.Namespace) -> list[tuple[str, Callable[[Ctx, ProxySet], Measure]]]:
+    """(name, function) for every selected scenario."""
+    plan: list[tuple[str, Callable[[Ctx, ProxySet], Measure]]] = []
+    wanted = set(args.scenarios.split(","))
+    if "bulk_down" in wanted:
+        plan.append(("bulk_down", lambda c, p: sc_bulk(c, p, "down")))
+    if "bulk_up" in wanted:
+        plan.append(("bulk_up", lambda c, p: sc_bulk(c, p, "up")))
+    if "latency" in wanted:
+        plan.append(("latency", sc_latency))
+    if "setup" in wanted:
+        plan.append(("setup", sc_setup))
+    if "idle" in wanted:
+        for s in args.idle_sessions:
+            plan.append((f"idle_{s}", lambda c, p, s=s: sc_idle(c, p, s)))
+    return plan
+
+
+def metrics_for(name: str) -> list[Metric]:
+    """The table rows of one scenario."""
+    if name.startswith("bulk"):
+        return [
+            Metric(name, "throughput", "throughput", "MiB/s", True),
+            Metric(name, "per_cpu", "per proxy CPU-second", "MiB/CPU-s", True),
+        ]
+    if name == "latency":
+        return [
+            Metric(name, "rtt_p50", "round trip p50", "µs", False),
+            Metric(name, "rtt_p99", "round trip p99", "µs", False),
+            Metric(name, "cpu_per_rt", "proxy CPU per round trip", "µs", False),
+        ]
+    if name == "setup":
+        return [
+            Metric(name, "rate", "connections per second", "conn/s", True),
+            Metric(name, "setup_p50", "setup latency p50", "ms", False),
+            Metric(name, "cpu_per_conn", "proxy CPU per connection", "ms", False),
+        ]
+    return [
+        Metric(name, "pss_per_session", "Pss per idle session", "KiB", False),
+        Metric(name, "rss_per_session", "Rss per idle session", "KiB", False),
+        Metric(name, "alive", f"sessions held, of {name[5:]} asked", "n", True),
+        Metric(name, "sessions_per_instance", "sessions per proxy instance", "n", True),
+        Metric(name, "sessions_per_process", "sessions per OS process", "n", True),
+    ]
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    """median/min/max of the non-missing values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def paired_ratio(by_proxy: dict[str, list[Measure]], key: str) -> float | None:
+    """Median over rounds of vncmux/websockify, each round's two runs paired."""
+    w_by_round = {m["round"]: m.get(key) for m in by_proxy.get("websockify", [])}
+    ratios = []
+    for m in by_proxy.get("vncmux", []):
+        v, w = m.get(key), w_by_round.get(m["round"])
+        if v is not None and w:
+            ratios.append(v / w)
+    return statistics.median(ratios) if ratios else None
+
+
+def fmt_ratio(r: float | None) -> str:
+    """A ratio: three significant digits, no exponent."""
+    if r is None:
+        return "-"
+    return f"{r:,.0f}" if r >= 100 else f"{r:.3g}" if r >= 0.001 else f"{r:.5f}"
+
+
+def fmt(v: float | None) -> str:
+    """A number with about three significant digits."""
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def build_table(
+    runs: dict[str, dict[str, list[Measure]]], kinds: Sequence[str]
+) -> tuple[list, str]:
+    """Rows for the JSON and the text table."""
+    rows = []
+    for scenario, by_proxy in runs.items():
+        for m in metrics_for(scenario):
+            row: dict[str, Any] = {
+                "scenario": scenario,
+                "metric": m.key,
+                "label": m.label,
+                "unit": m.unit,
+                "better": "higher" if m.higher_is_better else "lower",
+            }
+            for kind in kinds:
+                row[kind] = summarize([r.get(m.key) for r in by_proxy.get(kind, [])])
+            v, w = row.get("vncmux"), row.get("websockify")
+            row["ratio_of_medians"] = v["median"] / w["median"] if v and w and w["median"] else None
+            ratio = paired_ratio(by_proxy, m.key)
+            row["ratio_vncmux_websockify"] = ratio
+            row["vncmux_leads"] = (
+                None if ratio is None or ratio == 1 else (ratio > 1) == m.higher_is_better
+            )
+            rows.append(row)
+    head = f"{'scenario':<11} {'metric (unit)':<36} {'better':<6} "
+    head += "".join(f"{k + ' median [min-max]':>32}" for k in kinds)
+    head += f" {'v/w':>7}  lead"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        cells = ""
+        for k in kinds:
+            s = row[k]
+            cells += (
+                f"{fmt(s['median']):>12} [{fmt(s['min'])}-{fmt(s['max'])}]".rjust(32)
+                if s
+                else f"{'-':>32}"
+            )
+        ratio = row["ratio_vncmux_websockify"]
+        lead = {True: "yes", False: "NO", None: "tie" if ratio == 1 else ""}[row["vncmux_leads"]]
+        lines.append(
+            f"{row['scenario']:<11} {row['label'] + ' (' + row['unit'] + ')':<36} "
+            f"{row['better']:<6} {cells} {fmt_ratio(ratio):>7}  {lead}"
+        )
+    return rows, "\n".join(lines)
+
+
+def util_table(runs: dict[str, dict[str, list[Measure]]]) -> tuple[dict, str]:
+    """Median CPU use (fraction of one core) of proxy, backend and client, per scenario."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    lines = [f"{'scenario':<11} {'proxy':<11} {'proxy':>7} {'backend':>8} {'client':>7}"]
+    for scenario, by_proxy in runs.items():
+        for kind, measures in by_proxy.items():
+            us = [m["util"] for m in measures if m.get("util")]
+            if not us:
+                continue
+            med = {k: statistics.median(u[k] for u in us) for k in ("proxy", "backend", "client")}
+            out.setdefault(scenario, {})[kind] = med
+            lines.append(
+                f"{scenario:<11} {kind:<11} {med['proxy']:>7.2f} {med['backend']:>8.2f} "
+                f"{med['client']:>7.2f}"
+            )
+    return out, "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Options; ``--quick`` picks smaller sizes."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="smaller sizes: about 3 minutes for both proxies"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="A/B rounds per scenario (>= 1)")
+    p.add_argument("--proxies", type=int, default=1, help="instances of each proxy")
+    p.add_argument("--backends", type=int, default=1, help="backend processes per mode")
+    p.add_argument(
+        "--only", choices=PROXIES, help="measure one proxy (default: both if vncmux is present)"
+    )
+    p.add_argument(
+        "--scenarios",
+        default="bulk_down,bulk_up,latency,setup,idle",
+        help="comma-separated subset of bulk_down,bulk_up,latency,setup,idle",
+    )
+    p.add_argument("--bulk-mib", type=int, help="MiB per bulk stream (quick 512, full 2048)")
+    p.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
+    p.add_argument("--rtt-count", type=int, help="round trips per latency run")
+    p.add_argument("--rtt-seconds", type=float, help="time limit per latency run")
+    p.add_argument("--setup-count", type=int, help="connections per setup run (all clients)")
+    p.add_argument("--setup-seconds", type=float, help="time limit per setup run")
+    p.add_argument("--setup-clients", type=int, default=2, help="client processes for setup")
+    p.add_argument("--setup-concurrency", type=int, default=16, help="workers, all clients")
+    p.add_argument(
+        "--idle-sessions",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="session counts for the memory scenario (quick 100,1000; full 100,1000,3000)",
+    )
+    p.add_argument("--idle-concurrency", type=int, default=32, help="sessions being opened at once")
+    p.add_argument(
+        "--idle-open-timeout", type=float, default=120.0, help="seconds to open all sessions"
+    )
+    p.add_argument(
+        "--client-timeout", type=float, default=120.0, help="hard limit per client run, seconds"
+    )
+    p.add_argument("--max-minutes", type=float, default=60.0, help="stop starting new rounds")
+    p.add_argument("--vncmux-arg", action="append", default=[], help="extra vncmux option")
+    p.add_argument("--websockify-arg", action="append", default=[], help="extra websockify option")
+    p.add_argument(
+        "--verify-cpu",
+        action="store_true",
+        help="also sample every proxy process every 10 ms and report both CPU figures",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.bulk_mib = a.bulk_mib or (512 if q else 2048)
+    a.bulk_bytes = a.bulk_mib * MiB
+    a.rtt_count = a.rtt_count or (5000 if q else 20000)
+    a.rtt_seconds = a.rtt_seconds or (4.0 if q else 10.0)
+    a.setup_count = a.setup_count or (1500 if q else 5000)
+    a.setup_seconds = a.setup_seconds or (4.0 if q else 10.0)
+    a.idle_sessions = a.idle_sessions or ([100, 1000] if q else [100, 1000, 3000])
+    if a.rounds < 1 or a.proxies < 1 or a.backends < 1:
+        p.error("--rounds, --proxies and --backends must be at least 1")
+    return a
+
+
+def environment(args: argparse.Namespace, kinds: Sequence[str]) -> dict[str, Any]:
+    """What the figures were measured on."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("vncmux", "websockify", "numpy", "Twisted", "autobahn", "wsaccel"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "command": " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]]),
+        "proxies_measured": list(kinds),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_head": commit,
+        "loadavg_at_start": os.getloadavg(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    args = parse_args(argv)
+    if args.only:
+        kinds: tuple[str, ...] = (args.only,)
+    elif (REPO / "vncmux" / "tap.py").exists():
+        kinds = PROXIES
+    else:
+        print("vncmux/tap.py not found: measuring websockify only", file=sys.stderr)
+        kinds = ("websockify",)
+    raise_nofile()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(exist_ok=True)
+    for old in logs.glob("*.log"):
+        old.unlink()
+    deadline = time.monotonic() + args.max_minutes * 60
+    reg = Registry()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    runs: dict[str, dict[str, list[Measure]]] = {}
+    failures: list[str] = []
+    skipped: list[str] = []
+    env = environment(args, kinds)
+    try:
+        backends = {
+            mode: [start_backend(reg, logs, mode, i, args.bulk_bytes) for i in range(args.backends)]
+            for mode in ("echo", "sink", "blast")
+        }
+        with tempfile.NamedTemporaryFile(
+            "w", dir=RESULTS, prefix="tokens-", suffix=".txt", delete=False
+        ) as tf:
+            for bs in backends.values():
+                for b in bs:
+                    tf.write(f"{b.token}: 127.0.0.1:{b.port}\n")
+        token_file = Path(tf.name)
+        proxies = {
+            k: ProxySet(
+                k,
+                args.proxies,
+                token_file,
+                logs,
+                reg,
+                extra=args.vncmux_arg if k == "vncmux" else args.websockify_arg,
+            )
+            for k in kinds
+        }
+        for ps in proxies.values():
+            ps.start()
+        ctx = Ctx(args, reg, logs, backends, proxies)
+        for name, fn in scenario_plan(args):
+            runs[name] = {k: [] for k in kinds}
+            for r in range(args.rounds):
+                if time.monotonic() > deadline:
+                    failures.append(f"{name}: stopped after {r} rounds (--max-minutes)")
+                    break
+                order = kinds if r % 2 == 0 else tuple(reversed(kinds))
+                for kind in order:
+                    try:
+                        m = fn(ctx, proxies[kind])
+                    except Skipped as e:
+                        skipped.append(f"{name} round {r + 1} {kind}: {e}")
+                        print(f"  - {skipped[-1]}", file=sys.stderr)
+                        continue
+                    except (ClientFailed, RuntimeError) as e:
+                        failures.append(f"{name} round {r + 1} {kind}: {e}")
+                        print(f"  ! {failures[-1]}", file=sys.stderr)
+                        if not all(i.proc.alive() for i in proxies[kind].instances):
+                            proxies[kind].restart()
+                        continue
+                    m["round"] = r + 1
+                    runs[name][kind].append(m)
+                    brief = {mm.key: fmt(m.get(mm.key)) for mm in metrics_for(name)}
+                    print(f"  {name} round {r + 1} {kind}: {brief}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        failures.append("interrupted")
+    finally:
+        reg.stop_all()
+        for tf_path in RESULTS.glob("tokens-*.txt"):
+            tf_path.unlink()
+    rows, table = build_table(runs, kinds)
+    utils, util_text = util_table(runs)
+    print(table)
+    print("\nCPU use, fraction of one core (median over rounds):")
+    print(util_text)
+    if skipped:
+        print("\nskipped:\n  " + "\n  ".join(skipped))
+    if failures:
+        print("\nfailures:\n  " + "\n  ".join(failures))
+    doc = {
+        "environment": env,
+        "table": rows,
+        "cpu_use": utils,
+        "runs": runs,
+        "failures": failures,
+        "skipped": skipped,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"\nwrote {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
