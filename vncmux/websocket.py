@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from vncmux.frames import BinaryFrameReader
 from vncmux.handshake import (
     UnsupportedSubprotocol,
     choose_subprotocol,
@@ -88,6 +89,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
     _refusal: Refusal | None = None
     _refuser: RefusingServer | None = None
     _refusal_timer: IDelayedCall | None = None
+    _reader: BinaryFrameReader | None = None
     _gone = False
 
     def connectionMade(self) -> None:
@@ -97,6 +99,22 @@ class ConsoleProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         super().connectionLost(reason)
         self.factory.supervisor.connections.closed()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        While relaying, binary data frames take the fast path straight to the session;
+        autobahn gets everything else (handshake, control and text frames) and any frame it
+        has begun reading.
+        """
+        reader = self._reader
+        if reader is None or self.state != _OPEN or self.current_frame is not None or self.data:
+            super().dataReceived(data)
+            return
+        reader.in_message = self.inside_message
+        rest = reader.feed(data)
+        if rest:
+            self.inside_message = reader.in_message
+            super().dataReceived(rest)
 
     # -- plain HTTP on the same port ---------------------------------------------------------
 
@@ -202,6 +220,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if backend.greeting:
             session.from_backend(backend.greeting)
         backend.session = session
+        self._reader = BinaryFrameReader(session.from_client)
         session.start(self.transport, backend.transport, self.factory.stats)  # type: ignore[arg-type]
 
     def onMessageBegin(self, isBinary: bool) -> None:

@@ -82,6 +82,39 @@ class RelayTests(TestCase):
         self.assertEqual(session.bytes_to_client, 5024)
 
     @deferred_test
+    async def test_frames_mixed_with_control_frames(self) -> None:
+        """Data frames, pings and a fragmented message interleaved: every byte reaches the VNC
+        server in order and each ping is answered (autobahn handles the control frames, the
+        fast path the data)."""
+        vnc, proxy, _ = await self._setup()
+        client = await connect_client(self, proxy.port)
+        opened = await client.opened
+        await client.receive(12)
+        pongs: list[bytes] = []
+        ponged: Deferred[None] = Deferred()
+
+        def on_pong(payload: bytes) -> None:
+            pongs.append(payload)
+            if len(pongs) == 2:
+                ponged.callback(None)
+
+        opened.onPong = on_pong  # type: ignore[method-assign]
+        client.send(b"one")
+        opened.sendPing(b"p1")
+        client.send(b"two" * 30000)
+        opened.beginMessage(isBinary=True)
+        opened.sendMessageFrame(b"frag-a")
+        opened.sendPing(b"p2")
+        opened.sendMessageFrame(b"frag-b")
+        opened.endMessage()
+        client.send(b"three")
+        expected = b"one" + b"two" * 30000 + b"frag-a" + b"frag-b" + b"three"
+        await client.receive(12 + len(expected))
+        self.assertEqual(vnc.connections[0].received, expected)
+        await ponged
+        self.assertEqual(pongs, [b"p1", b"p2"])
+
+    @deferred_test
     async def test_binary_subprotocol(self) -> None:
         """A client offering 'binary' gets it; one offering nothing gets no subprotocol."""
         _, proxy, _ = await self._setup()
