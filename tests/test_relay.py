@@ -10,7 +10,14 @@ from tests.fakes import FakePeer, Registry
 from vncmux.backend import BackendProtocol
 from vncmux.interfaces import IClientPeer, IPeer
 from vncmux.refusals import BACKEND_CLOSED, CLIENT_CLOSED, IDLE_TIMEOUT
-from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, RelayStats, Session
+from vncmux.relay import (
+    BACKEND_READ_SIZE,
+    BACKEND_TO_CLIENT,
+    CLIENT_BUFFER_SIZE,
+    CLIENT_TO_BACKEND,
+    RelayStats,
+    Session,
+)
 from vncmux.rfb import ClientActivityScanner
 from vncmux.tokens import TokenRecord
 from vncmux.websocket import ConsoleProtocol, binary_frame_header
@@ -60,6 +67,8 @@ class SessionTests(SynchronousTestCase):
         self.assertTrue(self.backend.transport.streaming)
         self.assertEqual(self.backend.transport.producerState, "producing")
         self.assertEqual(self.registry.started, [self.session])
+        self.assertEqual(self.backend.transport.bufferSize, BACKEND_READ_SIZE)
+        self.assertEqual(self.client.transport.bufferSize, CLIENT_BUFFER_SIZE)
 
     def test_slow_client_pauses_backend(self) -> None:
         """A full client buffer stops reading from the VNC server until it drains."""

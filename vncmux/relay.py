@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from vncmux.rfb import ClientActivityScanner
     from vncmux.tokens import TokenRecord
 
+#: Most bytes read from a VNC server at once: one WebSocket frame each.
+BACKEND_READ_SIZE = 512 * 1024
+#: Output queued towards a browser before the VNC server is paused (and the most one send
+#: call takes). A slow browser costs the proxy at most this plus one read.
+CLIENT_BUFFER_SIZE = 256 * 1024
+
 CLIENT_TO_BACKEND = "client_to_backend"
 BACKEND_TO_CLIENT = "backend_to_client"
 
@@ -128,6 +134,12 @@ class Session:
         Register each side as the streaming producer of the other, then let bytes flow:
         a full browser buffer pauses reading from the VNC server, and the other way round.
         """
+        # Twisted's bufferSize is both a transport's read size and the amount of queued
+        # output that pauses its producer. Big reads from the VNC server mean fewer frames
+        # and events per byte; the browser side pauses the server once a quarter MiB waits.
+        backend_consumer.bufferSize = BACKEND_READ_SIZE  # type: ignore[attr-defined]
+        client_consumer.bufferSize = CLIENT_BUFFER_SIZE  # type: ignore[attr-defined]
+        client_consumer.SEND_LIMIT = CLIENT_BUFFER_SIZE  # type: ignore[attr-defined]
         client_consumer.registerProducer(Throttle(self.backend, stats, BACKEND_TO_CLIENT), True)
         backend_consumer.registerProducer(Throttle(self.client, stats, CLIENT_TO_BACKEND), True)
         self._registry.session_started(self)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import configparser
+import ctypes
+import ctypes.util
 import resource
 from collections.abc import Sequence
 from typing import Any
@@ -70,41 +72,115 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["config", None, None, "INI file with a [vncmux] section (see etc/vncmux.ini)."],
         ["listen", None, DEFAULT_LISTEN, "Endpoint string of the console listener."],
-        ["tokens", None, DEFAULT_TOKENS, "Token store: file:PATH, redis://[:pw@]host:port/db, "
-         "rediss://..., redis+sentinel://h1:p1,h2:p2/master (add ?format=websockify to read "
-         "websockify's raw-token keys)."],
+        [
+            "tokens",
+            None,
+            DEFAULT_TOKENS,
+            "Token store: file:PATH, redis://[:pw@]host:port/db, "
+            "rediss://..., redis+sentinel://h1:p1,h2:p2/master (add ?format=websockify to read "
+            "websockify's raw-token keys).",
+        ],
         ["web", None, None, "Serve the noVNC files in this directory on the listener."],
-        ["metrics", None, DEFAULT_METRICS, "Endpoint of /metrics, /healthz, /readyz and the "
-         "admin API; 'none' disables it."],
-        ["connect-timeout", None, 5.0, "Seconds to connect to a VNC server and read its "
-         "greeting.", _positive_float],
+        [
+            "metrics",
+            None,
+            DEFAULT_METRICS,
+            "Endpoint of /metrics, /healthz, /readyz and the admin API; 'none' disables it.",
+        ],
+        [
+            "connect-timeout",
+            None,
+            5.0,
+            "Seconds to connect to a VNC server and read its greeting.",
+            _positive_float,
+        ],
         ["store-timeout", None, 2.0, "Seconds a token lookup may take.", _positive_float],
-        ["refusal-timeout", None, 5.0, "Seconds a refused client has to answer the RFB "
-         "greeting before it is dropped.", _positive_float],
-        ["idle-timeout", None, 1800.0, "Close a session after this many seconds without user "
-         "activity (4000); 0 disables.", _seconds],
-        ["idle-activity", None, "input", "What counts as activity: 'input' (keyboard, pointer, "
-         "clipboard from the client) or 'any' (every byte either way).", _activity],
-        ["max-session", None, 0.0, "Close a session this many seconds after it opened "
-         "(4001); 0 disables.", _seconds],
-        ["max-sessions", None, 0, "Sessions this process holds at most (4429); 0 unlimited.",
-         _count],
-        ["max-sessions-per-token", None, 0, "Sessions per token unless its record sets "
-         "max_sessions; 0 unlimited.", _count],
-        ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.",
-         _count],
-        ["ping-interval", None, 30.0, "Seconds between WebSocket pings that keep load "
-         "balancers from cutting idle-looking sessions; 0 disables.", _seconds],
-        ["ping-timeout", None, 20.0, "Drop a client (and its backend) that has not answered "
-         "a ping for this many seconds.", _seconds],
-        ["drain-timeout", None, 30.0, "On SIGTERM, seconds live sessions may go on before "
-         "they are closed with 1001.", _seconds],
-        ["flush-interval", None, 10.0, "Seconds between batched writes of last_activity_at "
-         "to the token store.", _positive_float],
-        ["admin-token-file", None, None, "File whose first line is the bearer secret of the "
-         "admin API on the metrics endpoint; without it the admin API is off."],
-        ["base-url", None, DEFAULT_BASE_URL, "noVNC page that access URLs issued by the admin "
-         "API point at."],
+        [
+            "refusal-timeout",
+            None,
+            5.0,
+            "Seconds a refused client has to answer the RFB greeting before it is dropped.",
+            _positive_float,
+        ],
+        [
+            "idle-timeout",
+            None,
+            1800.0,
+            "Close a session after this many seconds without user activity (4000); 0 disables.",
+            _seconds,
+        ],
+        [
+            "idle-activity",
+            None,
+            "input",
+            "What counts as activity: 'input' (keyboard, pointer, "
+            "clipboard from the client) or 'any' (every byte either way).",
+            _activity,
+        ],
+        [
+            "max-session",
+            None,
+            0.0,
+            "Close a session this many seconds after it opened (4001); 0 disables.",
+            _seconds,
+        ],
+        [
+            "max-sessions",
+            None,
+            0,
+            "Sessions this process holds at most (4429); 0 unlimited.",
+            _count,
+        ],
+        [
+            "max-sessions-per-token",
+            None,
+            0,
+            "Sessions per token unless its record sets max_sessions; 0 unlimited.",
+            _count,
+        ],
+        ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.", _count],
+        [
+            "ping-interval",
+            None,
+            30.0,
+            "Seconds between WebSocket pings that keep load "
+            "balancers from cutting idle-looking sessions; 0 disables.",
+            _seconds,
+        ],
+        [
+            "ping-timeout",
+            None,
+            20.0,
+            "Drop a client (and its backend) that has not answered a ping for this many seconds.",
+            _seconds,
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM, seconds live sessions may go on before they are closed with 1001.",
+            _seconds,
+        ],
+        [
+            "flush-interval",
+            None,
+            10.0,
+            "Seconds between batched writes of last_activity_at to the token store.",
+            _positive_float,
+        ],
+        [
+            "admin-token-file",
+            None,
+            None,
+            "File whose first line is the bearer secret of the "
+            "admin API on the metrics endpoint; without it the admin API is off.",
+        ],
+        [
+            "base-url",
+            None,
+            DEFAULT_BASE_URL,
+            "noVNC page that access URLs issued by the admin API point at.",
+        ],
     ]
     optFlags: list[list[str | None]] = [
         ["enforce-expiry", None, "Close a session when its token's expires_at passes."],
@@ -210,6 +286,26 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def tune_allocator() -> None:
+    """
+    Keep relay buffers on the heap. A read of up to C{BACKEND_READ_SIZE} allocates that much
+    and shrinks it to what arrived; with glibc's adaptive thresholds a short read can send
+    every later buffer to fresh mmap'd (or freshly trimmed) pages, costing page faults on
+    each read and halving throughput. Fixed thresholds avoid that; no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+    mallopt(_M_TRIM_THRESHOLD, 32 * 1024 * 1024)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
 def makeService(config: Options, reactor: Any = None) -> ProxyService:
     """Compose the token store, the supervisor and the console listener."""
     if reactor is None:
@@ -217,6 +313,7 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
 
         reactor = global_reactor
     raise_open_files_limit()
+    tune_allocator()
     settings = config.settings()
     try:
         store = open_token_store(
