@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ RESULTS = HERE / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 PROXIES = ("vncmux", "websockify")
+#: vncmux with its metrics endpoint on and scraped every second: the B side of --baseline.
+METRICS_ON = "vncmux-metrics"
 MiB = 2**20
 
 
@@ -247,6 +250,7 @@ class ProxyInstance:
     kind: str
     port: int
     proc: Proc
+    metrics_port: int | None = None
 
     def members(self) -> list[int]:
         """The leader and every child in its process group."""
@@ -296,9 +300,10 @@ class ProxySet:
     instances: list[ProxyInstance] = field(default_factory=list)
     starts: int = 0
 
-    def argv(self, port: int) -> list[str]:
+    def argv(self, port: int, metrics_port: int | None = None) -> list[str]:
         """The command line of one instance."""
-        if self.kind == "vncmux":
+        if self.kind.startswith("vncmux"):
+            metrics = f"tcp:{metrics_port}:interface=127.0.0.1" if metrics_port else "none"
             return [
                 venv_bin("twistd"),
                 "-n",
@@ -309,7 +314,7 @@ class ProxySet:
                 "--tokens",
                 f"file:{self.token_file}",
                 "--metrics",
-                "none",
+                metrics,
                 *self.extra,
             ]
         return [
@@ -333,10 +338,11 @@ class ProxySet:
         for k in range(self.count):
             for _attempt in range(3):
                 port = free_port()
+                metrics_port = free_port() if self.kind == METRICS_ON else None
                 log = self.logs / f"{self.kind}{k}.log"
-                proc = self.reg.start(f"{self.kind}{k}", self.argv(port), log)
+                proc = self.reg.start(f"{self.kind}{k}", self.argv(port, metrics_port), log)
                 if wait_listening(port, proc, 30.0):
-                    self.instances.append(ProxyInstance(self.kind, port, proc))
+                    self.instances.append(ProxyInstance(self.kind, port, proc, metrics_port))
                     break
                 self.reg.stop(proc)
             else:
@@ -390,6 +396,29 @@ class ProxySet:
                 last = now
             time.sleep(0.1)
         return False
+
+
+class Scraper(threading.Thread):
+    """Fetches /metrics from every instance once a second until the run's deadline."""
+
+    def __init__(self, ps: ProxySet, deadline: float) -> None:
+        super().__init__(daemon=True)
+        self.ps = ps
+        self.deadline = deadline
+        self.counts = {"ok": 0, "failed": 0}
+
+    def run(self) -> None:
+        while time.monotonic() < self.deadline:
+            for inst in list(self.ps.instances):
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{inst.metrics_port}/metrics", timeout=2
+                    ) as answer:
+                        answer.read()
+                    self.counts["ok"] += 1
+                except OSError:
+                    self.counts["failed"] += 1
+            time.sleep(1.0)
 
 
 def wait_listening(port: int, proc: Proc, timeout: float) -> bool:
@@ -857,11 +886,13 @@ def summarize(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-def paired_ratio(by_proxy: dict[str, list[Measure]], key: str) -> float | None:
-    """Median over rounds of vncmux/websockify, each round's two runs paired."""
-    w_by_round = {m["round"]: m.get(key) for m in by_proxy.get("websockify", [])}
+def paired_ratio(
+    by_proxy: dict[str, list[Measure]], key: str, a: str = "vncmux", b: str = "websockify"
+) -> float | None:
+    """Median over rounds of a/b (vncmux/websockify), each round's two runs paired."""
+    w_by_round = {m["round"]: m.get(key) for m in by_proxy.get(b, [])}
     ratios = []
-    for m in by_proxy.get("vncmux", []):
+    for m in by_proxy.get(a, []):
         v, w = m.get(key), w_by_round.get(m["round"])
         if v is not None and w:
             ratios.append(v / w)
@@ -902,17 +933,18 @@ def build_table(
             }
             for kind in kinds:
                 row[kind] = summarize([r.get(m.key) for r in by_proxy.get(kind, [])])
-            v, w = row.get("vncmux"), row.get("websockify")
+            a, b = kinds[0], kinds[-1]
+            v, w = row.get(a), row.get(b)
             row["ratio_of_medians"] = v["median"] / w["median"] if v and w and w["median"] else None
-            ratio = paired_ratio(by_proxy, m.key)
-            row["ratio_vncmux_websockify"] = ratio
-            row["vncmux_leads"] = (
+            ratio = paired_ratio(by_proxy, m.key, a, b) if len(kinds) > 1 else None
+            row["ratio"] = ratio
+            row["a_leads"] = (
                 None if ratio is None or ratio == 1 else (ratio > 1) == m.higher_is_better
             )
             rows.append(row)
     head = f"{'scenario':<11} {'metric (unit)':<36} {'better':<6} "
     head += "".join(f"{k + ' median [min-max]':>32}" for k in kinds)
-    head += f" {'v/w':>7}  lead"
+    head += f" {'A/B':>7}  lead"
     lines = [head, "-" * len(head)]
     for row in rows:
         cells = ""
@@ -923,8 +955,8 @@ def build_table(
                 if s
                 else f"{'-':>32}"
             )
-        ratio = row["ratio_vncmux_websockify"]
-        lead = {True: "yes", False: "NO", None: "tie" if ratio == 1 else ""}[row["vncmux_leads"]]
+        ratio = row["ratio"]
+        lead = {True: "yes", False: "NO", None: "tie" if ratio == 1 else ""}[row["a_leads"]]
         lines.append(
             f"{row['scenario']:<11} {row['label'] + ' (' + row['unit'] + ')':<36} "
             f"{row['better']:<6} {cells} {fmt_ratio(ratio):>7}  {lead}"
@@ -962,6 +994,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backends", type=int, default=1, help="backend processes per mode")
     p.add_argument(
         "--only", choices=PROXIES, help="measure one proxy (default: both if vncmux is present)"
+    )
+    p.add_argument(
+        "--baseline",
+        choices=("websockify", METRICS_ON),
+        default="websockify",
+        help="what vncmux (A, --metrics none) is compared with (B): websockify, or vncmux "
+        "with its metrics endpoint on and scraped every second",
     )
     p.add_argument(
         "--scenarios",
@@ -1052,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         kinds: tuple[str, ...] = (args.only,)
     elif (REPO / "vncmux" / "tap.py").exists():
-        kinds = PROXIES
+        kinds = ("vncmux", args.baseline)
     else:
         print("vncmux/tap.py not found: measuring websockify only", file=sys.stderr)
         kinds = ("websockify",)
@@ -1092,12 +1131,16 @@ def main(argv: list[str] | None = None) -> int:
                 token_file,
                 logs,
                 reg,
-                extra=args.vncmux_arg if k == "vncmux" else args.websockify_arg,
+                extra=args.websockify_arg if k == "websockify" else args.vncmux_arg,
             )
             for k in kinds
         }
         for ps in proxies.values():
             ps.start()
+        if METRICS_ON in proxies:
+            scraper = Scraper(proxies[METRICS_ON], deadline)
+            scraper.start()
+            env["scrapes"] = scraper.counts
         ctx = Ctx(args, reg, logs, backends, proxies)
         for name, fn in scenario_plan(args):
             runs[name] = {k: [] for k in kinds}

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from vncmux.interfaces import IPeer
 from vncmux.refusals import CONSOLE_UNREACHABLE, Refused
+from vncmux.relay import set_interactive
 from vncmux.tokens import format_target
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class BackendProtocol(Protocol):
         self.session: Session | None = None
 
     def connectionMade(self) -> None:
+        set_interactive(self.transport)
         if self.tracker is not None:
             self.tracker.opened()
 

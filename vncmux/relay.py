@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -28,6 +28,16 @@ CLIENT_BUFFER_SIZE = 256 * 1024
 
 CLIENT_TO_BACKEND = "client_to_backend"
 BACKEND_TO_CLIENT = "backend_to_client"
+
+
+def set_interactive(transport: object) -> None:
+    """
+    Turn Nagle's algorithm off: keystrokes and small screen updates go out at once instead
+    of waiting for the peer's (delayed) ACK. TCP keepalive finds peers that vanished.
+    """
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        transport.setTcpKeepAlive(True)  # type: ignore[attr-defined]
 
 
 class SessionRegistry(Protocol):

@@ -45,7 +45,7 @@ from vncmux.refusals import (
     Refusal,
     Refused,
 )
-from vncmux.relay import RelayStats, Session
+from vncmux.relay import RelayStats, Session, set_interactive
 from vncmux.rfb import ClientActivityScanner, RefusingServer
 from vncmux.web import StaticFiles
 
@@ -94,6 +94,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         self.factory.supervisor.connections.opened()
+        set_interactive(self.transport)
         super().connectionMade()
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import struct
 import tempfile
 
@@ -67,7 +68,8 @@ class RelayTests(TestCase):
 
     @deferred_test
     async def test_round_trip(self) -> None:
-        """The VNC greeting reaches the client first; client bytes are echoed back."""
+        """The VNC greeting reaches the client first; client bytes are echoed back; both
+        sockets send small packets at once (no Nagle delay) and use TCP keepalive."""
         vnc, proxy, _ = await self._setup()
         client = await connect_client(self, proxy.port)
         await client.opened
@@ -80,6 +82,10 @@ class RelayTests(TestCase):
         session = next(iter(proxy.supervisor.sessions.values()))
         self.assertEqual(session.bytes_to_backend, 5012)
         self.assertEqual(session.bytes_to_client, 5024)
+        for side in (session.client, session.backend):
+            sock = side.transport.getHandle()
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), side)
+            self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), side)
 
     @deferred_test
     async def test_frames_mixed_with_control_frames(self) -> None:
