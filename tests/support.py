@@ -6,11 +6,13 @@ dirty-reactor check stays meaningful.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -23,6 +25,40 @@ from vncmux.supervisor import Limits, Supervisor
 from vncmux.websocket import ConsoleFactory
 
 GREETING = b"RFB 003.008\n"
+
+
+def async_test(
+    f: Callable[[Any], Coroutine[Any, Any, None]],
+) -> Callable[[Any], Deferred[None]]:
+    """Run an ``async def`` test method under trial, keeping its name and docstring."""
+
+    def test(self: Any) -> Deferred[None]:
+        return ensureDeferred(f(self))
+
+    test.__doc__, test.__name__ = f.__doc__, f.__name__
+    return test
+
+
+class _RawAnswer(Protocol):
+    """Collects everything a server sends until it closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(self.data)
+
+
+async def raw_request(port: int, request: bytes) -> bytes:
+    """Send raw bytes to 127.0.0.1:C{port} and read the answer until the server closes."""
+    proto = _RawAnswer()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: proto))
+    proto.transport.write(request)  # type: ignore[union-attr]
+    return await proto.done
 
 
 class FakeVncProtocol(Protocol):

@@ -9,51 +9,25 @@ import struct
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
-from tests.support import GREETING, connect_client, listen_fake_vnc, listen_proxy
+from tests.support import (
+    GREETING,
+    async_test,
+    connect_client,
+    listen_fake_vnc,
+    listen_proxy,
+    raw_request,
+)
 from vncmux.tokens import MemoryTokenStore
 
 
 def rfb_failure(reason: bytes) -> bytes:
     """What a refusing RFB 3.8 server sends after the client's version."""
     return b"\x00" + struct.pack("!I", len(reason)) + reason
-
-
-class _Raw(Protocol):
-    """Collects a raw HTTP answer."""
-
-    def connectionMade(self) -> None:
-        self.data = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.done.callback(self.data)
-
-
-async def http_get(port: int, request: bytes) -> bytes:
-    """Send a raw request and read until the server closes."""
-    proto = _Raw()
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: proto))
-    proto.transport.write(request)
-    return await proto.done
-
-
-def deferred_test(f):  # type: ignore[no-untyped-def]
-    """Run an async test method under trial."""
-
-    def run(self):  # type: ignore[no-untyped-def]
-        return ensureDeferred(f(self))
-
-    run.__doc__ = f.__doc__
-    run.__name__ = f.__name__
-    return run
 
 
 class RelayTests(TestCase):
@@ -66,7 +40,7 @@ class RelayTests(TestCase):
         proxy = await listen_proxy(self, store, **settings)
         return vnc, proxy, store
 
-    @deferred_test
+    @async_test
     async def test_round_trip(self) -> None:
         """The VNC greeting reaches the client first; client bytes are echoed back; both
         sockets send small packets at once (no Nagle delay) and use TCP keepalive."""
@@ -87,7 +61,7 @@ class RelayTests(TestCase):
             self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), side)
             self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), side)
 
-    @deferred_test
+    @async_test
     async def test_frames_mixed_with_control_frames(self) -> None:
         """Data frames, pings and a fragmented message interleaved: every byte reaches the VNC
         server in order and each ping is answered (autobahn handles the control frames, the
@@ -120,7 +94,7 @@ class RelayTests(TestCase):
         await ponged
         self.assertEqual(pongs, [b"p1", b"p2"])
 
-    @deferred_test
+    @async_test
     async def test_binary_subprotocol(self) -> None:
         """A client offering 'binary' gets it; one offering nothing gets no subprotocol."""
         _, proxy, _ = await self._setup()
@@ -128,7 +102,7 @@ class RelayTests(TestCase):
         opened = await client.opened
         self.assertEqual(opened.websocket_protocol_in_use, "binary")
 
-    @deferred_test
+    @async_test
     async def test_backend_close_closes_client(self) -> None:
         """When the VNC server hangs up, the client gets 1000 'backend closed' and the
         session leaves the table."""
@@ -140,7 +114,7 @@ class RelayTests(TestCase):
         self.assertEqual((code, reason), (1000, "backend closed"))
         self.assertEqual(proxy.supervisor.sessions, {})
 
-    @deferred_test
+    @async_test
     async def test_client_close_closes_backend(self) -> None:
         """When the browser leaves, the backend connection is closed too."""
         vnc, proxy, _ = await self._setup()
@@ -171,7 +145,7 @@ class RefusalTests(TestCase):
         self.assertEqual(proxy.supervisor.sessions, {})
         return client.received[12:], closed
 
-    @deferred_test
+    @async_test
     async def test_unknown_token(self) -> None:
         """An unknown token gets 'invalid token' as RFB failure and close code 4401, and no
         VNC server is contacted."""
@@ -183,7 +157,7 @@ class RefusalTests(TestCase):
         self.assertEqual(closed, (4401, "invalid token"))
         self.assertEqual(vnc.connections, [])
 
-    @deferred_test
+    @async_test
     async def test_silent_client_dropped(self) -> None:
         """A refused client that never answers the RFB greeting is dropped after the
         refusal timeout, leaving no connection and no timer behind."""
@@ -194,13 +168,13 @@ class RefusalTests(TestCase):
         self.assertEqual(code, 1006)
         await proxy.supervisor.connections.all_closed()
 
-    @deferred_test
+    @async_test
     async def test_no_token(self) -> None:
         """No token at all is a bad request (4400)."""
         answer, closed = await self._refused("/websockify")
         self.assertEqual(closed, (4400, "bad request"))
 
-    @deferred_test
+    @async_test
     async def test_token_from_cookie(self) -> None:
         """The token cookie is used when the query has none."""
         vnc, vnc_port = await listen_fake_vnc(self)
@@ -212,7 +186,7 @@ class RefusalTests(TestCase):
         )
         self.assertEqual(await client.receive(12), GREETING)
 
-    @deferred_test
+    @async_test
     async def test_expired_token(self) -> None:
         """A token past its expires_at is refused with 4403 'token expired'."""
         store = MemoryTokenStore()
@@ -220,7 +194,7 @@ class RefusalTests(TestCase):
         answer, closed = await self._refused("/?token=old", store)
         self.assertEqual(closed, (4403, "token expired"))
 
-    @deferred_test
+    @async_test
     async def test_unreachable_backend(self) -> None:
         """A backend that refuses the connection gives 4502 'console unreachable'."""
         listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
@@ -232,7 +206,7 @@ class RefusalTests(TestCase):
         self.assertEqual(answer, rfb_failure(b"console unreachable"))
         self.assertEqual(closed, (4502, "console unreachable"))
 
-    @deferred_test
+    @async_test
     async def test_not_a_vnc_server(self) -> None:
         """A backend that does not greet with RFB is unreachable as a console."""
         vnc, vnc_port = await listen_fake_vnc(self, greeting=b"SSH-2.0-OpenSSH_9.2\r\n")
@@ -242,7 +216,7 @@ class RefusalTests(TestCase):
         self.assertEqual(closed, (4502, "console unreachable"))
         await vnc.connections[0].lost
 
-    @deferred_test
+    @async_test
     async def test_store_unavailable(self) -> None:
         """A token store that cannot answer gives 4503."""
         store = MemoryTokenStore()
@@ -250,7 +224,7 @@ class RefusalTests(TestCase):
         answer, closed = await self._refused("/?token=x", store)
         self.assertEqual(closed, (4503, "token store unavailable"))
 
-    @deferred_test
+    @async_test
     async def test_foreign_origin(self) -> None:
         """A browser page from another origin is refused with 4403."""
         store = MemoryTokenStore()
@@ -260,11 +234,11 @@ class RefusalTests(TestCase):
         )
         self.assertEqual(closed, (4403, "origin not allowed"))
 
-    @deferred_test
+    @async_test
     async def test_unsupported_subprotocol(self) -> None:
         """A client that offers only other subprotocols gets HTTP 400 before the upgrade."""
         proxy = await listen_proxy(self, MemoryTokenStore())
-        answer = await http_get(
+        answer = await raw_request(
             proxy.port,
             b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -276,15 +250,15 @@ class RefusalTests(TestCase):
 class PlainHttpTests(TestCase):
     """Plain GETs on the console port: files from --web, else 404."""
 
-    @deferred_test
+    @async_test
     async def test_404_without_web(self) -> None:
         """Without --web every plain GET is a 404, not autobahn's status page."""
         proxy = await listen_proxy(self, MemoryTokenStore())
-        answer = await http_get(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:80])
         self.assertNotIn(b"autobahn", answer.lower())
 
-    @deferred_test
+    @async_test
     async def test_serves_web_dir(self) -> None:
         """With --web a file below the directory is served with its content type."""
         root = tempfile.mkdtemp()
@@ -292,9 +266,9 @@ class PlainHttpTests(TestCase):
         with open(os.path.join(root, "vnc.html"), "wb") as f:
             f.write(b"<html>noVNC</html>")
         proxy = await listen_proxy(self, MemoryTokenStore(), web=root)
-        answer = await http_get(proxy.port, b"GET /vnc.html?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await raw_request(proxy.port, b"GET /vnc.html?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:80])
         self.assertIn(b"Content-Type: text/html", answer)
         self.assertTrue(answer.endswith(b"<html>noVNC</html>"))
-        escape = await http_get(proxy.port, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
+        escape = await raw_request(proxy.port, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(escape.startswith(b"HTTP/1.1 404"))

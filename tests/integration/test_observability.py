@@ -14,21 +14,26 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from unittest import SkipTest
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import start_redis
-from tests.support import GREETING, Proxy, connect_client, listen_fake_vnc, listen_proxy
+from tests.support import (
+    GREETING,
+    Proxy,
+    async_test,
+    connect_client,
+    listen_fake_vnc,
+    listen_proxy,
+    raw_request,
+)
 from vncmux.interfaces import ITokenStore
 from vncmux.logformat import JsonLineObserver
 from vncmux.metrics import Metrics
@@ -43,16 +48,6 @@ ALERT_TESTS = os.path.join(ROOT, "etc", "prometheus", "vncmux-alerts.test.yml")
 DASHBOARD = os.path.join(ROOT, "etc", "grafana", "vncmux-dashboard.json")
 SECRET = "integration-admin-secret"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
-
-
-def run(f: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[Any], Deferred[None]]:
-    """Run an async test method under trial, keeping its docstring."""
-
-    def test(self: Any) -> Deferred[None]:
-        return ensureDeferred(f(self))
-
-    test.__doc__, test.__name__ = f.__doc__, f.__name__
-    return test
 
 
 def require_tool(test: Any, command: str, package: str) -> str:
@@ -79,18 +74,6 @@ class Answer:
         return json.loads(self.body)
 
 
-class _Raw(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.done.callback(self.data)
-
-
 async def http(
     port: int,
     method: str,
@@ -99,14 +82,10 @@ async def http(
     body: bytes = b"",
 ) -> Answer:
     """One HTTP/1.0 request to 127.0.0.1:C{port}."""
-    proto = _Raw()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await endpoint.connect(Factory.forProtocol(lambda: proto))
     lines = [f"{method} {path} HTTP/1.0", f"Host: 127.0.0.1:{port}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     lines.append(f"Content-Length: {len(body)}")
-    proto.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)  # type: ignore[union-attr]
-    raw = await proto.done
+    raw = await raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     head, _, payload = raw.partition(b"\r\n\r\n")
     first, *rest = head.decode("latin-1").split("\r\n")
     fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in rest)}
@@ -171,7 +150,7 @@ def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 class MetricsOverHttpTests(TestCase):
     """/metrics scraped over HTTP agrees with the bytes really relayed."""
 
-    @run
+    @async_test
     async def test_bytes_and_sessions(self) -> None:
         """After real sessions (one closed, one live, one refused) the byte counters equal
         exactly what was sent each way, and the session counters add up."""
@@ -226,7 +205,7 @@ class MetricsOverHttpTests(TestCase):
         )
         self.assertEqual(found[key("vncmux_sessions_active")], 0)
 
-    @run
+    @async_test
     async def test_promtool_check_metrics(self) -> None:
         """`promtool check metrics` accepts a real scrape taken after real traffic."""
         promtool = require_tool(self, "promtool", "prometheus")
@@ -246,7 +225,7 @@ class MetricsOverHttpTests(TestCase):
         self.assertEqual(checked.returncode, 0, checked.stdout + checked.stderr)
         self.assertEqual(checked.stdout + checked.stderr, b"")
 
-    @run
+    @async_test
     async def test_health(self) -> None:
         """/healthz is 200; /readyz is 200 while the listener is up and 503 once it stopped."""
         obs = await observed_proxy(self, MemoryTokenStore(), admin=False)
@@ -263,7 +242,7 @@ class MetricsOverHttpTests(TestCase):
 class AdminOverHttpTests(TestCase):
     """The admin API on the metrics port, against live sessions."""
 
-    @run
+    @async_test
     async def test_secrets_and_sessions(self) -> None:
         """Missing secret 401, wrong 403; with it, the live session is listed and DELETE
         closes it with 4002 'token revoked'."""
@@ -300,7 +279,7 @@ class AdminOverHttpTests(TestCase):
         found = await obs.scrape()
         self.assertEqual(found[key("vncmux_sessions_closed_total", reason="revoked")], 1)
 
-    @run
+    @async_test
     async def test_no_secret_in_any_log_event(self) -> None:
         """Issuing a token with a password, using it, refusing a wrong one, revoking it over
         the admin API: no captured log event, raw or formatted or as JSON, holds the token
@@ -372,7 +351,7 @@ class _Lines:
 class ReadinessWithRedisTests(TestCase):
     """/readyz follows a real Redis going away and coming back, without a proxy restart."""
 
-    @run
+    @async_test
     async def test_redis_stops_and_restarts(self) -> None:
         """Redis stopped: 503 within the deadline and a token store error counted; Redis
         back on the same port: 200 again from the same proxy."""

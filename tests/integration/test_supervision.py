@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tests.support import GREETING, connect_client, listen_fake_vnc, listen_proxy
+from tests.support import GREETING, async_test, connect_client, listen_fake_vnc, listen_proxy
 from vncmux.supervisor import Limits
 from vncmux.tokens import MemoryTokenStore
-
-
-def run(f):  # type: ignore[no-untyped-def]
-    """Run an async test method under trial, keeping its docstring."""
-
-    def test(self):  # type: ignore[no-untyped-def]
-        return ensureDeferred(f(self))
-
-    test.__doc__, test.__name__ = f.__doc__, f.__name__
-    return test
 
 
 class DrainTests(TestCase):
     """Stopping the proxy stops accepting at once and loses no byte already read."""
 
-    @run
+    @async_test
     async def test_no_byte_lost(self) -> None:
         """Bytes in flight both ways when the proxy stops all arrive before the 1001 close."""
         vnc, vnc_port = await listen_fake_vnc(self, echo=False)
@@ -48,7 +38,7 @@ class DrainTests(TestCase):
         self.assertEqual(len(backend.received), session.bytes_to_backend)
         self.assertEqual(proxy.supervisor.connections.count, 0)
 
-    @run
+    @async_test
     async def test_grace_period(self) -> None:
         """During the grace period no new connection is accepted but live sessions go on;
         a session that ends by itself lets the drain finish early."""
@@ -76,7 +66,7 @@ class DrainTests(TestCase):
 class KeepaliveTests(TestCase):
     """WebSocket pings keep sessions open and find clients that stopped answering."""
 
-    @run
+    @async_test
     async def test_unanswered_pings_drop_client_and_backend(self) -> None:
         """A client that stops reading (so never answers pings) is dropped, and its VNC
         connection closed, after the ping timeout."""
@@ -97,7 +87,7 @@ class KeepaliveTests(TestCase):
         opened.transport.resumeProducing()
         await client.closed
 
-    @run
+    @async_test
     async def test_answered_pings_keep_session(self) -> None:
         """A client that answers pings stays connected across several intervals."""
         vnc, vnc_port = await listen_fake_vnc(self)
@@ -134,7 +124,7 @@ class LimitTests(TestCase):
         client.send(b"RFB 003.008\n")
         return await client.closed
 
-    @run
+    @async_test
     async def test_per_token_limit(self) -> None:
         """The second session on a token limited to one is refused with 4429."""
         vnc, vnc_port = await listen_fake_vnc(self)
@@ -147,7 +137,7 @@ class LimitTests(TestCase):
             await self._refusal(proxy.port, "/?token=good"), (4429, "too many sessions")
         )
 
-    @run
+    @async_test
     async def test_single_use(self) -> None:
         """A single-use token opens one console; a failed attempt does not use it up."""
         vnc, vnc_port = await listen_fake_vnc(self)
