@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -15,8 +16,10 @@ from vncmux.relay import (
     BACKEND_TO_CLIENT,
     CLIENT_BUFFER_SIZE,
     CLIENT_TO_BACKEND,
+    SEND_NOW_LIMIT,
     RelayStats,
     Session,
+    send_now,
 )
 from vncmux.rfb import ClientActivityScanner
 from vncmux.tokens import TokenRecord
@@ -183,3 +186,32 @@ class FrameHeaderTests(SynchronousTestCase):
         self.assertEqual(binary_frame_header(126), b"\x82\x7e\x00\x7e")
         self.assertEqual(binary_frame_header(65535), b"\x82\x7e\xff\xff")
         self.assertEqual(binary_frame_header(65536), b"\x82\x7f" + (65536).to_bytes(8, "big"))
+
+
+class SendNowTests(SynchronousTestCase):
+    """Small writes are flushed at once; bulk and closing transports are left to Twisted."""
+
+    class Descriptor(FileDescriptor):
+        connected = True
+
+        def __init__(self) -> None:
+            super().__init__(reactor=object())
+            self.flushes = 0
+
+        def doWrite(self) -> None:
+            self.flushes += 1
+
+    def test_small_write_flushed(self) -> None:
+        """A keystroke-sized write is sent in the same reactor pass."""
+        transport = self.Descriptor()
+        send_now(transport, 6)
+        self.assertEqual(transport.flushes, 1)
+
+    def test_bulk_and_closing_left_alone(self) -> None:
+        """Bulk writes keep Twisted's pacing; a closing transport is not touched."""
+        transport = self.Descriptor()
+        send_now(transport, SEND_NOW_LIMIT + 1)
+        transport.disconnecting = True
+        send_now(transport, 6)
+        send_now(StringTransport(), 6)
+        self.assertEqual(transport.flushes, 0)

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from vncmux.interfaces import IPeer
 from vncmux.refusals import CONSOLE_UNREACHABLE, Refused
-from vncmux.relay import set_interactive
+from vncmux.relay import send_now, set_interactive
 from vncmux.tokens import format_target
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class BackendProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
+        send_now(self.transport, len(data))
 
     def pause(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.python.failure import Failure
@@ -26,6 +27,9 @@ BACKEND_READ_SIZE = 512 * 1024
 #: call takes). A slow browser costs the proxy at most this plus one read.
 CLIENT_BUFFER_SIZE = 256 * 1024
 
+#: Writes up to this size are sent at once (L{send_now}).
+SEND_NOW_LIMIT = 16 * 1024
+
 CLIENT_TO_BACKEND = "client_to_backend"
 BACKEND_TO_CLIENT = "backend_to_client"
 
@@ -38,6 +42,22 @@ def set_interactive(transport: object) -> None:
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         transport.setTcpKeepAlive(True)  # type: ignore[attr-defined]
+
+
+def send_now(transport: object, size: int) -> None:
+    """
+    Send a small write at once instead of on the next reactor pass: a keystroke or a small
+    screen update saves a trip through the event loop. Bulk writes keep Twisted's own
+    pacing. Only for transports that are file descriptors (not TLS-less wrappers such as
+    the PROXY-protocol one), and never while the transport is closing.
+    """
+    if (
+        size <= SEND_NOW_LIMIT
+        and isinstance(transport, FileDescriptor)
+        and transport.connected
+        and not transport.disconnecting
+    ):
+        transport.doWrite()
 
 
 class SessionRegistry(Protocol):

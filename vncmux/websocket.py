@@ -45,7 +45,7 @@ from vncmux.refusals import (
     Refusal,
     Refused,
 )
-from vncmux.relay import RelayStats, Session, set_interactive
+from vncmux.relay import RelayStats, Session, send_now, set_interactive
 from vncmux.rfb import ClientActivityScanner, RefusingServer
 from vncmux.web import StaticFiles
 
@@ -279,7 +279,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def write(self, data: bytes) -> None:
         if self.state == _OPEN:
-            self.transport.writeSequence((binary_frame_header(len(data)), data))  # type: ignore[union-attr]
+            size = len(data)
+            self.transport.writeSequence((binary_frame_header(size), data))  # type: ignore[union-attr]
+            send_now(self.transport, size)
 
     def pause(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]
