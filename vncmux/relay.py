@@ -48,8 +48,8 @@ def send_now(transport: object, size: int) -> None:
     """
     Send a small write at once instead of on the next reactor pass: a keystroke or a small
     screen update saves a trip through the event loop. Bulk writes keep Twisted's own
-    pacing. Only for transports that are file descriptors (not TLS-less wrappers such as
-    the PROXY-protocol one), and never while the transport is closing.
+    pacing. Only for transports that are sockets themselves (not wrappers such as the
+    PROXY-protocol one), and never while the transport is closing.
     """
     if (
         size <= SEND_NOW_LIMIT

@@ -84,9 +84,14 @@ class Listener(Service):
     def listening(self) -> Deferred[IListeningPort]:
         """Fire with the listening port once it is up."""
         assert self._listening is not None, "not started"
-        d: Deferred[IListeningPort] = Deferred()
-        self._listening.addCallback(lambda port: (d.callback(port), port)[1])
-        return d
+        up: Deferred[IListeningPort] = Deferred()
+
+        def tell(port: IListeningPort) -> IListeningPort:
+            up.callback(port)
+            return port
+
+        self._listening.addCallback(tell)
+        return up
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
