@@ -62,7 +62,7 @@ class Gate:
         if record is None:
             raise Refused(INVALID_TOKEN, "unknown token")
         if record.expired(self._clock.seconds()):
-            raise Refused(TOKEN_EXPIRED, f"token {record.token_id} expired at {record.expires_at}")
+            raise Refused(TOKEN_EXPIRED, f"token expired at {record.expires_at}", record.token_id)
         return record
 
     def _store_failed(self, failure: Failure) -> Failure:
@@ -75,7 +75,11 @@ class Gate:
     def _reserve_and_dial(
         self, record: TokenRecord, client_address: str
     ) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
-        self._supervisor.reserve(record, client_address)
+        try:
+            self._supervisor.reserve(record, client_address)
+        except Refused as e:
+            e.token_id = record.token_id
+            raise
         started = self._clock.seconds()
         dialing = self._dialer.dial(record.host, record.port)
         dialing.addBoth(self._timed, "backend_connect", started)
@@ -84,6 +88,8 @@ class Gate:
 
         def give_back(failure: Failure) -> Failure:
             self._supervisor.release(record, client_address)
+            if failure.check(Refused):
+                failure.value.token_id = record.token_id  # type: ignore[union-attr]
             return failure
 
         dialing.addErrback(give_back)

@@ -41,13 +41,14 @@ class Refused(Exception):
     A session cannot start.
 
     C{detail} is for the operator's log (never contains the token); the user only sees
-    C{refusal.reason}.
+    C{refusal.reason}. C{token_id} names the token once it was found.
     """
 
-    def __init__(self, refusal: Refusal, detail: str = "") -> None:
+    def __init__(self, refusal: Refusal, detail: str = "", token_id: str | None = None) -> None:
         super().__init__(refusal.reason, detail)
         self.refusal = refusal
         self.detail = detail or refusal.reason
+        self.token_id = token_id
 
 
 @dataclass(frozen=True, slots=True)

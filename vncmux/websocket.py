@@ -90,6 +90,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
     _refuser: RefusingServer | None = None
     _refusal_timer: IDelayedCall | None = None
     _reader: BinaryFrameReader | None = None
+    _reported = False
     _gone = False
 
     def connectionMade(self) -> None:
@@ -192,6 +193,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
             return
         if failure.check(Refused):
             refused: Refused = failure.value  # type: ignore[assignment]
+            self.token_id = refused.token_id
             self._refuse(refused.refusal, refused.detail)
         else:
             self._log.failure("admission of session {sid} failed", failure, sid=self.session_id)
@@ -202,9 +204,20 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self._report_refusal(refusal, detail)
 
     def _report_refusal(self, refusal: Refusal, detail: str) -> None:
+        self._reported = True
         self.factory.observer.session_rejected(
             self.session_id, self.client_address, refusal, detail, self.token_id
         )
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: object = None) -> None:
+        """A malformed upgrade that autobahn refuses itself is a bad request too: count and
+        log it like the others (once: a denied subprotocol was reported already)."""
+        if not self._reported:
+            if not self.session_id:
+                self.session_id = os.urandom(6).hex()
+                self.client_address = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+            self._report_refusal(BAD_REQUEST, f"HTTP {code}: {reason}")
+        super().failHandshake(reason, code, responseHeaders)
 
     # -- after the upgrade ---------------------------------------------------------------------
 

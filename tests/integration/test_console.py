@@ -127,6 +127,25 @@ class RelayTests(TestCase):
         self.assertEqual(proxy.supervisor.sessions, {})
 
 
+class Rejections:
+    """Records what observers hear about refused connections."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str | None]] = []
+
+    def session_rejected(self, session_id, client_address, refusal, detail, token_id):  # type: ignore[no-untyped-def]
+        self.seen.append((refusal.code, token_id))
+
+    def session_opened(self, session: object) -> None:
+        """Not a refusal."""
+
+    def session_closed(self, session: object, duration: float) -> None:
+        """Not a refusal."""
+
+    def stage_timed(self, stage: str, seconds: float) -> None:
+        """Not a refusal."""
+
+
 class RefusalTests(TestCase):
     """Refused consoles answer as a refusing VNC server, then close with DESIGN.md's code."""
 
@@ -235,9 +254,46 @@ class RefusalTests(TestCase):
         self.assertEqual(closed, (4403, "origin not allowed"))
 
     @async_test
-    async def test_unsupported_subprotocol(self) -> None:
-        """A client that offers only other subprotocols gets HTTP 400 before the upgrade."""
+    async def test_refusals_name_the_token(self) -> None:
+        """Refusals after the token was found (expired, unreachable) are reported with its
+        token_id; an unknown token has none to report."""
+        store = MemoryTokenStore()
+        old = store.add("old", "127.0.0.1", 1, expires_at=1.0)
+        dead = store.add("dead", "127.0.0.1", 1)
+        proxy = await listen_proxy(self, store)
+        rejections = Rejections()
+        proxy.observers.add(rejections)
+        for path in ("/?token=old", "/?token=dead", "/?token=nope"):
+            client = await connect_client(self, proxy.port, path=path)
+            await client.receive(12)
+            client.send(GREETING)
+            await client.closed
+        self.assertEqual(
+            rejections.seen, [(4403, old.token_id), (4502, dead.token_id), (4401, None)]
+        )
+
+    @async_test
+    async def test_malformed_upgrade_counted(self) -> None:
+        """An upgrade autobahn itself refuses (no Sec-WebSocket-Key) gets HTTP 400 and is
+        reported once as a bad request."""
         proxy = await listen_proxy(self, MemoryTokenStore())
+        rejections = Rejections()
+        proxy.observers.add(rejections)
+        answer = await raw_request(
+            proxy.port,
+            b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:80])
+        self.assertEqual(rejections.seen, [(4400, None)])
+
+    @async_test
+    async def test_unsupported_subprotocol(self) -> None:
+        """A client that offers only other subprotocols gets HTTP 400 before the upgrade,
+        reported once as a bad request."""
+        proxy = await listen_proxy(self, MemoryTokenStore())
+        rejections = Rejections()
+        proxy.observers.add(rejections)
         answer = await raw_request(
             proxy.port,
             b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -245,6 +301,7 @@ class RefusalTests(TestCase):
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: base64\r\n\r\n",
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:80])
+        self.assertEqual(rejections.seen, [(4400, None)])
 
 
 class PlainHttpTests(TestCase):
