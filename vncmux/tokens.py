@@ -6,6 +6,7 @@ or its first 12 hex digits (the ``token_id``) in logs, is kept.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -13,8 +14,9 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -49,7 +51,9 @@ def parse_target(text: str) -> tuple[str, int]:
     Parse ``host:port``, ``[v6addr]:port`` or a bare IPv6 address followed by ``:port``.
 
     The port is taken after the last colon, so an unbracketed IPv6 address still parses
-    (websockify's TokenFile splits the same way).
+    (websockify's TokenFile splits the same way). This is the one place that takes brackets
+    off: only a balanced pair around an IPv6 address, so ``[h``, ``h]`` and ``[[h]]`` are
+    refused rather than half-stripped.
     """
     text = text.strip()
     host, sep, port_text = text.rpartition(":")
@@ -68,7 +72,7 @@ def parse_target(text: str) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise BadTarget(f"target {text!r} is not host:port") from None
-    if not host or any(c.isspace() for c in host):
+    if not host or "[" in host or "]" in host or any(c.isspace() for c in host):
         raise BadTarget(f"target {text!r} has an invalid host")
     return host, parse_port(port_text, text)
 
@@ -82,6 +86,33 @@ def parse_port(port_text: str | int, context: str = "") -> int:
     if not 0 < port < 65536:
         raise BadTarget(f"port {port} of {context or 'target'} is out of range")
     return port
+
+
+def check_target(host: str, port: int | str) -> tuple[str, int]:
+    """
+    A target given as separate host and port (CLI, admin API, a Redis record): a host name
+    or address, IPv6 with or without one balanced pair of brackets. Returns them normalized
+    (no brackets); L{BadTarget} says what is wrong. Brackets are left to L{parse_target}, so
+    both accept and refuse the same hosts.
+    """
+    if not host or any(c.isspace() for c in host):
+        raise BadTarget("host must be a host name or address")
+    checked_port = parse_port(port, "port")
+    if host.startswith("[") or host.endswith("]"):
+        return parse_target(f"{host}:{checked_port}")
+    return parse_target(format_target(host, checked_port))
+
+
+def check_instance(instance_uuid: str) -> str:
+    """An instance UUID as given by an operator: no whitespace (it names a Redis set)."""
+    if any(c.isspace() for c in instance_uuid):
+        raise BadTarget("instance_uuid must not contain spaces")
+    return instance_uuid
+
+
+def token_id_of(token_hash: str) -> str:
+    """The short, non-secret name of a token hash in logs, metrics and the admin API."""
+    return token_hash[:TOKEN_ID_LENGTH]
 
 
 def format_target(host: str, port: int) -> str:
@@ -109,16 +140,21 @@ class TokenRecord:
     last_activity_at: float | None = None
     max_sessions: int | None = None
     single_use: bool = False
-    password: str | None = None
+    #: Kept out of repr: records end up in logs and tracebacks.
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def issued(
         cls, token: str, host: str, port: int, now: float, ttl: float | None = None, **fields: Any
     ) -> TokenRecord:
-        """The record of a token issued at C{now}, valid for C{ttl} seconds (None: no expiry)."""
+        """
+        The record of a token issued at C{now}, valid for C{ttl} seconds (None: no expiry);
+        C{host} may be a bracketed IPv6 address (L{BadTarget} for a malformed one).
+        """
+        host, port = check_target(host, port)
         return cls(
             token_hash=hash_token(token),
-            host=host.strip("[]"),
+            host=host,
             port=port,
             issued_at=now,
             expires_at=now + ttl if ttl else None,
@@ -128,7 +164,7 @@ class TokenRecord:
     @property
     def token_id(self) -> str:
         """The short, non-secret name of the token in logs, metrics and the admin API."""
-        return self.token_hash[:TOKEN_ID_LENGTH]
+        return token_id_of(self.token_hash)
 
     @property
     def target(self) -> str:
@@ -167,10 +203,7 @@ class TokenRecord:
         except KeyError:
             raise BadTarget("token record has no host") from None
         if "port" in fields and fields["port"] not in (None, ""):
-            port = parse_port(fields["port"], "token record")
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
-            host, port = parse_target(format_target(host, port))  # validates the host too
+            host, port = check_target(host, parse_port(fields["port"], "token record"))
         else:
             host, port = parse_target(host)
         password = fields.get("password")
@@ -296,8 +329,11 @@ class MemoryTokenStore:
         return succeed(None)
 
     def claim_use(self, token_hash: str) -> Deferred[bool]:
+        """Like Redis: only an existing token can be claimed, and only once."""
         if not self.available:
             return self._unavailable()
+        if token_hash not in self._records:
+            return succeed(False)
         first = token_hash not in self._used
         self._used.add(token_hash)
         return succeed(first)
@@ -314,6 +350,9 @@ class MemoryTokenStore:
 
 #: The file that ``issue`` appends to when a FileTokenStore reads a directory.
 ISSUED_FILE_NAME = "vncmux-issued.tokens"
+#: The lock file that ``issue`` and ``revoke`` hold, inside a token directory; next to a token
+#: file it is ``.<file name>.lock``. A dot file, so a directory scan never reads it.
+LOCK_FILE_NAME = ".vncmux-tokens.lock"
 
 # (device, inode, size, mtime_ns, ctime_ns): a file is parsed again only when this changes.
 _FileSignature = tuple[int, int, int, int, int]
@@ -332,6 +371,23 @@ def _signature(st: os.stat_result) -> _FileSignature:
 class _ParsedFile:
     signature: _FileSignature
     records: dict[str, TokenRecord]
+
+
+def _token_problem(token: str) -> str | None:
+    """
+    Why C{token} cannot be written as a token-file line, or C{None}. The reader splits a line
+    at its first ``:``, skips lines starting with ``#`` and trims whitespace, so a token
+    with any of those would be read back as another token or not at all.
+    """
+    if not token:
+        return "must not be empty"
+    if ":" in token:
+        return "must not contain ':'"
+    if token.startswith("#"):
+        return "must not start with '#'"
+    if any(c.isspace() for c in token):
+        return "must not contain whitespace"
+    return None
 
 
 def _split_token_line(line: str) -> tuple[str, str] | None:
@@ -362,7 +418,9 @@ class FileTokenStore:
 
     As an L{ITokenAdmin} it appends ``token: host:port`` lines and removes them again; a
     file has no room for a TTL, an instance, a password or limits, so such records are
-    refused with L{UnsupportedOperation}.
+    refused with L{UnsupportedOperation}. Both hold an exclusive C{flock} on a lock file
+    (L{LOCK_FILE_NAME}) so that two ``vncmux token`` calls cannot interleave; a new token
+    file is created with mode 0600, and a revoke keeps the file's mode and owner.
     """
 
     _log = Logger()
@@ -377,8 +435,10 @@ class FileTokenStore:
         self._files: dict[str, _ParsedFile] = {}
         self._records: dict[str, TokenRecord] = {}
         self._error: TokenStoreUnavailable | None = None
+        self._listing: list[str] = []
         self._unreadable: dict[str, _FileSignature] = {}
-        #: How many times a file was parsed: lets tests prove unchanged files are not re-read.
+        #: How many times a file was opened to be parsed (readable or not): lets tests prove
+        #: that unchanged files are not read again.
         self.parse_count = 0
 
     # ITokenStore
@@ -421,17 +481,16 @@ class FileTokenStore:
                     + "; use a redis:// token store for that"
                 )
             )
-        if _split_token_line(f"{token}: x") != (token, " x") or token.startswith("#"):
-            return fail(ValueError("a token for a token file must not contain ':', '#' or spaces"))
+        problem = _token_problem(token)
+        if problem is not None:
+            return fail(ValueError(f"a token for a token file {problem}"))
         target = self._issue_path()
         line = f"{token}: {format_target(record.host, record.port)}\n"
         try:
-            with open(target, "a+", encoding="utf-8") as f:
-                if f.tell() > 0:
-                    f.seek(f.tell() - 1)
-                    if f.read(1) != "\n":
-                        line = "\n" + line
-                f.write(line)
+            with self._locked():
+                self._append_line(target, line)
+        except TokenStoreUnavailable as e:
+            return fail(e)
         except OSError as e:
             return fail(TokenStoreUnavailable(f"cannot write token file {target}: {e.strerror}"))
         self._checked_at = None
@@ -443,12 +502,13 @@ class FileTokenStore:
 
     def revoke(self, token_hash: str) -> Deferred[bool]:
         """Remove every line of the token from every file (rewritten atomically)."""
-        self._checked_at = None
         try:
-            self._refresh()
-            removed = False
-            for path in list(self._files):
-                removed = self._remove_lines(path, token_hash) or removed
+            with self._locked():
+                self._checked_at = None
+                self._refresh()
+                removed = False
+                for path in list(self._files):
+                    removed = self._remove_lines(path, token_hash) or removed
         except TokenStoreUnavailable as e:
             return fail(e)
         except OSError as e:
@@ -467,6 +527,31 @@ class FileTokenStore:
         if os.path.isdir(self.path):
             return os.path.join(self.path, ISSUED_FILE_NAME)
         return self.path
+
+    def _lock_path(self) -> str:
+        if os.path.isdir(self.path):
+            return os.path.join(self.path, LOCK_FILE_NAME)
+        directory, name = os.path.split(self.path)
+        return os.path.join(directory, f".{name}.lock")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """
+        Hold the store's lock file: an append (issue) landing between the read and the
+        replace of a revoke would be lost, and a revoke's replace could bring back a line
+        that another revoke just removed. Opened read-only (all C{flock} needs), so a lock
+        file that root created is still usable by the proxy's own user.
+        """
+        path = self._lock_path()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise TokenStoreUnavailable(f"cannot open lock file {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _refresh(self) -> None:
         now = self._clock.seconds()
@@ -499,26 +584,33 @@ class FileTokenStore:
             raise TokenStoreUnavailable(f"token file {self.path}: {e.strerror}") from None
         is_directory = stat.S_ISDIR(st.st_mode)
         candidates = self._list_directory() if is_directory else [(self.path, st)]
+        listing = [path for path, _ in candidates]
         files: dict[str, _ParsedFile] = {}
-        changed = list(self._files) != [path for path, _ in candidates]
+        changed = listing != self._listing
         for path, file_st in candidates:
             signature = _signature(file_st)
             known = self._files.get(path)
             if known is not None and known.signature == signature:
                 files[path] = known
                 continue
+            if self._unreadable.get(path) == signature:
+                continue  # still the same unreadable file: not opened again until it changes
             if 0 <= now - file_st.st_mtime < _RACY_SECONDS:
                 signature = _NEVER_MATCHES
             parsed = self._parse(path, signature, single=path == self.path)
             if parsed is not None:
                 files[path] = parsed
-                changed = True
+                self._unreadable.pop(path, None)
+            changed = changed or parsed is not None or known is not None
         if changed:
             records: dict[str, TokenRecord] = {}
             for parsed in files.values():
                 records.update(parsed.records)
             self._records = records
         self._files = files
+        self._listing = listing
+        present = set(listing)
+        self._unreadable = {p: sig for p, sig in self._unreadable.items() if p in present}
 
     def _list_directory(self) -> list[tuple[str, os.stat_result]]:
         try:
@@ -537,17 +629,17 @@ class FileTokenStore:
         return found
 
     def _parse(self, path: str, signature: _FileSignature, single: bool) -> _ParsedFile | None:
+        self.parse_count += 1
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
         except OSError as e:
             if single:
                 raise TokenStoreUnavailable(f"token file {path}: {e.strerror}") from None
-            if self._unreadable.get(path) != signature:
+            if path not in self._unreadable:
                 self._log.warn("token file {path} skipped: {why}", path=path, why=e.strerror)
-                self._unreadable[path] = signature
+            self._unreadable[path] = signature
             return None
-        self.parse_count += 1
         records: dict[str, TokenRecord] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
@@ -576,6 +668,31 @@ class FileTokenStore:
             problem=problem,
         )
 
+    @staticmethod
+    def _append_line(path: str, line: str) -> None:
+        """
+        Append C{line} to a token file, after a newline if the file does not end with one. A new
+        file is created with mode 0600 (tokens are secrets; the umask would make it world
+        readable) and given to the owner of its directory, so a file that ``sudo vncmux token
+        add`` creates in the proxy's directory stays readable by the proxy.
+        """
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, flags)
+        else:
+            _give_to(fd, os.stat(os.path.dirname(path) or "."))
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line
+            data = line.encode("utf-8")
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+
     def _remove_lines(self, path: str, token_hash: str) -> bool:
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             lines = f.readlines()
@@ -589,14 +706,23 @@ class FileTokenStore:
         if len(kept) == len(lines):
             return False
         directory = os.path.dirname(os.path.abspath(path))
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".vncmux-tokens-")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
                 f.writelines(kept)
-            os.chmod(temporary, mode)
+                # `sudo vncmux token revoke` must not leave a root-owned file that the
+                # proxy's user cannot read (every console would fail with 4503).
+                _give_to(f.fileno(), st)
+            os.chmod(temporary, stat.S_IMODE(st.st_mode))
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
             raise
         return True
+
+
+def _give_to(fd: int, owner: os.stat_result) -> None:
+    """C{fchown} to C{owner}'s uid and gid, as far as we may (only root can give a file away)."""
+    with suppress(PermissionError):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
