@@ -6,6 +6,7 @@ dirty-reactor check stays meaningful.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,29 @@ async def raw_request(port: int, request: bytes) -> bytes:
     await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: proto))
     proto.transport.write(request)  # type: ignore[union-attr]
     return await proto.done
+
+
+@dataclass
+class Response:
+    """A parsed HTTP/1.0 response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+def parse_response(raw: bytes) -> Response:
+    """A complete HTTP/1.0 response (what L{raw_request} returns, or a StringTransport's
+    value); header names lower-cased."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, f"no complete response: {raw!r}"
+    first, *rest = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in rest)}
+    return Response(int(first.split()[1]), headers, body)
 
 
 class FakeVncProtocol(Protocol):

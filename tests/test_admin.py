@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -12,7 +14,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.webtesting import Response, fetch, http_site, open_session
+from tests.support import Response
+from tests.webtesting import fetch, http_site, open_session
 from vncmux.admin import admin_resources, read_admin_secret
 from vncmux.events import Observers
 from vncmux.health import Readiness
@@ -70,7 +73,7 @@ class AdminTestCase(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def site_for(self, store: object) -> Any:
-        readiness = Readiness(MemoryTokenStore(), self.clock, lambda: True)
+        readiness = Readiness(MemoryTokenStore(), self.clock, lambda: True, self.supervisor)
         admin = admin_resources(
             SECRET, self.supervisor, store, self.clock, "https://console.example/vnc.html"
         )
@@ -351,6 +354,34 @@ class TokenTests(AdminTestCase):
         self.assertEqual((again.status, again.json()["revoked"]), (404, False))
         logged = json.dumps([{k: str(v) for k, v in e.items()} for e in self.events])
         self.assertNotIn("secret-token-1", logged)
+
+    def test_issue_never_starts_with_dash(self) -> None:
+        """Issued tokens come from the CLI's new_token(): one that would start with '-'
+        (and read as an option to `vncmux token revoke`) is drawn again."""
+        drawn: Iterator[str] = iter(["-looks-like-an-option", "plain-token-value"])
+        self.patch(secrets, "token_urlsafe", lambda nbytes=None: next(drawn))
+        response = self.call("POST", "/tokens", {"host": "h", "port": 1})
+        self.assertEqual((response.status, response.json()["token"]), (201, "plain-token-value"))
+
+    def test_revoke_token_with_percent_and_slash(self) -> None:
+        """The token in the path is percent-decoded once, as for any URL: ``ab%41cd`` sent
+        as ``ab%2541cd`` revokes ``ab%41cd`` (not ``abAcd``) and ends its session, and a
+        ``/`` in a token travels as ``%2F``. Unencoded, the extra segment names no token."""
+        for token, path in (("ab%41cd", "ab%2541cd"), ("sl/ash%2F", "sl%2Fash%252F")):
+            self.store.add(token, "10.0.0.5", 5901)
+            self.store.add(token.replace("%41", "A"), "10.0.0.5", 5902)  # the decoy
+            session, client, _ = open_session(self.supervisor, self.stats, token, token)
+            response = self.call("DELETE", f"/tokens/{path}")
+            self.assertEqual(response.status, 200, token)
+            self.assertEqual(response.json()["token_id"], hash_token(token)[:12])
+            self.assertEqual(client.closed, (4002, "token revoked"))
+            self.assertIsNone(self.successResultOf(self.store.lookup(token)))
+        self.assertIsNotNone(self.successResultOf(self.store.lookup("abAcd")))
+        self.store.add("sl", "10.0.0.5", 5901)
+        unencoded = self.call("DELETE", "/tokens/sl/ash")
+        self.assertEqual((unencoded.status, unencoded.json()), (404, {"error": "no such token"}))
+        self.assertIsNotNone(self.successResultOf(self.store.lookup("sl")))
+        self.assertEqual(self.call("DELETE", "/tokens/%FF%FE").status, 404)
 
     def test_revoke_instance(self) -> None:
         """DELETE /tokens?instance_uuid= revokes every token of the instance and ends its

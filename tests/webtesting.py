@@ -3,7 +3,6 @@ on fake peers, no sockets and no real time."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,23 +14,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from tests.fakes import FakePeer
+from tests.support import Response, parse_response
 from vncmux.observability import QuietSite
 from vncmux.relay import RelayStats, Session
 from vncmux.supervisor import Supervisor
 from vncmux.tokens import TokenRecord, hash_token
-
-
-@dataclass
-class Response:
-    """A parsed HTTP/1.0 response."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """The body as JSON."""
-        return json.loads(self.body)
 
 
 @dataclass
@@ -44,17 +31,9 @@ class Exchange:
 
     def response(self) -> Response:
         """The full response (the server has finished it), and the connection closed."""
-        raw = self.transport.value()
-        head, sep, body = raw.partition(b"\r\n\r\n")
-        assert sep, f"no complete response yet: {raw!r}"
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        response = parse_response(self.transport.value())
         self.close()
-        return Response(status, headers, body)
+        return response
 
     def done(self) -> bool:
         """Whether the server finished its answer."""

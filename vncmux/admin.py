@@ -22,11 +22,9 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -35,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vncmux.cli import DEFAULT_BASE_URL, access_url
+from vncmux.cli import DEFAULT_BASE_URL, access_url, new_token
 from vncmux.health import answer_later, write_json
 from vncmux.interfaces import ITokenAdmin
 from vncmux.refusals import TOKEN_REVOKED
@@ -44,10 +42,10 @@ from vncmux.tokens import (
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
-    format_target,
+    check_instance,
+    check_target,
     hash_token,
-    parse_port,
-    parse_target,
+    token_id_of,
 )
 
 if TYPE_CHECKING:
@@ -113,24 +111,20 @@ class TokenRequest:
         unknown = set(body) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-        host = _field(body, "host", str)
-        if not host or any(c.isspace() for c in host):
-            raise BadRequest("host must be a host name or address")
-        host = host.strip("[]")
         port_value = _field(body, "port", (int, str))
         if port_value is None:
             raise BadRequest("port is required")
         try:
-            port = parse_port(port_value, "port")
-            parse_target(format_target(host, port))
+            host, port = check_target(_field(body, "host", str) or "", port_value)
         except BadTarget as e:
             raise BadRequest(str(e)) from None
         ttl = _field(body, "ttl", (int, float))
         if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
             raise BadRequest("ttl must be a positive number of seconds")
-        instance_uuid = _field(body, "instance_uuid", str) or ""
-        if any(c.isspace() for c in instance_uuid):
-            raise BadRequest("instance_uuid must not contain spaces")
+        try:
+            instance_uuid = check_instance(_field(body, "instance_uuid", str) or "")
+        except BadTarget as e:
+            raise BadRequest(str(e)) from None
         max_sessions = _field(body, "max_sessions", int)
         if max_sessions is not None and max_sessions <= 0:
             raise BadRequest("max_sessions must be positive")
@@ -281,10 +275,19 @@ class TokensPage(Guarded):
         self._base_url = base_url
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        """``/tokens/<token>``."""
+        """
+        ``/tokens/<token>``. Twisted has already percent-decoded C{path} (once): decoding
+        it again would revoke another token than the one asked for. A ``/`` in a token
+        arrives here only as ``%2F``; a path with more segments names no token.
+        """
+        if request.postpath:
+            return OneToken(self._secret, self, None)
         if path == b"":
             return self
-        token = unquote(path.decode("utf-8", "replace"))
+        try:
+            token = path.decode("utf-8")
+        except UnicodeDecodeError:  # no token is stored under bytes that are not UTF-8
+            return OneToken(self._secret, self, None)
         return OneToken(self._secret, self, token)
 
     def render_POST(self, request: Request) -> bytes | int:
@@ -299,7 +302,7 @@ class TokensPage(Guarded):
         except (ValueError, UnicodeDecodeError) as e:  # BadRequest and JSON errors
             message = str(e) if isinstance(e, BadRequest) else "the body is not valid JSON"
             return write_json(request, 400, {"error": message})
-        token = secrets.token_urlsafe(32)
+        token = new_token()  # the CLI's: never a leading '-', so `vncmux token` can take it
         record = wanted.record(token, self._clock.seconds())
         issuing = maybeDeferred(self._admin.issue, record, token)
 
@@ -360,29 +363,35 @@ class TokensPage(Guarded):
             _log.info(
                 "admin: token {token_id} revoked ({found})",
                 vncmux_event="admin_token_revoked",
-                token_id=token_hash[:12],
+                token_id=token_id_of(token_hash),
                 found="found" if found else "not found",
                 sessions_ended=ended,
                 client=_client(request),
             )
-            body = {"revoked": bool(found), "token_id": token_hash[:12], "sessions_ended": ended}
+            body = {
+                "revoked": bool(found),
+                "token_id": token_id_of(token_hash),
+                "sessions_ended": ended,
+            }
             return (200 if found else 404), body
 
         return answer_later(request, revoking.addCallbacks(revoked, _store_failure))
 
 
 class OneToken(Guarded):
-    """``DELETE /tokens/<token>``."""
+    """``DELETE /tokens/<token>``; C{token} is C{None} when the path cannot name one."""
 
     isLeaf = True
 
-    def __init__(self, secret: bytes, tokens: TokensPage, token: str) -> None:
+    def __init__(self, secret: bytes, tokens: TokensPage, token: str | None) -> None:
         super().__init__(secret)
         self._tokens = tokens
         self._token = token
 
     def render_DELETE(self, request: Request) -> bytes | int:
         """Revoke the token; 404 when the store did not know it."""
+        if self._token is None:
+            return write_json(request, 404, {"error": "no such token"})
         return self._tokens.revoke(request, self._token)
 
 

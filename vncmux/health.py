@@ -1,14 +1,15 @@
 """``/healthz`` and ``/readyz``, and the JSON answers they share with the admin API.
 
 Liveness says the reactor answers. Readiness says this process can start a console now: the
-console listener is listening and the token store answered a real round trip in time.
+console listener is listening, the session limit is not reached, and the token store answered
+a real round trip in time.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -19,6 +20,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from vncmux.interfaces import ITokenStore
 from vncmux.tokens import TokenStoreUnavailable
+
+if TYPE_CHECKING:
+    from vncmux.supervisor import Supervisor
 
 #: Seconds the token store has to answer a readiness round trip.
 READINESS_DEADLINE = 1.0
@@ -101,38 +105,43 @@ class Liveness(Resource):
 
 class Readiness(Resource):
     """
-    ``GET /readyz``: 200 when the console listener is up and the token store answered
-    C{ping()} within C{deadline} seconds of C{clock}; otherwise 503 with a JSON reason.
-    Each failed round trip calls C{on_store_error} (the metric). Changes are logged once.
+    ``GET /readyz``: 200 when the console listener is up, the process is below its
+    ``--max-sessions`` (a load balancer should send new consoles elsewhere rather than to
+    a certain 4429), and the token store answered C{ping()} within C{deadline} seconds of
+    C{clock}; otherwise 503 with a JSON reason. Changes are logged once.
+
+    A failed round trip is not a token store error in the metrics: that count would then
+    depend on how often probers probe. Token lookups refused with 4503 are counted instead.
     """
 
     isLeaf = True
+    deadline = READINESS_DEADLINE
 
     def __init__(
         self,
         store: ITokenStore,
         clock: IReactorTime,
         listener_up: Callable[[], bool],
-        on_store_error: Callable[[], None] = lambda: None,
-        deadline: float = READINESS_DEADLINE,
+        supervisor: Supervisor,
     ) -> None:
         super().__init__()
         self._store = store
         self._clock = clock
         self._listener_up = listener_up
-        self._on_store_error = on_store_error
-        self.deadline = deadline
+        self._supervisor = supervisor
         self._last_reason: str | None = None
 
     def check(self) -> Deferred[str | None]:
         """Fire with C{None} when ready, else with the reason it is not."""
         if not self._listener_up():
             return succeed("console listener is not listening")
+        limit = self._supervisor.limits.max_sessions
+        if limit and self._supervisor.reserved >= limit:
+            return succeed("session limit reached")
         answer = within(maybeDeferred(self._store.ping), self.deadline, self._clock)
         return answer.addCallbacks(lambda _: None, self._store_failed)
 
     def _store_failed(self, failure: Failure) -> str:
-        self._on_store_error()
         if failure.check(TimeoutError):
             return f"token store did not answer within {self.deadline:g}s"
         if failure.check(TokenStoreUnavailable):

@@ -71,19 +71,6 @@ DURATION_BUCKETS = (1.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
 #: A token lookup takes a millisecond on a healthy Redis; a dial can take the connect timeout.
 CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-#: Every metric name the registry exposes besides the process metrics, with its type.
-METRIC_TYPES = {
-    "vncmux_sessions_active": "gauge",
-    "vncmux_sessions_opened_total": "counter",
-    "vncmux_sessions_rejected_total": "counter",
-    "vncmux_sessions_closed_total": "counter",
-    "vncmux_bytes_total": "counter",
-    "vncmux_session_duration_seconds": "histogram",
-    "vncmux_connect_seconds": "histogram",
-    "vncmux_token_store_errors_total": "counter",
-    "vncmux_backpressure_pauses_total": "counter",
-}
-
 
 class Histogram:
     """Bucket counts and a sum in plain numbers; no locks, no timestamps."""
@@ -122,7 +109,6 @@ class Metrics:
     def __init__(self, sessions: Mapping[str, Session], relay_stats: RelayStats) -> None:
         self._sessions = sessions
         self._relay_stats = relay_stats
-        self.opened = 0
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.closed = dict.fromkeys(CLOSE_REASONS, 0)
         #: Bytes of sessions that already closed; live sessions are added at scrape time.
@@ -141,14 +127,17 @@ class Metrics:
         detail: str,
         token_id: str | None,
     ) -> None:
-        """Count the refusal by reason; a store failure is also a token store error."""
+        """
+        Count the refusal by reason. A 4503 'token store unavailable' is also the one kind
+        of token store error: it counts what users met, not how often /readyz was probed.
+        """
         self.rejected[refusal.reason] = self.rejected.get(refusal.reason, 0) + 1
         if refusal == STORE_UNAVAILABLE:
             self.token_store_errors += 1
 
     def session_opened(self, session: Session) -> None:
-        """Count an opened session; the live count comes from the table itself."""
-        self.opened += 1
+        """Nothing to keep: opened sessions are the live ones plus the closed ones, and
+        both are counted already (a second counter could only drift from them)."""
 
     def session_closed(self, session: Session, duration: float) -> None:
         """Keep the session's final byte counts, its duration and its close reason."""
@@ -164,12 +153,6 @@ class Metrics:
         if histogram is not None:
             histogram.observe(seconds)
 
-    # readiness
-
-    def token_store_error(self) -> None:
-        """A readiness round trip to the token store failed or was too slow."""
-        self.token_store_errors += 1
-
     # the Prometheus collector protocol
 
     def describe(self) -> Iterable[Metric]:
@@ -183,16 +166,21 @@ class Metrics:
             "vncmux_sessions_active", "Sessions relaying now.", value=len(sessions)
         )
         yield CounterMetricFamily(
-            "vncmux_sessions_opened", "Sessions that passed their checks and started relaying.",
-            value=self.opened,
+            "vncmux_sessions_opened",
+            "Sessions that passed their checks and started relaying.",
+            value=len(sessions) + sum(self.closed.values()),
         )
         yield _labelled(
-            "vncmux_sessions_rejected", "Connections refused, by close reason.",
-            "reason", self.rejected,
+            "vncmux_sessions_rejected",
+            "Connections refused, by close reason.",
+            "reason",
+            self.rejected,
         )
         yield _labelled(
-            "vncmux_sessions_closed", "Relaying sessions that ended, by why they ended.",
-            "reason", self.closed,
+            "vncmux_sessions_closed",
+            "Relaying sessions that ended, by why they ended.",
+            "reason",
+            self.closed,
         )
         to_backend = self.closed_bytes[CLIENT_TO_BACKEND]
         to_client = self.closed_bytes[BACKEND_TO_CLIENT]
@@ -200,8 +188,10 @@ class Metrics:
             to_backend += session.bytes_to_backend
             to_client += session.bytes_to_client
         yield _labelled(
-            "vncmux_bytes", "Payload bytes relayed, by direction.",
-            "direction", {CLIENT_TO_BACKEND: to_backend, BACKEND_TO_CLIENT: to_client},
+            "vncmux_bytes",
+            "Payload bytes relayed, by direction.",
+            "direction",
+            {CLIENT_TO_BACKEND: to_backend, BACKEND_TO_CLIENT: to_client},
         )
         duration = HistogramMetricFamily(
             "vncmux_session_duration_seconds", "How long relaying sessions lasted.", labels=[]
@@ -216,14 +206,15 @@ class Metrics:
         yield connect
         yield CounterMetricFamily(
             "vncmux_token_store_errors",
-            "Token store lookups or readiness checks that failed or timed out.",
+            "Token lookups refused with 4503 because the token store was down or too slow.",
             value=self.token_store_errors,
         )
         yield _labelled(
             "vncmux_backpressure_pauses",
             "Times reading from one side paused because the other side's buffer was full,"
             " by the direction that paused.",
-            "direction", self._relay_stats.pauses,
+            "direction",
+            self._relay_stats.pauses,
         )
 
 
@@ -267,7 +258,6 @@ class MetricsPage(Resource):
 __all__ = [
     "CLOSE_REASONS",
     "DIRECTIONS",
-    "METRIC_TYPES",
     "REJECT_REASONS",
     "STAGES",
     "Histogram",

@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from vncmux.admin import admin_resources, read_admin_secret
 from vncmux.cli import DEFAULT_BASE_URL
-from vncmux.health import READINESS_DEADLINE, Liveness, Readiness, write_json
+from vncmux.health import Liveness, Readiness, write_json
 from vncmux.interfaces import ITokenStore
 from vncmux.metrics import Metrics, MetricsPage, new_registry
 from vncmux.service import Listener
@@ -62,11 +61,10 @@ def build_http_root(
     metrics: Metrics,
     readiness: Readiness,
     admin: dict[bytes, Resource] | None = None,
-    process_metrics: bool = True,
 ) -> Root:
     """The resource tree: ``/metrics``, ``/healthz``, ``/readyz`` and the admin pages."""
     root = Root()
-    root.putChild(b"metrics", MetricsPage(new_registry(metrics, process=process_metrics)))
+    root.putChild(b"metrics", MetricsPage(new_registry(metrics)))
     root.putChild(b"healthz", Liveness())
     root.putChild(b"readyz", readiness)
     for name, resource in (admin or {}).items():
@@ -84,16 +82,14 @@ def build_observability(
     *,
     admin_token_file: str | None = None,
     base_url: str = DEFAULT_BASE_URL,
-    readiness_deadline: float = READINESS_DEADLINE,
-    clock: IReactorTime | None = None,
 ) -> tuple[Listener | None, Metrics]:
     """
     Build the metrics port and the metrics observer.
 
     @param endpoint: ``--metrics`` (an endpoint string), or C{None} for ``none``.
-    @param reactor: listens on C{endpoint}; also the clock unless C{clock} is given.
-    @param supervisor: its live session table is read at scrape time; the admin API ends
-        sessions through it.
+    @param reactor: listens on C{endpoint}, and is the clock of ``/readyz`` and the admin API.
+    @param supervisor: its live session table is read at scrape time; ``/readyz`` compares
+        its reservations with ``--max-sessions``; the admin API ends sessions through it.
     @param store: pinged by ``/readyz``; issues and revokes tokens when it is an ITokenAdmin.
     @param relay_stats: the console factory's L{RelayStats} (C{factory.stats}).
     @param listener_up: whether the console listener is listening (C{ProxyService.accepting}).
@@ -103,15 +99,12 @@ def build_observability(
         L{Metrics} observer to add to the session observers (it counts either way).
     @raise ValueError: the admin token file cannot be read or is empty.
     """
-    clock = clock if clock is not None else reactor
     metrics = Metrics(supervisor.sessions, relay_stats)
     if endpoint is None:
         return None, metrics
     secret = read_admin_secret(admin_token_file) if admin_token_file else None
-    readiness = Readiness(
-        store, clock, listener_up, metrics.token_store_error, deadline=readiness_deadline
-    )
-    admin = admin_resources(secret, supervisor, store, clock, base_url) if secret else None
+    readiness = Readiness(store, reactor, listener_up, supervisor)
+    admin = admin_resources(secret, supervisor, store, reactor, base_url) if secret else None
     site = QuietSite(
         build_http_root(metrics, readiness, admin), timeout=HTTP_TIMEOUT, reactor=reactor
     )

@@ -28,10 +28,12 @@ from tests.redis_server import start_redis
 from tests.support import (
     GREETING,
     Proxy,
+    Response,
     async_test,
     connect_client,
     listen_fake_vnc,
     listen_proxy,
+    parse_response,
     raw_request,
 )
 from vncmux.interfaces import ITokenStore
@@ -39,6 +41,7 @@ from vncmux.logformat import JsonLineObserver
 from vncmux.metrics import Metrics
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
+from vncmux.supervisor import Limits
 from vncmux.testing import loopback_listener, spawn_with_listener, stop_process, twistd_command
 from vncmux.tokens import MemoryTokenStore, TokenStoreUnavailable
 
@@ -61,35 +64,19 @@ def require_tool(test: Any, command: str, package: str) -> str:
     return found
 
 
-# -- a tiny HTTP/1.0 client: one request per connection, read until the server closes -------
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 async def http(
     port: int,
     method: str,
     path: str,
     headers: dict[str, str] | None = None,
     body: bytes = b"",
-) -> Answer:
-    """One HTTP/1.0 request to 127.0.0.1:C{port}."""
+) -> Response:
+    """One HTTP/1.0 request to 127.0.0.1:C{port} on its own connection."""
     lines = [f"{method} {path} HTTP/1.0", f"Host: 127.0.0.1:{port}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     lines.append(f"Content-Length: {len(body)}")
     raw = await raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    first, *rest = head.decode("latin-1").split("\r\n")
-    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in rest)}
-    return Answer(int(first.split()[1]), fields, payload)
+    return parse_response(raw)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -203,7 +190,12 @@ class MetricsOverHttpTests(TestCase):
         self.assertEqual(
             found[key("vncmux_bytes_total", direction="client_to_backend")], sent_up + 10
         )
+        self.assertEqual(
+            found[key("vncmux_bytes_total", direction="backend_to_client")],
+            2 * len(GREETING) + sent_up + 10,
+        )
         self.assertEqual(found[key("vncmux_sessions_active")], 0)
+        self.assertEqual(found[key("vncmux_sessions_opened_total")], 2)
 
     @async_test
     async def test_promtool_check_metrics(self) -> None:
@@ -237,6 +229,26 @@ class MetricsOverHttpTests(TestCase):
         self.assertEqual(gone.status, 503)
         self.assertEqual(gone.json()["reason"], "console listener is not listening")
         self.assertEqual((await http(obs.port, "GET", "/sessions")).status, 404)
+
+    @async_test
+    async def test_not_ready_at_session_limit(self) -> None:
+        """At --max-sessions /readyz is 503 'session limit reached' (new consoles would get
+        4429); one session fewer and it is 200 again."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        store = MemoryTokenStore()
+        store.add("good", "127.0.0.1", vnc_port)
+        obs = await observed_proxy(self, store, admin=False, limits=Limits(max_sessions=1))
+        client = await connect_client(self, obs.proxy.port)
+        await client.receive(len(GREETING))
+        full = await http(obs.port, "GET", "/readyz")
+        self.assertEqual(
+            (full.status, full.json()), (503, {"ready": False, "reason": "session limit reached"})
+        )
+        assert client.client is not None
+        client.client.sendClose(1000)
+        await client.closed
+        await vnc.connections[0].lost
+        self.assertEqual((await http(obs.port, "GET", "/readyz")).status, 200)
 
 
 class AdminOverHttpTests(TestCase):
@@ -310,6 +322,8 @@ class AdminOverHttpTests(TestCase):
         down.send(GREETING)
         self.assertEqual(await down.closed, (4503, "token store unavailable"))
         store.available = True
+        found = await obs.scrape()  # docs/metrics.md: a 4503 refusal is a token store error
+        self.assertEqual(found[key("vncmux_token_store_errors_total")], 1)
         revoked = await http(obs.port, "DELETE", f"/tokens/{token}", AUTH)
         self.assertEqual(revoked.json()["sessions_ended"], 1)
         self.assertEqual(await client.closed, (4002, "token revoked"))
@@ -353,8 +367,8 @@ class ReadinessWithRedisTests(TestCase):
 
     @async_test
     async def test_redis_stops_and_restarts(self) -> None:
-        """Redis stopped: 503 within the deadline and a token store error counted; Redis
-        back on the same port: 200 again from the same proxy."""
+        """Redis stopped: 503 within the deadline (and no token store error counted: no
+        console was refused); Redis back on the same port: 200 again from the same proxy."""
         server = start_redis(self)
         # A long reply timeout lets the test's own ping wait for the pool's reconnection;
         # /readyz keeps its 1 s deadline regardless.
@@ -373,8 +387,8 @@ class ReadinessWithRedisTests(TestCase):
         self.assertFalse(down.json()["ready"])
         self.assertTrue(down.json()["reason"].startswith("token store"), down.json())
         self.assertLess(elapsed, 1.0 + 0.5)
-        found = await obs.scrape()
-        self.assertGreaterEqual(found[key("vncmux_token_store_errors_total")], 1)
+        found = await obs.scrape()  # no console was refused: probes are not store errors
+        self.assertEqual(found[key("vncmux_token_store_errors_total")], 0)
 
         server.start()
         await store.ping()  # fires once the pool has reconnected by itself
