@@ -6,7 +6,7 @@ import configparser
 import ctypes
 import ctypes.util
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import IService
@@ -22,34 +22,23 @@ from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Set
 from vncmux.supervisor import Limits
 
 
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError(f"{value} is not a positive number of seconds")
-    return number
+def _bounded(convert: Callable[[str], Any], low: float, zero_ok: bool, doc: str) -> Any:
+    """An option coercer that refuses numbers below C{low} (and C{low} itself unless
+    C{zero_ok}); C{doc} is what --help says about the value."""
+
+    def coerce(value: str) -> Any:
+        number = convert(value)
+        if number < low or (number == low and not zero_ok):
+            raise ValueError(f"{value} is not allowed here ({doc.lower().rstrip('.')})")
+        return number
+
+    coerce.coerceDoc = doc  # type: ignore[attr-defined]
+    return coerce
 
 
-_positive_float.coerceDoc = "Seconds, greater than zero."  # type: ignore[attr-defined]
-
-
-def _seconds(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-_seconds.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
-
-
-def _count(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+_positive_float = _bounded(float, 0, False, "Seconds, greater than zero.")
+_seconds = _bounded(float, 0, True, "Seconds, 0 or more.")
+_count = _bounded(int, 0, True, "A whole number, 0 or more.")
 
 
 def _activity(value: str) -> str:
