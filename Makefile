@@ -18,7 +18,7 @@ system-deps:
 	bash scripts/install-system-deps
 
 test: system-deps $(STAMP)
-	$(VENV)/bin/ruff check vncmux tests benchmarks twisted
+	$(VENV)/bin/ruff check setup.py vncmux tests benchmarks twisted
 	$(PY) -m pytest
 
 bench: $(STAMP)

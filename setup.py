@@ -1,12 +1,19 @@
 """vncmux: a console proxy from noVNC WebSockets to VNC servers, on Twisted."""
 
+import re
+
 from setuptools import setup
+
+with open("vncmux/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)  # type: ignore[union-attr]
+with open("README.md", encoding="utf-8") as f:
+    README = f.read()
 
 setup(
     name="vncmux",
-    version="0.1.0",
-    description="WebSocket-to-VNC console proxy: tokens in Redis, backpressure, supervision, metrics",
-    long_description=open("README.md", encoding="utf-8").read(),
+    version=VERSION,
+    description="WebSocket-to-VNC console proxy: tokens, backpressure, supervision, metrics",
+    long_description=README,
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
