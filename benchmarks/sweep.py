@@ -15,7 +15,7 @@ import time
 
 from twisted.internet.task import Clock
 
-from tests.fakes import FakePeer
+from tests.fakes import ClosingOwner, FakePeer
 from vncmux.events import Observers
 from vncmux.relay import RelayStats, Session
 from vncmux.rfb import ClientActivityScanner
@@ -28,9 +28,10 @@ def build(count: int, limits: Limits) -> tuple[Supervisor, Clock]:
     clock = Clock()
     supervisor = Supervisor(clock, Observers(), limits)
     stats = RelayStats()
+    owner = ClosingOwner()
     for n in range(count):
         record = TokenRecord(f"{n:064x}", "127.0.0.1", 5900, expires_at=1e12)
-        supervisor.reserve(record, f"10.0.{n // 250}.{n % 250}")
+        reservation = supervisor.reserve(record, f"10.0.{n // 250}.{n % 250}")
         session = Session(
             f"s{n}",
             record,
@@ -40,6 +41,8 @@ def build(count: int, limits: Limits) -> tuple[Supervisor, Clock]:
             0.0,
             supervisor,
             ClientActivityScanner(),
+            reservation,
+            owner,
         )
         session.start(session.client.transport, session.backend.transport, stats)
     return supervisor, clock

@@ -6,6 +6,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from vncmux.interfaces import IClientPeer
+from vncmux.refusals import Ending
 from vncmux.relay import Session
 
 
@@ -18,6 +19,7 @@ class FakePeer:
         self.closed: tuple[int, str] | None = None
         self.pings = 0
         self.dropped = False
+        self.blocked: list[bool] = []
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -30,6 +32,9 @@ class FakePeer:
 
     def ping(self) -> None:
         self.pings += 1
+
+    def output_blocked(self, blocked: bool) -> None:
+        self.blocked.append(blocked)
 
     def drop(self) -> None:
         self.dropped = True
@@ -53,3 +58,13 @@ class Registry:
 
     def session_ended(self, session: Session) -> None:
         self.ended.append(session)
+
+
+class ClosingOwner:
+    """Ends sessions as the connection lifecycle does (session first, then both sides),
+    for tests of the relay and the supervisor that have no connection."""
+
+    def end_session(self, session: Session, ending: Ending) -> None:
+        session.finish(ending)
+        session.backend.close(ending.code, ending.reason)
+        session.client.close(ending.code, ending.reason)

@@ -153,9 +153,21 @@ async def listen_proxy(
     console = build_console(config, store, reactor, observers)
     service = ProxyService(config, console, reactor)
     service.startService()
+    test.addCleanup(assert_nothing_held, test, console.supervisor)
     test.addCleanup(lambda: service.stopService() if service.running else None)
     port = await service.listener.listening()
     return Proxy(port.getHost().port, service, console.factory, console.supervisor, observers)
+
+
+def assert_nothing_held(test: TestCase, supervisor: Supervisor) -> None:
+    """After the proxy stopped: no session, reservation, pending slot or socket is left."""
+    held = {
+        "sessions": len(supervisor.sessions),
+        "reserved": supervisor.reserved,
+        "pending": supervisor.pending.total,
+        "sockets": supervisor.connections.count,
+    }
+    test.assertEqual(held, dict.fromkeys(held, 0))
 
 
 @dataclass

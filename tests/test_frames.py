@@ -1,4 +1,5 @@
-"""The fast-path reader of client frames: every payload byte, in order, whatever the split."""
+"""The reader of client frames: every payload byte in order, control frames whole, and every
+forbidden frame failed with its code, whatever the split."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vncmux.frames import BinaryFrameReader, unmask
+from vncmux.frames import ClientFrameReader, unmask
 
 
 def masked_frame(payload: bytes, mask: bytes, opcode: int = 2, fin: bool = True) -> bytes:
@@ -33,17 +34,26 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-def read_all(pieces: list[bytes]) -> tuple[bytes, bytes]:
-    """Feed every piece; return what was delivered and what was handed back."""
-    delivered: list[bytes] = []
-    reader = BinaryFrameReader(delivered.append)
-    rest = b""
-    for piece in pieces:
-        if rest:
-            rest += piece
-            continue
-        rest = reader.feed(piece)
-    return b"".join(delivered), rest
+class Reader:
+    """A L{ClientFrameReader} that records what it delivers, hands over and fails with."""
+
+    def __init__(self) -> None:
+        self.delivered: list[bytes] = []
+        self.controls: list[bytes] = []
+        self.failures: list[tuple[int, str]] = []
+        self.reader = ClientFrameReader(self.delivered.append, self.controls.append, self.fail)
+
+    def fail(self, code: int, why: str) -> None:
+        self.failures.append((code, why))
+
+    def feed(self, pieces: list[bytes]) -> Reader:
+        for piece in pieces:
+            self.reader.feed(piece)
+        return self
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.delivered)
 
 
 payloads = st.lists(st.binary(max_size=700) | st.binary(min_size=65530, max_size=65540), max_size=6)
@@ -55,7 +65,7 @@ def test_binary_frames_any_split(
     chunks: list[bytes], mask: bytes, cuts: list[int], fragmented: bool
 ) -> None:
     """Binary frames, whole or as one fragmented message, split anywhere: every payload byte
-    comes out unmasked and in order, and nothing is handed back."""
+    comes out unmasked and in order, and nothing fails."""
     if fragmented and chunks:
         frames = [
             masked_frame(c, mask, opcode=0 if i else 2, fin=i == len(chunks) - 1)
@@ -63,41 +73,77 @@ def test_binary_frames_any_split(
         ]
     else:
         frames = [masked_frame(c, mask) for c in chunks]
-    stream = b"".join(frames)
-    delivered, rest = read_all(split(stream, cuts))
-    assert delivered == b"".join(chunks)
-    assert rest == b""
+    reader = Reader().feed(split(b"".join(frames), cuts))
+    assert reader.data == b"".join(chunks)
+    assert reader.failures == []
 
 
 @given(
-    payloads, masks, st.lists(st.integers(min_value=0), max_size=12), st.sampled_from([9, 10, 8, 1])
+    payloads,
+    masks,
+    st.lists(st.integers(min_value=0), max_size=12),
+    st.sampled_from([8, 9, 10]),
+    st.binary(max_size=125),
 )
-def test_stops_at_other_frames(
-    before: list[bytes], mask: bytes, cuts: list[int], opcode: int
+def test_control_frames_handed_over_whole(
+    chunks: list[bytes], mask: bytes, cuts: list[int], opcode: int, control: bytes
 ) -> None:
-    """At a ping, pong, close or text frame the reader stops and hands back exactly the
-    bytes from that frame's header on."""
-    other = masked_frame(b"xy", mask, opcode=opcode)
-    after = masked_frame(b"after", mask)
-    stream = b"".join(masked_frame(c, mask) for c in before) + other + after
-    delivered, rest = read_all(split(stream, cuts))
-    assert delivered == b"".join(before)
-    assert rest == other + after
+    """A ping, pong or close between the fragments of a binary message is handed over as it
+    came on the wire, whatever the split, and the message around it stays intact."""
+    if opcode == 8 and len(control) == 1:
+        control += b"x"
+    frames = [
+        masked_frame(c, mask, opcode=0 if i else 2, fin=i == len(chunks) - 1)
+        for i, c in enumerate(chunks)
+    ]
+    other = masked_frame(control, mask, opcode=opcode)
+    frames.insert(len(frames) // 2, other)
+    reader = Reader().feed(split(b"".join(frames), cuts))
+    assert reader.controls == [other]
+    assert reader.data == b"".join(chunks)
+    assert reader.failures == []
 
 
-def test_unmasked_or_reserved_bits_handed_back() -> None:
-    """Frames a browser may not send are left to autobahn, which fails the connection."""
-    unmasked = b"\x82\x03abc"
-    assert read_all([unmasked]) == (b"", unmasked)
-    rsv = bytearray(masked_frame(b"abc", b"\x01\x02\x03\x04"))
-    rsv[0] |= 0x40
-    assert read_all([bytes(rsv)]) == (b"", bytes(rsv))
+def _header_with(first: int, length_bytes: bytes) -> bytes:
+    return bytes((first,)) + length_bytes + b"\x01\x02\x03\x04"
 
 
-def test_continuation_outside_message_handed_back() -> None:
-    """A continuation frame that does not follow a binary fragment is not taken."""
-    frame = masked_frame(b"abc", b"\x01\x02\x03\x04", opcode=0)
-    assert read_all([frame]) == (b"", frame)
+BAD_FRAMES = {
+    "unmasked": (b"\x82\x03abc", 1002),
+    "reserved bit": (bytes((0xC2,)) + masked_frame(b"abc", b"\x01\x02\x03\x04")[1:], 1002),
+    "stray continuation": (masked_frame(b"abc", b"\x01\x02\x03\x04", opcode=0), 1002),
+    "text": (masked_frame(b"abc", b"\x01\x02\x03\x04", opcode=1), 1003),
+    "reserved data opcode": (masked_frame(b"abc", b"\x01\x02\x03\x04", opcode=3), 1002),
+    "reserved control opcode": (masked_frame(b"", b"\x01\x02\x03\x04", opcode=11), 1002),
+    "fragmented ping": (masked_frame(b"a", b"\x01\x02\x03\x04", opcode=9, fin=False), 1002),
+    "long ping": (masked_frame(b"a" * 126, b"\x01\x02\x03\x04", opcode=9), 1002),
+    "one-byte close": (masked_frame(b"\x03", b"\x01\x02\x03\x04", opcode=8), 1002),
+    "16-bit length below 126": (_header_with(0x82, b"\xfe\x00\x10"), 1002),
+    "64-bit length below 65536": (_header_with(0x82, b"\xff" + (100).to_bytes(8, "big")), 1002),
+    "64-bit length, top bit set": (_header_with(0x82, b"\xff" + b"\x80" + bytes(7)), 1002),
+}
+
+
+@given(st.sampled_from(sorted(BAD_FRAMES)), st.lists(st.integers(min_value=0), max_size=6))
+def test_forbidden_frames_fail_once(name: str, cuts: list[int]) -> None:
+    """Each frame RFC 6455 forbids (or vncmux does not relay) fails the stream once with its
+    code; what came before it is delivered, nothing after it is read."""
+    bad, code = BAD_FRAMES[name]
+    good = masked_frame(b"before", b"\x05\x06\x07\x08")
+    after = masked_frame(b"after", b"\x05\x06\x07\x08")
+    reader = Reader().feed(split(good + bad + after + after, cuts))
+    assert reader.data == b"before"
+    assert [c for c, _ in reader.failures] == [code]
+
+
+def test_new_message_inside_a_fragmented_one() -> None:
+    """A binary or text frame while a fragmented message is open is a protocol error."""
+    mask = b"\x01\x02\x03\x04"
+    for opcode in (1, 2):
+        start = masked_frame(b"one", mask, fin=False)
+        reader = Reader().feed([start + masked_frame(b"two", mask, opcode=opcode)])
+        assert reader.data == b"one"
+        assert [c for c, _ in reader.failures] == [1002]
 
 
 @given(st.binary(max_size=2000), masks, st.integers(min_value=0, max_value=7))

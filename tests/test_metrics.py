@@ -349,7 +349,7 @@ class HealthTests(SynchronousTestCase):
         record = TokenRecord("0" * 64, "10.0.0.5", 5901)
         s.supervisor.reserve(record, "192.0.2.1")
         self.assertEqual(fetch(site, "GET", "/readyz").status, 200)
-        s.supervisor.reserve(record, "192.0.2.2")
+        second = s.supervisor.reserve(record, "192.0.2.2")
         self.store.ping = lambda: fail(TokenStoreUnavailable("must not be asked"))  # type: ignore[method-assign]
         response = fetch(site, "GET", "/readyz")
         self.assertEqual(
@@ -357,7 +357,7 @@ class HealthTests(SynchronousTestCase):
             (503, {"ready": False, "reason": "session limit reached"}),
         )
         del self.store.ping
-        s.supervisor.release(record, "192.0.2.2")
+        second.release()
         self.assertEqual(fetch(site, "GET", "/readyz").status, 200)
 
     def test_no_session_limit(self) -> None:

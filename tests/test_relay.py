@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakePeer, Registry
+from tests.fakes import ClosingOwner, FakePeer, Registry
 from vncmux.backend import BackendProtocol
+from vncmux.events import Observers
 from vncmux.interfaces import IClientPeer, IPeer
-from vncmux.refusals import BACKEND_CLOSED, CLIENT_CLOSED, IDLE_TIMEOUT
+from vncmux.refusals import BACKEND_CLOSED, BACKEND_ERROR, CLIENT_CLOSED, IDLE_TIMEOUT
 from vncmux.relay import (
     BACKEND_READ_SIZE,
     BACKEND_TO_CLIENT,
@@ -22,10 +26,16 @@ from vncmux.relay import (
     send_now,
 )
 from vncmux.rfb import ClientActivityScanner
+from vncmux.supervisor import Reservation, Supervisor
 from vncmux.tokens import TokenRecord
 from vncmux.websocket import ConsoleProtocol, binary_frame_header
 
 RECORD = TokenRecord("ab" * 32, "127.0.0.1", 5900)
+
+
+def reservation() -> Reservation:
+    """A real reservation, under a supervisor of its own."""
+    return Supervisor(Clock(), Observers()).reserve(RECORD, "192.0.2.1")
 
 
 class SessionTests(SynchronousTestCase):
@@ -45,6 +55,8 @@ class SessionTests(SynchronousTestCase):
             100.0,
             self.registry,
             ClientActivityScanner(),
+            reservation(),
+            ClosingOwner(),
         )
 
     def test_fakes_provide_ipeer(self) -> None:
@@ -108,10 +120,43 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(self.registry.ended, [self.session])
         self.assertIs(self.session.ending, IDLE_TIMEOUT)
 
-    def test_backend_lost_cleanly(self) -> None:
-        """A VNC server hanging up ends the session as 'backend closed'."""
-        self.session.backend_lost(None)
-        self.assertIs(self.session.ending, BACKEND_CLOSED)
+    def test_slow_client_is_told(self) -> None:
+        """The browser hears when its queue fills and drains, to bound what else it queues."""
+        self.session.start(self.client.transport, self.backend.transport, self.stats)
+        self.client.transport.producer.pauseProducing()
+        self.client.transport.producer.resumeProducing()
+        self.assertEqual(self.client.blocked, [True, False])
+        self.assertEqual(self.backend.blocked, [])
+
+    def test_finish_unregisters_and_releases(self) -> None:
+        """Ending unregisters both producers (a paused producer would keep a closing socket
+        open) and gives the reservation back, once."""
+        self.session.start(self.client.transport, self.backend.transport, self.stats)
+        self.client.transport.producer.pauseProducing()
+        self.assertTrue(self.session.reservation.held)
+        self.session.end(IDLE_TIMEOUT)
+        self.assertIsNone(self.client.transport.producer)
+        self.assertIsNone(self.backend.transport.producer)
+        self.assertFalse(self.session.reservation.held)
+        self.session.reservation.release()  # idempotent
+
+
+class BackendLostTests(SynchronousTestCase):
+    """How the VNC server's connection ended, as its owner hears it."""
+
+    def lose(self, reason: Exception) -> list[object]:
+        heard: list[object] = []
+        backend = BackendProtocol()
+        backend.makeConnection(StringTransport())
+        backend.dataReceived(b"RFB 003.008\n")
+        backend.on_lost = heard.append
+        backend.connectionLost(Failure(reason))
+        return heard
+
+    def test_clean_and_unclean(self) -> None:
+        """A clean close is 'backend closed' (1000), anything else 'backend error' (1011)."""
+        self.assertEqual(self.lose(ConnectionDone()), [BACKEND_CLOSED])
+        self.assertEqual(self.lose(ConnectionLost()), [BACKEND_ERROR])
 
 
 class ActivityTests(SynchronousTestCase):
@@ -123,7 +168,10 @@ class ActivityTests(SynchronousTestCase):
 
     def make(self, scanner: ClientActivityScanner | None) -> tuple[Session, Registry]:
         registry = Registry()
-        session = Session("s", RECORD, "c", FakePeer(), FakePeer(), 100.0, registry, scanner)
+        session = Session(
+            "s", RECORD, "c", FakePeer(), FakePeer(), 100.0, registry, scanner, reservation(),
+            ClosingOwner(),
+        )
         return session, registry
 
     def test_input_counts(self) -> None:

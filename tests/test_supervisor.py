@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakePeer
+from tests.fakes import ClosingOwner, FakePeer
 from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.refusals import (
@@ -80,7 +80,7 @@ class SupervisorTestCase(SynchronousTestCase):
     def open(self, rec: TokenRecord | None = None, client: str = "198.51.100.1") -> Session:
         """Admit and start a session the way the WebSocket protocol does."""
         rec = rec or record()
-        self.supervisor.reserve(rec, client)
+        reservation = self.supervisor.reserve(rec, client)
         session = Session(
             f"s{len(self.supervisor.sessions)}-{rec.token_id}-{client}",
             rec,
@@ -90,6 +90,8 @@ class SupervisorTestCase(SynchronousTestCase):
             self.clock.seconds(),
             self.supervisor,
             ClientActivityScanner(),
+            reservation,
+            ClosingOwner(),
         )
         session.start(session.client.transport, session.backend.transport, _stats())
         session.from_client(HANDSHAKE)
@@ -241,14 +243,19 @@ class LimitTests(SupervisorTestCase):
         self.supervisor.reserve(record(2), "c2")
 
     def test_ended_sessions_give_back(self) -> None:
-        """An ended session frees its place; a released reservation too."""
-        self.make(max_sessions=1)
+        """An ended session frees its place; a released reservation too, once however often
+        it is released."""
+        self.make(max_sessions=2)
         session = self.open()
         session.end(IDLE_TIMEOUT)
-        self.supervisor.reserve(record(2), "c")
-        self.supervisor.release(record(2), "c")
+        reservation = self.supervisor.reserve(record(2), "c")
+        reservation.release()
+        reservation.release()
+        session.reservation.release()
         self.assertEqual(self.supervisor.reserved, 0)
         self.open(record(3))
+        self.open(record(4))
+        self.assertRaises(Refused, self.supervisor.reserve, record(5), "c")
 
 
 class RevocationTests(SupervisorTestCase):

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from tests.fakes import FakePeer
+from tests.fakes import ClosingOwner, FakePeer
 from tests.support import Response, parse_response
 from vncmux.observability import QuietSite
 from vncmux.relay import RelayStats, Session
@@ -94,7 +94,7 @@ def open_session(
     """A real relaying session on fake peers, started in C{supervisor}'s table."""
     record = TokenRecord(hash_token(token), host, port, instance_uuid=instance_uuid)
     client, backend = FakePeer(), FakePeer()
-    supervisor.reserve(record, client_address)
+    reservation = supervisor.reserve(record, client_address)
     session = Session(
         session_id,
         record,
@@ -104,6 +104,8 @@ def open_session(
         supervisor.clock.seconds(),
         supervisor,
         None,
+        reservation,
+        ClosingOwner(),
     )
     session.start(client.transport, backend.transport, stats)
     return session, client, backend

@@ -6,6 +6,8 @@ never chooses a host or port: the target comes from the token store only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -13,8 +15,18 @@ from twisted.python.failure import Failure
 from vncmux.backend import BackendDialer, BackendProtocol
 from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ITokenStore
 from vncmux.refusals import INVALID_TOKEN, STORE_UNAVAILABLE, TOKEN_EXPIRED, TOKEN_USED, Refused
-from vncmux.supervisor import Supervisor
+from vncmux.supervisor import Reservation, Supervisor
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A session that may start: its record, its greeted (paused) VNC connection, and its
+    place under the limits, which the holder gives back when the session ends."""
+
+    record: TokenRecord
+    backend: BackendProtocol
+    reservation: Reservation
 
 
 class Gate:
@@ -37,13 +49,10 @@ class Gate:
         self._observer = observer
         self.store_timeout = store_timeout
 
-    def admit(
-        self, token: str, client_address: str
-    ) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
+    def admit(self, token: str, client_address: str) -> Deferred[Admission]:
         """
-        Fire with the token's record and a paused, greeted backend connection, counted
-        against the supervisor's limits (the caller releases it if it never relays), or fail
-        with L{Refused}. Cancelling the Deferred abandons the lookup or closes the dial.
+        Fire with an L{Admission}, or fail with L{Refused}. A failed or cancelled admission
+        has given its reservation back and closed its dial; cancelling abandons the lookup.
         """
         started = self._clock.seconds()
         looking = self._store.lookup(token)
@@ -72,11 +81,9 @@ class Gate:
             raise Refused(STORE_UNAVAILABLE, failure.getErrorMessage())
         return failure
 
-    def _reserve_and_dial(
-        self, record: TokenRecord, client_address: str
-    ) -> Deferred[tuple[TokenRecord, BackendProtocol]]:
+    def _reserve_and_dial(self, record: TokenRecord, client_address: str) -> Deferred[Admission]:
         try:
-            self._supervisor.reserve(record, client_address)
+            reservation = self._supervisor.reserve(record, client_address)
         except Refused as e:
             e.token_id = record.token_id
             raise
@@ -87,13 +94,13 @@ class Gate:
             dialing.addCallback(self._claim, record)
 
         def give_back(failure: Failure) -> Failure:
-            self._supervisor.release(record, client_address)
+            reservation.release()
             if failure.check(Refused):
                 failure.value.token_id = record.token_id  # type: ignore[union-attr]
             return failure
 
         dialing.addErrback(give_back)
-        return dialing.addCallback(lambda backend: (record, backend))
+        return dialing.addCallback(lambda backend: Admission(record, backend, reservation))
 
     def _claim(self, backend: BackendProtocol, record: TokenRecord) -> Deferred[BackendProtocol]:
         """Use up a single-use token only once its console answered (failures don't count)."""

@@ -7,6 +7,7 @@ as Twisted's portforward does, so nothing is read that has nowhere to go.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -16,13 +17,14 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     connectProtocol,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vncmux.interfaces import IPeer
-from vncmux.refusals import CONSOLE_UNREACHABLE, Refused
+from vncmux.refusals import BACKEND_CLOSED, BACKEND_ERROR, CONSOLE_UNREACHABLE, Ending, Refused
 from vncmux.relay import send_now, set_interactive
 from vncmux.tokens import format_target
 
@@ -52,6 +54,8 @@ class BackendProtocol(Protocol):
         self.tracker = tracker
         self.greeting = b""
         self.session: Session | None = None
+        #: Told how the connection ended, once someone owns it (after admission).
+        self.on_lost: Callable[[Ending], None] | None = None
 
     def connectionMade(self) -> None:
         set_interactive(self.transport)
@@ -75,10 +79,11 @@ class BackendProtocol(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
         if self.tracker is not None:
             self.tracker.closed()
-        if self.session is not None:
-            self.session.backend_lost(reason)
-        elif not self.greeted.called:
+        if not self.greeted.called:
             self.greeted.errback(reason or Failure(ConnectionError("connection lost")))
+        elif self.on_lost is not None:
+            clean = reason is None or reason.check(ConnectionDone) is not None
+            self.on_lost(BACKEND_CLOSED if clean else BACKEND_ERROR)
 
     # IPeer, as the relay sees the VNC server
 
@@ -96,6 +101,11 @@ class BackendProtocol(Protocol):
         """Close once pending writes are flushed; TCP has no close code to carry."""
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is still queued (a close that took too long)."""
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 def endpoint_for(

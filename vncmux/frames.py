@@ -1,9 +1,11 @@
-"""The client's WebSocket stream on the relay's fast path.
+"""The client's WebSocket stream after the upgrade, read by one owner.
 
-Once a session relays, nearly every frame from the browser is a masked binary data frame.
-L{BinaryFrameReader} unmasks those and hands their payload over as it arrives, without
-autobahn's per-read bookkeeping; at the first frame it does not handle (ping, pong, close,
-text, anything odd) it stops and returns the rest, for autobahn to take from there.
+Once the upgrade is answered, every byte from the browser goes through L{ClientFrameReader}:
+it checks every frame header (RFC 6455 section 5), unmasks binary data frames and hands their
+payload on as it arrives, never assembled, and collects each control frame (close, ping,
+pong: at most 125 bytes) whole, for autobahn to act on. autobahn therefore never sees a data
+frame, and only this reader knows whether a fragmented message is open: there is no second
+idea of the stream's state to drift out of step.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from autobahn.websocket.xormasker import create_xor_masker
 
 #: Below this many bytes, unmasking with Python integers beats a call into C.
 _SMALL = 512
+
+PROTOCOL_ERROR = 1002
+UNSUPPORTED_DATA = 1003
+
+_CONTINUATION, _TEXT, _BINARY = 0, 1, 2
+_CLOSE = 8
+_CONTROL = frozenset((_CLOSE, 9, 10))  # close, ping, pong
+_MAX_CONTROL_PAYLOAD = 125
 
 
 def unmask(payload: bytes, mask: bytes, offset: int) -> bytes:
@@ -29,39 +39,52 @@ def unmask(payload: bytes, mask: bytes, offset: int) -> bytes:
     return create_xor_masker(mask, size).process(payload)  # type: ignore[no-any-return]
 
 
-class BinaryFrameReader:
+class ClientFrameReader:
     """
-    Splits the client stream into unmasked payload chunks of binary data frames.
+    Splits the client stream into unmasked binary payload chunks and whole control frames,
+    and fails the stream at the first frame RFC 6455 forbids.
 
-    A frame may arrive in any number of pieces; its payload is delivered piece by piece, as
-    it comes, never assembled. Continuation frames are taken only inside a binary message
-    this reader started.
+    C{deliver(chunk)} gets data payload piece by piece; C{control(raw_frame)} gets each
+    control frame as it came over the wire (header and masked payload); C{fail(code, why)}
+    is called once, for a protocol error (1002) or a text frame (1003, vncmux relays binary
+    only), and nothing is read after it: RFC 6455 section 7.1.7 says to stop processing.
     """
 
-    __slots__ = ("_deliver", "_head", "_mask", "_offset", "_remaining", "_in_message")
+    __slots__ = (
+        "deliver",
+        "_control",
+        "_fail",
+        "_head",
+        "_mask",
+        "_offset",
+        "_remaining",
+        "_in_message",
+        "_control_frame",
+        "_failed",
+    )
 
-    def __init__(self, deliver: Callable[[bytes], None]) -> None:
-        self._deliver = deliver
+    def __init__(
+        self,
+        deliver: Callable[[bytes], None],
+        control: Callable[[bytes], None],
+        fail: Callable[[int, str], None],
+    ) -> None:
+        #: Where binary payload goes; the connection points it at the session or the refusal.
+        self.deliver = deliver
+        self._control = control
+        self._fail = fail
         self._head = b""  # an incomplete frame header
         self._mask = b""
-        self._offset = 0  # payload bytes of the current frame already delivered
+        self._offset = 0  # payload bytes of the current data frame already delivered
         self._remaining = 0  # payload bytes of the current frame still to come
         self._in_message = False  # inside a fragmented binary message
+        self._control_frame: bytes | None = None  # a control frame being collected
+        self._failed = False
 
-    @property
-    def in_message(self) -> bool:
-        """Inside a fragmented binary message: what autobahn must know when it takes over."""
-        return self._in_message
-
-    @in_message.setter
-    def in_message(self, value: bool) -> None:
-        self._in_message = value
-
-    def feed(self, data: bytes) -> bytes:
-        """
-        Deliver the payload in C{data}; return the unread rest, which starts with the header
-        of a frame this reader does not handle (empty when all was consumed).
-        """
+    def feed(self, data: bytes) -> None:
+        """Read C{data}, the next bytes of the client stream, whatever their split."""
+        if self._failed:
+            return
         if self._head:
             data = self._head + data
             self._head = b""
@@ -72,52 +95,92 @@ class BinaryFrameReader:
             if remaining:
                 end = min(size, pos + remaining)
                 chunk = data[pos:end] if pos or end < size else data
-                self._deliver(unmask(chunk, self._mask, self._offset))
-                taken = end - pos
-                self._offset += taken
-                self._remaining = remaining - taken
+                self._remaining = remaining - (end - pos)
                 pos = end
+                control = self._control_frame
+                if control is not None:
+                    self._control_frame = control = control + chunk
+                    if not self._remaining:
+                        self._control_frame = None
+                        self._control(control)
+                else:
+                    offset = self._offset
+                    self._offset = offset + len(chunk)
+                    self.deliver(unmask(chunk, self._mask, offset))
                 continue
             header_end = self._parse_header(data, pos, size)
             if header_end < 0:
-                return data[pos:]
+                return
             if header_end == pos:  # incomplete header, kept for the next call
                 self._head = data[pos:]
-                return b""
+                return
             pos = header_end
-        return b""
+            if self._control_frame is not None and not self._remaining:
+                control, self._control_frame = self._control_frame, None
+                self._control(control)  # an empty control frame
 
     def _parse_header(self, data: bytes, pos: int, size: int) -> int:
         """
-        The position after a data-frame header at C{pos}; C{pos} itself when the header is
-        incomplete; -1 when the frame is not one this reader handles.
+        The position after the frame header at C{pos}; C{pos} itself when the header is
+        incomplete; -1 when the frame failed the stream. What the first two bytes tell is
+        checked at once, so a bad frame fails even if the rest of its header never comes.
         """
         if size - pos < 2:
             return pos
         b0, b1 = data[pos], data[pos + 1]
         opcode = b0 & 0x0F
-        if b0 & 0x70 or not b1 & 0x80:  # reserved bits, or an unmasked client frame
-            return -1
-        if opcode == 2 and not self._in_message:
-            pass
-        elif not (opcode == 0 and self._in_message):
-            return -1
+        final = b0 & 0x80
         length = b1 & 0x7F
+        if b0 & 0x70:
+            return self._failure(PROTOCOL_ERROR, "reserved bits set")
+        if not b1 & 0x80:
+            return self._failure(PROTOCOL_ERROR, "unmasked client frame")
+        if opcode in (_BINARY, _CONTINUATION):
+            if (opcode == _BINARY) == self._in_message:
+                why = "new message inside a fragmented one" if opcode else "stray continuation"
+                return self._failure(PROTOCOL_ERROR, why)
+        elif opcode in _CONTROL:
+            if not final:
+                return self._failure(PROTOCOL_ERROR, "fragmented control frame")
+            if length > _MAX_CONTROL_PAYLOAD:
+                return self._failure(PROTOCOL_ERROR, "control frame too long")
+            if opcode == _CLOSE and length == 1:
+                return self._failure(PROTOCOL_ERROR, "close frame with a one-byte payload")
+        elif opcode == _TEXT and not self._in_message:
+            return self._failure(UNSUPPORTED_DATA, "binary frames only")
+        elif opcode == _TEXT:
+            return self._failure(PROTOCOL_ERROR, "new message inside a fragmented one")
+        else:
+            return self._failure(PROTOCOL_ERROR, f"reserved opcode {opcode}")
         start = pos + 2
         if length == 126:
             if size - start < 6:
                 return pos
             length = int.from_bytes(data[start : start + 2], "big")
             start += 2
+            if length < 126:
+                return self._failure(PROTOCOL_ERROR, "non-minimal frame length")
         elif length == 127:
             if size - start < 12:
                 return pos
             length = int.from_bytes(data[start : start + 8], "big")
             start += 8
+            if length >> 63:
+                return self._failure(PROTOCOL_ERROR, "frame length with the top bit set")
+            if length < 65536:
+                return self._failure(PROTOCOL_ERROR, "non-minimal frame length")
         elif size - start < 4:
             return pos
-        self._mask = data[start : start + 4]
-        self._offset = 0
+        if opcode in _CONTROL:
+            self._control_frame = data[pos : start + 4]
+        else:
+            self._in_message = not final
+            self._offset = 0
+            self._mask = data[start : start + 4]
         self._remaining = length
-        self._in_message = not b0 & 0x80
         return start + 4
+
+    def _failure(self, code: int, why: str) -> int:
+        self._failed = True
+        self._fail(code, why)
+        return -1

@@ -71,3 +71,5 @@ TOKEN_EXPIRED_ENDING = Ending(4403, "token expired", "expired")
 TOKEN_REVOKED = Ending(4002, "token revoked", "revoked")
 SHUTDOWN = Ending(1001, "going away", "shutdown")
 TEXT_FRAME = Ending(1003, "binary frames only", "error")
+#: vncmux itself failed (logged with a traceback): never expected in operation.
+INTERNAL_FAILURE = Ending(1011, "internal error", "error")

@@ -9,16 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.refusals import BACKEND_CLOSED, BACKEND_ERROR, CLIENT_CLOSED, Ending
+from vncmux.refusals import Ending
 
 if TYPE_CHECKING:
     from vncmux.interfaces import IClientPeer, IPeer
     from vncmux.rfb import ClientActivityScanner
+    from vncmux.supervisor import Reservation
     from vncmux.tokens import TokenRecord
 
 #: Most bytes read from a VNC server at once: one WebSocket frame each.
@@ -71,6 +70,12 @@ class SessionRegistry(Protocol):
     def session_ended(self, session: Session) -> None: ...
 
 
+class SessionOwner(Protocol):
+    """Who closes the two sides when a session ends (the connection's lifecycle)."""
+
+    def end_session(self, session: Session, ending: Ending) -> None: ...
+
+
 class RelayStats:
     """Process-wide counters the relay bumps on rare events (read by metrics at scrape time)."""
 
@@ -87,19 +92,32 @@ class Throttle:
     buffer fills, reading from the other side pauses (and is counted).
     """
 
-    __slots__ = ("_source", "_stats", "_direction")
+    __slots__ = ("_source", "_stats", "_direction", "_consumer")
 
-    def __init__(self, source: IPeer, stats: RelayStats, direction: str) -> None:
+    def __init__(
+        self,
+        source: IPeer,
+        stats: RelayStats,
+        direction: str,
+        consumer: IClientPeer | None = None,
+    ) -> None:
         self._source = source
         self._stats = stats
         self._direction = direction
+        #: The browser, when it is the side whose queue filled: it is told, so that it can
+        #: bound what else it queues (pongs) and drop a client that never drains.
+        self._consumer = consumer
 
     def pauseProducing(self) -> None:
         self._stats.pauses[self._direction] += 1
         self._source.pause()
+        if self._consumer is not None:
+            self._consumer.output_blocked(True)
 
     def resumeProducing(self) -> None:
         self._source.resume()
+        if self._consumer is not None:
+            self._consumer.output_blocked(False)
 
     def stopProducing(self) -> None:
         """The consumer went away; the session closes the other side itself."""
@@ -126,7 +144,10 @@ class Session:
         "ending",
         "ping_sent_at",
         "scanner",
+        "reservation",
         "_registry",
+        "_owner",
+        "_consumers",
     )
 
     def __init__(
@@ -139,6 +160,8 @@ class Session:
         now: float,
         registry: SessionRegistry,
         scanner: ClientActivityScanner | None,
+        reservation: Reservation,
+        owner: SessionOwner,
     ) -> None:
         self.id = session_id
         self.record = record
@@ -155,7 +178,11 @@ class Session:
         self.ping_sent_at: float | None = None
         #: Finds user input in the client stream; None counts every byte either way.
         self.scanner = scanner
+        #: Its place under the session limits, given back when the session ends.
+        self.reservation = reservation
         self._registry = registry
+        self._owner = owner
+        self._consumers: tuple[IConsumer, IConsumer] | None = None
 
     def start(
         self, client_consumer: IConsumer, backend_consumer: IConsumer, stats: RelayStats
@@ -170,8 +197,11 @@ class Session:
         backend_consumer.bufferSize = BACKEND_READ_SIZE  # type: ignore[attr-defined]
         client_consumer.bufferSize = CLIENT_BUFFER_SIZE  # type: ignore[attr-defined]
         client_consumer.SEND_LIMIT = CLIENT_BUFFER_SIZE  # type: ignore[attr-defined]
-        client_consumer.registerProducer(Throttle(self.backend, stats, BACKEND_TO_CLIENT), True)
+        client_consumer.registerProducer(
+            Throttle(self.backend, stats, BACKEND_TO_CLIENT, self.client), True
+        )
         backend_consumer.registerProducer(Throttle(self.client, stats, CLIENT_TO_BACKEND), True)
+        self._consumers = (client_consumer, backend_consumer)
         self._registry.session_started(self)
         self.backend.resume()
 
@@ -190,24 +220,26 @@ class Session:
             self.last_activity_at = self._registry.now
         self.client.write(data)
 
-    def client_lost(self) -> None:
-        """The browser closed or dropped the WebSocket."""
-        self.end(CLIENT_CLOSED)
-
-    def backend_lost(self, reason: Failure | None) -> None:
-        """The VNC server closed the connection (cleanly or not)."""
-        clean = reason is None or reason.check(ConnectionDone) is not None
-        self.end(BACKEND_CLOSED if clean else BACKEND_ERROR)
-
     def end(self, ending: Ending) -> bool:
         """
-        End the session once: close both sides (each flushes what it already holds) and
-        tell the observer. Returns False when it had already ended.
+        Ask the session's owner to end it (supervisor, admin API, relay errors); returns
+        False when it had already ended.
         """
         if self.ending is not None:
             return False
-        self.ending = ending
-        self.backend.close(ending.code, ending.reason)
-        self.client.close(ending.code, ending.reason)
-        self._registry.session_ended(self)
+        self._owner.end_session(self, ending)
         return True
+
+    def finish(self, ending: Ending) -> None:
+        """
+        The session's own part of its end, run once by its owner: no more pausing of either
+        side by the other (a paused producer would hold a closing socket open for ever), its
+        place under the limits given back, and out of the supervisor's table.
+        """
+        self.ending = ending
+        consumers, self._consumers = self._consumers, None
+        if consumers is not None:
+            for consumer in consumers:
+                consumer.unregisterProducer()
+        self.reservation.release()
+        self._registry.session_ended(self)

@@ -45,6 +45,8 @@ class Limits:
     max_sessions: int = 0
     max_sessions_per_token: int = 0
     max_sessions_per_client: int = 0
+    max_pending: int = 1024
+    max_pending_per_client: int = 32
     ping_interval: float = 30.0
     ping_timeout: float = 20.0
     sweep_interval: float = 1.0
@@ -87,13 +89,14 @@ class Supervisor(Service):
         #: Activity of sessions that ended since the last flush, newest per token.
         self._ended_activity: dict[str, float] = {}
         self.connections = ConnectionTracker()
+        self.pending = PendingConnections(limits.max_pending, limits.max_pending_per_client)
 
     # -- admission -------------------------------------------------------------------------
 
-    def reserve(self, record: TokenRecord, client_address: str) -> None:
+    def reserve(self, record: TokenRecord, client_address: str) -> Reservation:
         """
         Count a session that is about to start against every limit, or raise L{Refused}
-        (too many sessions). Each reservation is given back by L{release} exactly once.
+        (too many sessions). The returned L{Reservation} is the only way to give it back.
         """
         limits = self.limits
         per_token = record.max_sessions or limits.max_sessions_per_token
@@ -111,11 +114,11 @@ class Supervisor(Service):
         self._reserved += 1
         self._per_token[record.token_hash] += 1
         self._per_client[client_address] += 1
+        return Reservation(self, record.token_hash, client_address)
 
-    def release(self, record: TokenRecord, client_address: str) -> None:
-        """Give back a reservation (failed dial, client gone, or session ended)."""
+    def _give_back(self, token_hash: str, client_address: str) -> None:
         self._reserved -= 1
-        _decrement(self._per_token, record.token_hash)
+        _decrement(self._per_token, token_hash)
         _decrement(self._per_client, client_address)
 
     @property
@@ -132,7 +135,6 @@ class Supervisor(Service):
     def session_ended(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
-        self.release(session.record, session.client_address)
         if session.last_activity_at >= self._flushed_at:
             token_hash = session.record.token_hash
             stamp = max(session.last_activity_at, self._ended_activity.get(token_hash, 0.0))
@@ -304,6 +306,108 @@ class Supervisor(Service):
         if self._flushing is not None:
             return self._flushing.addCallback(lambda _: self.flush_activity())
         return self.flush_activity()
+
+
+class Reservation:
+    """
+    One session's place under the limits, from admission to the end of the session.
+
+    Whoever holds it gives it back with L{release}, which is safe to call more than once:
+    every path that abandons a session (failed dial, failed upgrade, client gone, session
+    ended) just calls it, and the counters come back exactly once.
+    """
+
+    __slots__ = ("_supervisor", "_token_hash", "_client_address")
+
+    def __init__(self, supervisor: Supervisor, token_hash: str, client_address: str) -> None:
+        self._supervisor: Supervisor | None = supervisor
+        self._token_hash = token_hash
+        self._client_address = client_address
+
+    @property
+    def held(self) -> bool:
+        """Whether this reservation still counts against the limits."""
+        return self._supervisor is not None
+
+    def release(self) -> None:
+        """Give the place back (once; later calls do nothing)."""
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor._give_back(self._token_hash, self._client_address)
+
+
+class PendingConnections:
+    """
+    Connections that hold resources without being sessions yet: reading the upgrade request,
+    waiting for the token store or the VNC server, or showing a refusal. A client that opens
+    many of them and never finishes can hold no more than its share (C{--max-pending},
+    C{--max-pending-per-client}; 0 turns a cap off).
+    """
+
+    __slots__ = ("max_total", "max_per_client", "total", "_per_client")
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self._per_client: Counter[str] = Counter()
+
+    def take(self, client_address: str, limit_client: bool = True) -> PendingSlot | None:
+        """
+        A slot for a new connection from C{client_address}, or None when over a cap. A
+        trusted proxy's connections (C{limit_client} false) are held to the per-client cap
+        only once the request names the client behind it (L{PendingSlot.move_to}).
+        """
+        if self.max_total and self.total >= self.max_total:
+            return None
+        if limit_client and not self._fits(client_address):
+            return None
+        self.total += 1
+        self._per_client[client_address] += 1
+        return PendingSlot(self, client_address)
+
+    def _fits(self, client_address: str) -> bool:
+        return not self.max_per_client or self._per_client[client_address] < self.max_per_client
+
+    def _move(self, old: str, new: str) -> bool:
+        if old == new:
+            return True
+        if not self._fits(new):
+            return False
+        _decrement(self._per_client, old)
+        self._per_client[new] += 1
+        return True
+
+    def _give_back(self, client_address: str) -> None:
+        self.total -= 1
+        _decrement(self._per_client, client_address)
+
+
+class PendingSlot:
+    """One pending connection's place; L{release} is idempotent like L{Reservation}'s."""
+
+    __slots__ = ("_pending", "client_address")
+
+    def __init__(self, pending: PendingConnections, client_address: str) -> None:
+        self._pending: PendingConnections | None = pending
+        self.client_address = client_address
+
+    def move_to(self, client_address: str) -> bool:
+        """
+        Count this connection under another client address (the one a trusted proxy named
+        in X-Forwarded-For); False, and nothing changed, when that address is over its cap.
+        """
+        pending = self._pending
+        if pending is None or not pending._move(self.client_address, client_address):
+            return pending is None
+        self.client_address = client_address
+        return True
+
+    def release(self) -> None:
+        """Give the place back (once; later calls do nothing)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending._give_back(self.client_address)
 
 
 class ConnectionTracker:

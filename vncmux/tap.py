@@ -129,6 +129,21 @@ class Options(usage.Options):
         ],
         ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.", _count],
         [
+            "max-pending",
+            None,
+            1024,
+            "Connections not yet relaying (upgrade, token lookup, dial, refusal) at most; "
+            "over it new connections get HTTP 503. 0 unlimited.",
+            _count,
+        ],
+        [
+            "max-pending-per-client",
+            None,
+            32,
+            "Connections not yet relaying per client address; 0 unlimited.",
+            _count,
+        ],
+        [
             "ping-interval",
             None,
             30.0,
@@ -142,6 +157,13 @@ class Options(usage.Options):
             20.0,
             "Drop a client (and its backend) that has not answered a ping for this many seconds.",
             _seconds,
+        ],
+        [
+            "close-timeout",
+            None,
+            10.0,
+            "Seconds each side of an ending session has to flush and close before it is cut.",
+            _positive_float,
         ],
         [
             "drain-timeout",
@@ -245,6 +267,7 @@ class Options(usage.Options):
             trusted_proxies=parse_networks(self["trusted-proxy"]),
             idle_activity=self["idle-activity"],
             drain_timeout=self["drain-timeout"],
+            close_timeout=self["close-timeout"],
             limits=Limits(
                 idle_timeout=self["idle-timeout"],
                 max_session=self["max-session"],
@@ -252,6 +275,8 @@ class Options(usage.Options):
                 max_sessions=self["max-sessions"],
                 max_sessions_per_token=self["max-sessions-per-token"],
                 max_sessions_per_client=self["max-sessions-per-client"],
+                max_pending=self["max-pending"],
+                max_pending_per_client=self["max-pending-per-client"],
                 flush_interval=self["flush-interval"],
                 ping_interval=self["ping-interval"],
                 ping_timeout=self["ping-timeout"],

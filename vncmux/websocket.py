@@ -1,12 +1,11 @@
 """The browser side: autobahn's WebSocket server, kept thin.
 
-A connection goes through three phases:
-  1. handshake: ``onConnect`` checks subprotocol, token, Origin, then asks the L{Gate} for the
-     token's record and a greeted backend; the upgrade completes either way;
-  2. refusal: a refused connection answers as a refusing VNC server (RFB greeting, then zero
-     security types and the reason) and closes with the code of DESIGN.md section 3;
-  3. relay: binary frames go to the backend as they are decoded; backend chunks go out as one
-     frame each, header and payload written together without joining them first.
+autobahn parses the upgrade request and answers it; everything else is decided by the
+connection's lifecycle (L{vncmux.lifecycle}), to which this protocol only reports events. After
+the upgrade, every byte from the browser goes through one L{ClientFrameReader}: binary payload
+goes straight to the session (or to the refusing RFB server), and whole control frames go to
+autobahn, which answers pings and the closing handshake. Backend chunks go out as one frame
+each, header and payload written together without joining them first.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -22,11 +22,10 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.frames import BinaryFrameReader
+from vncmux.frames import PROTOCOL_ERROR, ClientFrameReader
 from vncmux.handshake import (
     UnsupportedSubprotocol,
     choose_subprotocol,
@@ -37,31 +36,41 @@ from vncmux.handshake import (
     request_scheme,
 )
 from vncmux.interfaces import IClientPeer, ISessionObserver
+from vncmux.lifecycle import Connection, ConnectionInputs
 from vncmux.refusals import (
     BAD_REQUEST,
-    INTERNAL_ERROR,
+    CLIENT_CLOSED,
+    CLIENT_UNRESPONSIVE,
     ORIGIN_NOT_ALLOWED,
-    TEXT_FRAME,
-    Refusal,
+    TOO_MANY_SESSIONS,
+    Ending,
     Refused,
 )
-from vncmux.relay import RelayStats, Session, send_now, set_interactive
-from vncmux.rfb import ClientActivityScanner, RefusingServer
-from vncmux.web import StaticFiles
+from vncmux.relay import RelayStats, send_now, set_interactive
+from vncmux.web import StaticFiles, http_response
 
 if TYPE_CHECKING:
     from vncmux.admission import Gate
-    from vncmux.backend import BackendProtocol
     from vncmux.settings import Settings
     from vncmux.supervisor import Supervisor
-    from vncmux.tokens import TokenRecord
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 CONNECTION_DONE = Failure(ConnectionDone())
 _UPGRADE_HEADER = re.compile(rb"\r\nupgrade\s*:", re.IGNORECASE)
 _MAX_REQUEST_HEAD = 16 * 1024
+_QUOTED = re.compile(r"""(["']).*?(?:\1|$)""")
 _pack_16 = struct.Struct("!BBH").pack
 _pack_64 = struct.Struct("!BBQ").pack
+
+#: Pings answered at once, then this many a second: RFC 6455 (5.5.3) lets an endpoint
+#: answer only the latest of several pings, and a client that floods pings gets no more.
+PONG_BURST = 20
+PONG_RATE = 20.0
+
+#: Why the reading of a client is held: its VNC server cannot take more, or the proxy's
+#: queue towards the client is over its cap (it must read before it may send more).
+_BACKEND_FULL = 1
+_OUTPUT_FULL = 2
 
 
 def binary_frame_header(length: int) -> bytes:
@@ -73,54 +82,107 @@ def binary_frame_header(length: int) -> bytes:
     return _pack_64(0x82, 127, length)
 
 
+def loggable(reason: str) -> str:
+    """
+    A handshake failure's reason without anything the client sent: autobahn quotes the
+    request line or header values, which may carry the token.
+    """
+    return _QUOTED.sub('"…"', reason.split(" : ", 1)[0])
+
+
+def valid_close(code: int | None, reason: bytes | None) -> Ending | None:
+    """None for an acceptable close frame from a client, else how to fail the connection."""
+    if code is not None and (
+        code < 1000
+        or code >= 5000
+        or (code < 3000 and code not in WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED)
+    ):
+        return Ending(PROTOCOL_ERROR, f"invalid close code {code}", "error")
+    if reason is not None:
+        try:
+            reason.decode("utf-8")
+        except UnicodeDecodeError:
+            return Ending(1007, "close reason is not UTF-8", "error")
+    return None
+
+
+def _discard(data: bytes) -> None:
+    """Where client payload goes when no session or refusal wants it."""
+
+
 @implementer(IClientPeer)
 class ConsoleProtocol(WebSocketServerProtocol):
-    """One browser connection."""
+    """One browser connection: autobahn's events turned into lifecycle inputs."""
 
-    _log = Logger()
     factory: ConsoleFactory
 
-    session_id = ""
-    client_address = ""
-    token_id: str | None = None
-    session: Session | None = None
-    _admission: Deferred[tuple[TokenRecord, BackendProtocol]] | None = None
-    _backend: BackendProtocol | None = None
-    _refusal: Refusal | None = None
-    _refuser: RefusingServer | None = None
-    _refusal_timer: IDelayedCall | None = None
-    _reader: BinaryFrameReader | None = None
-    _reported = False
-    _gone = False
+    connection: Connection | None = None
+    _answer: Deferred[str | None] | None = None
+    _subprotocol: str | None = None
+    _reader: ClientFrameReader | None = None
+    _holds = 0
+    _stall: IDelayedCall | None = None
+    _ping_payload: bytes | None = None
+    _pongs = float(PONG_BURST)
+    _pongs_at = 0.0
+
+    @property
+    def session_id(self) -> str:
+        return self.connection.session_id if self.connection is not None else ""
+
+    def _fire(self, event: Callable[[ConnectionInputs], None]) -> None:
+        if self.connection is not None:
+            self.connection.fire(event)
 
     def connectionMade(self) -> None:
-        self.factory.supervisor.connections.opened()
+        factory = self.factory
+        factory.supervisor.connections.opened()
         set_interactive(self.transport)
         super().connectionMade()
+        session_id = os.urandom(6).hex()
+        peer = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        trusted = is_trusted(peer, factory.settings.trusted_proxies)
+        slot = factory.supervisor.pending.take(peer, limit_client=not trusted)
+        if slot is None:
+            pending = factory.supervisor.pending
+            factory.observer.session_rejected(
+                session_id,
+                peer,
+                TOO_MANY_SESSIONS,
+                f"over the pending connection limits ({pending.max_total} in all, "
+                f"{pending.max_per_client} per client)",
+                None,
+            )
+            body = b"too many pending connections\n"
+            headers = {"Content-Type": "text/plain; charset=utf-8", "Retry-After": "1"}
+            self.transport.write(http_response(503, body, headers))  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.connection = Connection(session_id, self, factory, slot, peer)
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         super().connectionLost(reason)
+        self._cancel_stall()
+        self._fire(lambda machine: machine.client_lost())
         self.factory.supervisor.connections.closed()
 
     def dataReceived(self, data: bytes) -> None:
         """
-        While relaying, binary data frames take the fast path straight to the session;
-        autobahn gets everything else (handshake, control and text frames) and any frame it
-        has begun reading.
+        After the upgrade every byte goes to the frame reader; before it, autobahn reads
+        the request, and bytes sent while the answer is pending are a protocol error.
         """
         reader = self._reader
-        if reader is None or self.state != _OPEN or self.current_frame is not None or self.data:
+        if reader is not None:
+            reader.feed(data)
+        elif self._answer is not None:
+            self._fire(lambda machine: machine.early_data())
+        elif self.connection is not None:
             super().dataReceived(data)
-            return
-        reader.in_message = self.inside_message
-        rest = reader.feed(data)
-        if rest:
-            self.inside_message = reader.in_message
-            super().dataReceived(rest)
 
-    # -- plain HTTP on the same port ---------------------------------------------------------
+    # -- the upgrade request -------------------------------------------------------------------
 
     def processHandshake(self) -> None:
+        """Plain HTTP gets the web root (or 404); one upgrade request, nothing after it."""
         end = self.data.find(b"\r\n\r\n")
         if end < 0:
             if len(self.data) > _MAX_REQUEST_HEAD:
@@ -133,162 +195,132 @@ class ConsoleProtocol(WebSocketServerProtocol):
             self.wasClean = True  # a plain HTTP answer, not a failed WebSocket
             self.dropConnection(abort=False)
             return
+        if len(self.data) > end + 4:
+            self.failHandshake("data before the upgrade was answered")
+            return
         super().processHandshake()
 
-    # -- handshake ---------------------------------------------------------------------------
-
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None] | str | None:
-        factory = self.factory
-        self.session_id = os.urandom(6).hex()
-        peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
-        trusted = is_trusted(peer_host, factory.settings.trusted_proxies)
-        self.client_address = client_address(peer_host, request.headers, trusted)
+        conn = self.connection
+        assert conn is not None
+        # vncmux negotiates no extension, and RFC 6455 (9.1) lets a server ignore offers it
+        # does not support: dropping them here keeps autobahn from refusing a malformed
+        # permessage-deflate offer after the token was already admitted.
+        self.websocket_extensions = []
+        settings = self.factory.settings
+        peer = conn.client_address
+        trusted = is_trusted(peer, settings.trusted_proxies)
+        address = client_address(peer, request.headers, settings.trusted_proxies)
         try:
             subprotocol = choose_subprotocol(request.protocols)
         except UnsupportedSubprotocol as e:
             # A browser drops an upgrade that answers none of its subprotocols, so the
             # RFB-level refusal could never be shown: refuse with HTTP 400 instead.
-            self._report_refusal(BAD_REQUEST, f"unsupported subprotocols: {e}")
-            raise ConnectionDeny(400, "unsupported subprotocol (vncmux speaks 'binary')") from None
+            raise ConnectionDeny(400, f"unsupported subprotocols: {e}") from None
+        if not conn.slot.move_to(address):
+            refused = Refused(
+                TOO_MANY_SESSIONS, f"client {address} is over its pending connection limit"
+            )
+            conn.client_address = address
+            conn.fire(lambda machine: machine.refuse(refused))
+            return subprotocol
+        conn.client_address = address
         token = find_token(request.params, request.headers)
         scheme = request_scheme(ISSLTransport.providedBy(self.transport), trusted, request.headers)
         if token is None:
-            self._refuse(BAD_REQUEST, "no token in the query or the cookie")
-            return subprotocol
-        if not origin_allowed(
-            request.origin, request.headers.get("host"), scheme, factory.settings.allowed_origins
+            refused = Refused(BAD_REQUEST, "no token in the query or the cookie")
+        elif not origin_allowed(
+            request.origin, request.headers.get("host"), scheme, settings.allowed_origins
         ):
-            self._refuse(ORIGIN_NOT_ALLOWED, f"origin {request.origin!r} not allowed")
-            return subprotocol
-        answer: Deferred[str | None] = Deferred()
-        admission = self._admission = factory.gate.admit(token, self.client_address)
-        admission.addCallbacks(self._admitted, self._not_admitted)
-        admission.addBoth(lambda _: None if self._gone else answer.callback(subprotocol))
-        return answer
-
-    def _admitted(self, result: tuple[TokenRecord, BackendProtocol]) -> None:
-        self._admission = None
-        record, backend = result
-        self.token_id = record.token_id
-        factory = self.factory
-        if self._gone:
-            backend.close()
-            factory.supervisor.release(record, self.client_address)
-            return
-        self._backend = backend
-        self.session = Session(
-            self.session_id,
-            record,
-            self.client_address,
-            self,
-            backend,
-            factory.clock.seconds(),
-            factory.supervisor,
-            ClientActivityScanner() if factory.settings.idle_activity == "input" else None,
-        )
-
-    def _not_admitted(self, failure: Failure) -> None:
-        self._admission = None
-        if self._gone:
-            return
-        if failure.check(Refused):
-            refused: Refused = failure.value  # type: ignore[assignment]
-            self.token_id = refused.token_id
-            self._refuse(refused.refusal, refused.detail)
+            refused = Refused(ORIGIN_NOT_ALLOWED, f"origin {request.origin!r} not allowed")
         else:
-            self._log.failure("admission of session {sid} failed", failure, sid=self.session_id)
-            self._refuse(INTERNAL_ERROR, f"internal error: {failure.getErrorMessage()}")
-
-    def _refuse(self, refusal: Refusal, detail: str) -> None:
-        self._refusal = refusal
-        self._report_refusal(refusal, detail)
-
-    def _report_refusal(self, refusal: Refusal, detail: str) -> None:
-        self._reported = True
-        self.factory.observer.session_rejected(
-            self.session_id, self.client_address, refusal, detail, self.token_id
-        )
+            self._subprotocol = subprotocol
+            answer = self._answer = Deferred()
+            conn.fire(lambda machine: machine.admit(token))
+            return answer
+        conn.fire(lambda machine: machine.refuse(refused))
+        return subprotocol
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: object = None) -> None:
-        """A malformed upgrade that autobahn refuses itself is a bad request too: count and
-        log it like the others (once: a denied subprotocol was reported already)."""
-        if not self._reported:
-            if not self.session_id:
-                self.session_id = os.urandom(6).hex()
-                self.client_address = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
-            self._report_refusal(BAD_REQUEST, f"HTTP {code}: {reason}")
+        """Every refused upgrade is reported once, and nothing the client sent is logged."""
+        reason = loggable(reason)
+        self._fire(lambda machine: machine.upgrade_failed(f"HTTP {code}: {reason}"))
         super().failHandshake(reason, code, responseHeaders)
 
-    # -- after the upgrade ---------------------------------------------------------------------
-
     def onOpen(self) -> None:
-        if self._refusal is not None:
-            self._refuser = RefusingServer(self._refusal.reason)
-            self.write(self._refuser.greeting())
-            self._refusal_timer = self.factory.clock.callLater(
-                self.factory.settings.refusal_timeout, self._refusal_timed_out
-            )
-            return
-        session, backend = self.session, self._backend
-        assert session is not None and backend is not None
-        if backend.greeting:
-            session.from_backend(backend.greeting)
-        backend.session = session
-        self._reader = BinaryFrameReader(session.from_client)
-        session.start(self.transport, backend.transport, self.factory.stats)  # type: ignore[arg-type]
+        self._reader = ClientFrameReader(_discard, self._control_frame, self._failed)
+        self._fire(lambda machine: machine.upgraded())
 
-    def onMessageBegin(self, isBinary: bool) -> None:
-        if isBinary:
-            return
-        if self.session is not None:
-            self.session.end(TEXT_FRAME)
-        else:
-            self.close(TEXT_FRAME.code, TEXT_FRAME.reason)
+    # -- frames after the upgrade ----------------------------------------------------------------
 
-    def onMessageFrameBegin(self, length: int) -> None:
-        """Frames are streamed, never assembled, so no size limit is needed here."""
+    def _control_frame(self, frame: bytes) -> None:
+        """A whole, checked control frame: autobahn answers it (pong, close handshake)."""
+        super().dataReceived(frame)
 
-    def onMessageFrameData(self, payload: bytes) -> None:
-        if self.state != _OPEN:
-            return
-        session = self.session
-        if session is not None:
-            session.from_client(payload)
-        elif self._refuser is not None:
-            answer = self._refuser.receive(payload)
-            if answer is not None:
-                self._finish_refusal(answer)
+    def _failed(self, code: int, why: str) -> None:
+        ending = Ending(code, why, "error")
+        self._fire(lambda machine: machine.client_failed(ending))
 
-    def onMessageFrameEnd(self) -> None:
-        """Nothing to assemble."""
+    def onPing(self, payload: bytes) -> None:
+        now = self.factory.clock.seconds()
+        pongs = min(float(PONG_BURST), self._pongs + (now - self._pongs_at) * PONG_RATE)
+        self._pongs_at = now
+        if pongs >= 1.0 and self.state == _OPEN:
+            pongs -= 1.0
+            self.sendPong(payload)
+        self._pongs = pongs
 
-    def onMessageEnd(self) -> None:
-        """Nothing to deliver: every byte went out as it was decoded."""
+    def onPong(self, payload: bytes) -> None:
+        """Only the answer to the supervisor's own ping counts as a sign of life."""
+        conn = self.connection
+        if payload and payload == self._ping_payload and conn is not None:
+            self._ping_payload = None
+            if conn.session is not None:
+                conn.session.ping_sent_at = None
 
-    def _finish_refusal(self, answer: bytes) -> None:
-        assert self._refusal is not None
-        self._cancel_refusal_timer()
-        self.write(answer)
-        self.close(self._refusal.code, self._refusal.reason)
-
-    def _refusal_timed_out(self) -> None:
-        self._refusal_timer = None
-        self.dropConnection(abort=True)
-
-    def _cancel_refusal_timer(self) -> None:
-        if self._refusal_timer is not None:
-            self._refusal_timer.cancel()
-            self._refusal_timer = None
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        invalid = valid_close(code, reasonRaw)
+        if invalid is not None:
+            self._fire(lambda machine: machine.client_failed(invalid))
+            return True
+        answered = super().onCloseFrame(code, reasonRaw)
+        self._fire(lambda machine: machine.end(CLIENT_CLOSED))
+        return answered
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._gone = True
-        self._cancel_refusal_timer()
-        if self._admission is not None:
-            self._admission.cancel()
-        if self.session is not None:
-            self.session.client_lost()
+        """Reported from connectionLost, after autobahn."""
 
-    # -- IPeer, as the relay sees the browser ------------------------------------------------------
+    # -- what the lifecycle asks of the browser side ---------------------------------------------
+
+    def answer_upgrade(self) -> None:
+        answer, self._answer = self._answer, None
+        assert answer is not None
+        answer.callback(self._subprotocol)
+
+    def fail_upgrade(self, status: int, reason: str) -> None:
+        self.failHandshake(reason, status)
+
+    def relay_to(self, deliver: Callable[[bytes], None] | None) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.deliver = deliver or _discard
+        if deliver is None:
+            # The session is over: read the client's close frame, whatever held it back.
+            self._cancel_stall()
+            if self._holds:
+                self._holds = 0
+                self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def transport_for_relay(self) -> object:
+        return self.transport
+
+    def lose(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- IClientPeer, as the relay and the supervisor see the browser ---------------------------
 
     def write(self, data: bytes) -> None:
         if self.state == _OPEN:
@@ -297,25 +329,53 @@ class ConsoleProtocol(WebSocketServerProtocol):
             send_now(self.transport, size)
 
     def pause(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._hold(_BACKEND_FULL, True)
 
     def resume(self) -> None:
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._hold(_BACKEND_FULL, False)
+
+    def output_blocked(self, blocked: bool) -> None:
+        """
+        The queue towards this client is over its cap: stop reading it (its pings would
+        only queue more), and drop it if it does not drain within the ping timeout.
+        """
+        self._hold(_OUTPUT_FULL, blocked)
+        if not blocked:
+            self._cancel_stall()
+        elif self._stall is None and self.factory.settings.limits.ping_timeout:
+            self._stall = self.factory.clock.callLater(
+                self.factory.settings.limits.ping_timeout, self._stalled
+            )
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._fire(lambda machine: machine.end(CLIENT_UNRESPONSIVE))
+
+    def _cancel_stall(self) -> None:
+        stall, self._stall = self._stall, None
+        if stall is not None and stall.active():
+            stall.cancel()
+
+    def _hold(self, reason: int, on: bool) -> None:
+        held = self._holds
+        self._holds = held | reason if on else held & ~reason
+        if self._holds and not held:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        elif held and not self._holds:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def ping(self) -> None:
         if self.state == _OPEN:
-            self.sendPing()
-
-    def onPong(self, payload: bytes) -> None:
-        if self.session is not None:
-            self.session.ping_sent_at = None
+            self._ping_payload = os.urandom(8)
+            self.sendPing(self._ping_payload)
 
     def drop(self) -> None:
-        self.dropConnection(abort=True)
+        self.abort()
 
     def close(self, code: int, reason: str) -> None:
         if self.state == _OPEN:
-            self.sendCloseFrame(code, reason.encode("utf-8")[:123])
+            encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+            self.sendCloseFrame(code, encoded)
 
 
 class ConsoleFactory(WebSocketServerFactory):
@@ -332,7 +392,7 @@ class ConsoleFactory(WebSocketServerFactory):
         clock: IReactorTime,
         reactor: object = None,
     ) -> None:
-        super().__init__(reactor=reactor)
+        super().__init__(reactor=reactor, server=None)
         self.settings = settings
         self.gate = gate
         self.supervisor = supervisor
@@ -343,9 +403,11 @@ class ConsoleFactory(WebSocketServerFactory):
         self.noisy = False
         self.setProtocolOptions(
             webStatus=False,
-            openHandshakeTimeout=settings.handshake_timeout,
-            closeHandshakeTimeout=settings.close_timeout,
+            # The lifecycle keeps every deadline on the injected clock.
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
             failByDrop=False,
+            echoCloseCodeReason=True,
             autoFragmentSize=0,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,

@@ -1,0 +1,204 @@
+"""The connection lifecycle in memory: every path gives back what it took, within a deadline.
+
+The conformance suite (tests/conformance) covers what the client sends; these tests cover the
+other events: timers, a failed upgrade after admission, a bug in a transition, the pending
+caps, keepalive answers and a client whose queue does not drain.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.conformance.harness import (
+    CLIENT_ADDRESS,
+    Harness,
+    TcpLikeTransport,
+    upgrade_request,
+)
+from tests.conformance.wsframes import PING, PONG, frame
+from vncmux.lifecycle import Lifecycle
+from vncmux.refusals import IDLE_TIMEOUT
+from vncmux.settings import Settings
+from vncmux.supervisor import Limits
+from vncmux.websocket import ConsoleProtocol
+
+
+def harness(test: SynchronousTestCase, **limits: object) -> Harness:
+    limits.setdefault("ping_interval", 0)
+    settings = Settings(listen="tcp:0", metrics=None, limits=Limits(**limits))  # type: ignore[arg-type]
+    return Harness.for_test(test, settings=settings)
+
+
+class HeldNothing:
+    """Mixin: the supervisor holds no session, reservation or pending slot."""
+
+    h: Harness
+
+    def assertNothingHeld(self) -> None:
+        supervisor = self.h.console.supervisor
+        held = (supervisor.sessions, supervisor.reserved, supervisor.pending.total)
+        self.assertEqual(held, ({}, 0, 0))  # type: ignore[attr-defined]
+
+
+class UpgradeFailsAfterAdmission(ConsoleProtocol):
+    """autobahn refuses the upgrade while answering it (as it does for a bad offer)."""
+
+    def succeedHandshake(self, res: object) -> None:
+        self.failHandshake("refused while answering")
+
+
+class RelayStartFails(ConsoleProtocol):
+    """A bug in the relay's start: the lifecycle must log it and give everything back."""
+
+    def transport_for_relay(self) -> object:
+        raise RuntimeError("boom")
+
+
+class LifecycleTests(HeldNothing, SynchronousTestCase):
+    def test_machine_is_built(self) -> None:
+        """The state machine builds (automat checks every transition has an output)."""
+        self.assertTrue(callable(Lifecycle))
+
+    def test_upgrade_failed_after_admission(self) -> None:
+        """The token was admitted and the console dialled, then the upgrade failed: HTTP
+        400, the VNC connection closed, the reservation given back, the refusal counted."""
+        self.h = h = harness(self)
+        h.console.factory.protocol = UpgradeFailsAfterAdmission
+        h.connect()
+        h.send([upgrade_request()])
+        backend = h.answer_dial()
+        self.assertTrue(h.output.startswith(b"HTTP/1.1 400"), h.output[:60])
+        self.assertTrue(backend.closing)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertNothingHeld()
+
+    def test_bug_in_a_transition(self) -> None:
+        """An exception inside a transition is logged with the session id; both sides are
+        cut and every count given back."""
+        self.h = h = harness(self)
+        h.console.factory.protocol = RelayStartFails
+        h.connect()
+        h.send([upgrade_request()])
+        backend = h.answer_dial()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        logged = [e for e in h.log.events if "log_failure" in e]
+        self.assertEqual(logged[0]["sid"], h.protocol.session_id)
+        self.assertTrue(h.transport.disconnected)
+        self.assertTrue(backend.closing)
+        self.assertNothingHeld()
+
+    def test_silent_client(self) -> None:
+        """A client that never completes its upgrade request is cut after the handshake
+        timeout, and its pending slot is free again."""
+        self.h = h = harness(self)
+        h.connect()
+        h.send([b"GET /websockify?token=good HTTP/1.1\r\n"])
+        self.assertEqual(h.console.supervisor.pending.total, 1)
+        h.advance(h.settings.handshake_timeout + 0.1)
+        self.assertTrue(h.transport.disconnected)
+        h.deliver_losses()
+        self.assertNothingHeld()
+
+    def test_close_deadline(self) -> None:
+        """A client that never answers the proxy's close frame is cut after the close
+        timeout; the VNC connection was closed at once."""
+        self.h = h = harness(self)
+        backend = h.open()
+        session = next(iter(h.console.supervisor.sessions.values()))
+        session.end(IDLE_TIMEOUT)
+        self.assertTrue(backend.closing)
+        self.assertEqual([f.close_code for f in h.close_frames()], [4000])
+        self.assertFalse(h.transport.disconnected)
+        h.advance(h.settings.close_timeout + 0.1)
+        self.assertTrue(h.transport.disconnected)
+        self.assertNothingHeld()
+
+
+class PendingLimitTests(HeldNothing, SynchronousTestCase):
+    """Connections that are not relaying yet are capped, in all and per client."""
+
+    def second(self, host: str = CLIENT_ADDRESS.host) -> TcpLikeTransport:
+        transport = TcpLikeTransport(peerAddress=IPv4Address("TCP", host, 40001))
+        protocol = self.h.console.factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        return transport
+
+    def test_total(self) -> None:
+        """Over --max-pending a new connection gets HTTP 503 at once; once the first one
+        relays, there is room again."""
+        self.h = h = harness(self, max_pending=1)
+        h.connect()
+        refused = self.second("192.0.2.99")
+        self.assertTrue(refused.value().startswith(b"HTTP/1.1 503"))
+        self.assertTrue(refused.disconnecting)
+        h.send([upgrade_request()])
+        h.answer_dial()
+        self.assertEqual(h.console.supervisor.pending.total, 0)
+        self.assertFalse(self.second("192.0.2.99").value())
+
+    def test_per_client(self) -> None:
+        """--max-pending-per-client counts per address; another address is not affected."""
+        self.h = h = harness(self, max_pending_per_client=1)
+        h.connect()
+        self.assertTrue(self.second().value().startswith(b"HTTP/1.1 503"))
+        self.assertFalse(self.second("192.0.2.99").value())
+
+
+class KeepaliveTests(SynchronousTestCase):
+    """Only the answer to the proxy's own ping counts as a sign of life."""
+
+    def test_unsolicited_pong(self) -> None:
+        """A pong with another payload leaves the ping unanswered; the echo clears it."""
+        h = harness(self)
+        h.open()
+        session = next(iter(h.console.supervisor.sessions.values()))
+        session.ping_sent_at = 1.0
+        session.client.ping()
+        ping = [f for f in h.frames() if f.opcode == PING][-1]
+        h.send([frame(b"not yours", PONG)])
+        self.assertEqual(session.ping_sent_at, 1.0)
+        h.send([frame(ping.payload, PONG)])
+        self.assertIsNone(session.ping_sent_at)
+
+    def test_pong_rate(self) -> None:
+        """A burst of pings gets 20 pongs, then 20 a second."""
+        h = harness(self)
+        h.open()
+        h.send([frame(b"%d" % n, PING) for n in range(100)])
+        self.assertEqual(len(h.pongs()), 20)
+        h.advance(0.5)
+        h.send([frame(b"%d" % n, PING) for n in range(100)])
+        self.assertEqual(len(h.pongs()), 30)
+
+
+class StalledClientTests(HeldNothing, SynchronousTestCase):
+    """A client whose queue is over its cap is not read, and is dropped if it stays over."""
+
+    def test_held_then_dropped(self) -> None:
+        """Over the cap: the client is not read and the VNC server paused; still over after
+        the ping timeout: the client is cut and the session ends."""
+        self.h = h = harness(self, ping_timeout=20.0)
+        backend = h.open()
+        h.transport.producer.pauseProducing()
+        self.assertEqual(h.transport.producerState, "paused")
+        self.assertEqual(backend.transport.producerState, "paused")
+        h.advance(19.0)
+        self.assertEqual(len(h.console.supervisor.sessions), 1)
+        h.advance(1.5)
+        self.assertTrue(h.transport.disconnected)
+        self.assertTrue(backend.closing)
+        self.assertNothingHeld()
+
+    def test_drained_in_time(self) -> None:
+        """A client that drains before the ping timeout is read again and kept."""
+        self.h = h = harness(self, ping_timeout=20.0)
+        backend = h.open()
+        h.transport.producer.pauseProducing()
+        h.advance(10.0)
+        h.transport.producer.resumeProducing()
+        h.advance(30.0)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(backend.transport.producerState, "producing")
+        self.assertEqual(len(h.console.supervisor.sessions), 1)
+

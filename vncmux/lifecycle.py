@@ -1,0 +1,558 @@
+"""The life of one browser connection, written down once.
+
+Every event that can happen to a connection (the upgrade request, the token store's and the
+VNC server's answers, the upgrade going out, either side closing, a timer, the supervisor
+ending the session) is an input of one state machine, and each transition below lists what
+it does. docs/architecture.md has the same table. The bytes themselves do not go through the
+machine: once relaying, the frame reader hands them straight to the L{Session}.
+
+Two rules hold in every state: whatever counts against a limit (the pending-connection slot,
+the session reservation) is given back on every path out, and every close has a deadline
+after which the sides still open are cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vncmux.admission import Admission
+from vncmux.refusals import (
+    BAD_REQUEST,
+    CLIENT_CLOSED,
+    CLIENT_UNRESPONSIVE,
+    INTERNAL_ERROR,
+    INTERNAL_FAILURE,
+    Ending,
+    Refused,
+)
+from vncmux.relay import Session
+from vncmux.rfb import ClientActivityScanner, RefusingServer
+
+if TYPE_CHECKING:
+    from vncmux.supervisor import PendingSlot
+    from vncmux.websocket import ConsoleFactory
+
+
+class ConnectionInputs(Protocol):
+    """What can happen to a browser connection."""
+
+    def refuse(self, refused: Refused) -> None:
+        """The upgrade request is refused before any lookup (no token, foreign Origin)."""
+
+    def admit(self, token: str) -> None:
+        """The upgrade request carries a token: look it up and dial its console."""
+
+    def admitted(self, admission: Admission) -> None:
+        """The token is good and its VNC server greeted us."""
+
+    def not_admitted(self, refused: Refused) -> None:
+        """The token store or the VNC server said no."""
+
+    def upgraded(self) -> None:
+        """The 101 answer went out (autobahn's onOpen)."""
+
+    def upgrade_failed(self, detail: str) -> None:
+        """The upgrade was answered with an HTTP error instead (malformed request)."""
+
+    def early_data(self) -> None:
+        """The client sent bytes before its upgrade was answered."""
+
+    def refusal_answered(self, answer: bytes) -> None:
+        """The refused client sent its RFB version; C{answer} is the RFB failure message."""
+
+    def end(self, ending: Ending) -> None:
+        """Something ends the session: supervisor, admin API, drain, the client's close frame."""
+
+    def client_failed(self, ending: Ending) -> None:
+        """The client broke the WebSocket protocol: fail the connection (RFC 6455 7.1.7)."""
+
+    def client_lost(self) -> None:
+        """The browser's TCP connection is gone."""
+
+    def backend_lost(self, ending: Ending) -> None:
+        """The VNC server's TCP connection is gone."""
+
+    def timed_out(self) -> None:
+        """The current state's deadline passed (handshake, refusal or close)."""
+
+
+class ClientSide(Protocol):
+    """What the lifecycle asks of the browser connection (the WebSocket protocol)."""
+
+    def write(self, data: bytes) -> None:
+        """Send C{data} as one binary frame."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame (after what is queued), unless one went out already."""
+
+    def answer_upgrade(self) -> None:
+        """Send the 101 answer; the protocol reports C{upgraded} or C{upgrade_failed}."""
+
+    def fail_upgrade(self, status: int, reason: str) -> None:
+        """Answer the upgrade with an HTTP error and close."""
+
+    def relay_to(self, deliver: Callable[[bytes], None] | None) -> None:
+        """Where the payload of the client's binary frames goes from now on (None: nowhere)."""
+
+    def lose(self) -> None:
+        """Close the TCP connection once what is queued has been sent."""
+
+    def abort(self) -> None:
+        """Close the TCP connection at once."""
+
+    def transport_for_relay(self) -> object:
+        """The transport the relay registers its producer on."""
+
+
+class Connection:
+    """
+    The lifecycle's own data: everything one connection holds between events, so that each
+    transition can give it back.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        session_id: str,
+        client: ClientSide,
+        factory: ConsoleFactory,
+        slot: PendingSlot,
+        client_address: str,
+    ) -> None:
+        self.session_id = session_id
+        self.client = client
+        self.factory = factory
+        self.slot = slot
+        self.client_address = client_address
+        self.token_id: str | None = None
+        self.admitting: Deferred[Admission] | None = None
+        self.admission: Admission | None = None
+        self.refused: Refused | None = None
+        self.refuser: RefusingServer | None = None
+        self.session: Session | None = None
+        self.timer: IDelayedCall | None = None
+        self.machine: ConnectionInputs = Lifecycle(self)
+        self.start_timer(factory.settings.handshake_timeout)
+
+    def fire(self, event: Callable[[ConnectionInputs], None]) -> None:
+        """
+        Feed one event to the machine. A bug in a transition is logged with the session id,
+        and the connection is cut with everything it holds given back, never left half open.
+        """
+        try:
+            event(self.machine)
+        except Exception:
+            self._log.failure("connection {sid}: lifecycle failed", sid=self.session_id)
+            self.abandon()
+
+    # -- what transitions do ------------------------------------------------------------------
+
+    def reject(self, refused: Refused) -> None:
+        """Tell the observers (log, metrics) why this connection gets no session."""
+        self.token_id = refused.token_id or self.token_id
+        self.factory.observer.session_rejected(
+            self.session_id, self.client_address, refused.refusal, refused.detail, self.token_id
+        )
+
+    def start_timer(self, seconds: float) -> None:
+        """The deadline of the state being entered (replacing the last one)."""
+        self.cancel_timer()
+        self.timer = self.factory.clock.callLater(
+            seconds, self.fire, lambda machine: machine.timed_out()
+        )
+
+    def cancel_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def start_admission(self, token: str) -> None:
+        admitting = self.admitting = self.factory.gate.admit(token, self.client_address)
+        admitting.addCallbacks(self._admitted, self._not_admitted)
+
+    def _admitted(self, admission: Admission) -> None:
+        self.admitting = None
+        self.fire(lambda machine: machine.admitted(admission))
+
+    def _not_admitted(self, failure: Failure) -> None:
+        self.admitting = None
+        if failure.check(CancelledError):
+            return
+        refused = failure.value
+        if not isinstance(refused, Refused):
+            self._log.failure(
+                "connection {sid}: admission failed", failure, sid=self.session_id
+            )
+            refused = Refused(INTERNAL_ERROR, f"internal error: {failure.getErrorMessage()}")
+        self.fire(lambda machine: machine.not_admitted(refused))
+
+    def cancel_admission(self) -> None:
+        admitting, self.admitting = self.admitting, None
+        if admitting is not None:
+            admitting.cancel()
+
+    def hold_admission(self, admission: Admission) -> None:
+        self.admission = admission
+        self.token_id = admission.record.token_id
+        admission.backend.on_lost = lambda ending: self.fire(
+            lambda machine: machine.backend_lost(ending)
+        )
+
+    def drop_admission(self, admission: Admission) -> None:
+        """An admission nobody will use: its place and its VNC connection go back."""
+        admission.reservation.release()
+        admission.backend.on_lost = None
+        admission.backend.close()
+
+    def start_relay(self) -> None:
+        """Register each side as the other's producer, then let bytes flow both ways."""
+        admission, self.admission = self.admission, None
+        assert admission is not None
+        factory = self.factory
+        backend = admission.backend
+        session = self.session = Session(
+            self.session_id,
+            admission.record,
+            self.client_address,
+            self.client,  # type: ignore[arg-type]
+            backend,
+            factory.clock.seconds(),
+            factory.supervisor,
+            ClientActivityScanner() if factory.settings.idle_activity == "input" else None,
+            admission.reservation,
+            self,
+        )
+        if backend.greeting:
+            session.from_backend(backend.greeting)
+        backend.session = session
+        self.client.relay_to(session.from_client)
+        session.start(
+            self.client.transport_for_relay(),  # type: ignore[arg-type]
+            backend.transport,  # type: ignore[arg-type]
+            factory.stats,
+        )
+
+    def end_session(self, session: Session, ending: Ending) -> None:
+        """The L{SessionOwner} side: whoever ends the session goes through the machine."""
+        self.fire(lambda machine: machine.end(ending))
+
+    def finish_session(self, ending: Ending) -> None:
+        """The session's end: producers unregistered, place given back, out of the table."""
+        session = self.session
+        assert session is not None
+        self.client.relay_to(None)
+        session.finish(ending)
+
+    def close_backend(self) -> None:
+        assert self.session is not None
+        self.session.backend.close()
+
+    def abort_backend(self) -> None:
+        if self.session is not None:
+            self.session.backend.abort()  # type: ignore[attr-defined]
+
+    def close_client(self, ending: Ending) -> None:
+        """A close frame with the ending's code, or a cut for a client that stopped answering
+        (code 1006 is never sent)."""
+        if ending is CLIENT_UNRESPONSIVE:
+            self.client.abort()
+        else:
+            self.client.close(ending.code, ending.reason)
+
+    def start_refusal(self) -> None:
+        """Answer as a VNC server that refuses, so that noVNC shows the reason."""
+        assert self.refused is not None
+        refuser = self.refuser = RefusingServer(self.refused.refusal.reason)
+        self.client.write(refuser.greeting())
+        self.client.relay_to(self._refusal_data)
+
+    def _refusal_data(self, data: bytes) -> None:
+        assert self.refuser is not None
+        answer = self.refuser.receive(data)
+        if answer is not None:
+            self.fire(lambda machine: machine.refusal_answered(answer))
+
+    def abandon(self) -> None:
+        """After a bug: give back everything this connection holds and cut both sides."""
+        self.cancel_timer()
+        self.cancel_admission()
+        self.slot.release()
+        if self.admission is not None:
+            self.drop_admission(self.admission)
+            self.admission = None
+        session = self.session
+        if session is not None:
+            if session.ending is None:
+                self.client.relay_to(None)
+                session.finish(INTERNAL_FAILURE)
+            session.backend.abort()  # type: ignore[attr-defined]
+        self.client.abort()
+
+
+_builder = TypeMachineBuilder(ConnectionInputs, Connection)
+handshaking = _builder.state("handshaking")
+admitting = _builder.state("admitting")
+opening = _builder.state("opening")
+opening_refusal = _builder.state("opening_refusal")
+refusing = _builder.state("refusing")
+relaying = _builder.state("relaying")
+closing = _builder.state("closing")
+closing_client = _builder.state("closing_client")
+closing_backend = _builder.state("closing_backend")
+closed = _builder.state("closed")
+
+# -- handshaking: reading the upgrade request (autobahn parses it) ------------------------------
+
+
+@handshaking.upon(ConnectionInputs.refuse).to(opening_refusal)
+def _refuse_request(machine: ConnectionInputs, conn: Connection, refused: Refused) -> None:
+    conn.refused = refused
+    conn.reject(refused)
+
+
+@handshaking.upon(ConnectionInputs.admit).to(admitting)
+def _admit(machine: ConnectionInputs, conn: Connection, token: str) -> None:
+    conn.start_admission(token)
+
+
+@handshaking.upon(ConnectionInputs.upgrade_failed).to(closed)
+def _bad_request(machine: ConnectionInputs, conn: Connection, detail: str) -> None:
+    conn.cancel_timer()
+    conn.reject(Refused(BAD_REQUEST, detail))
+    conn.slot.release()
+
+
+@handshaking.upon(ConnectionInputs.client_lost).to(closed)
+def _gone_early(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+    conn.slot.release()
+
+
+@handshaking.upon(ConnectionInputs.timed_out).to(closed)
+def _handshake_too_slow(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.client.abort()
+    conn.slot.release()
+
+
+# -- admitting: token lookup and backend dial, the upgrade not answered yet ----------------------
+
+
+@admitting.upon(ConnectionInputs.admitted).to(opening)
+def _admitted(machine: ConnectionInputs, conn: Connection, admission: Admission) -> None:
+    conn.hold_admission(admission)
+    conn.client.answer_upgrade()
+
+
+@admitting.upon(ConnectionInputs.not_admitted).to(opening_refusal)
+def _not_admitted(machine: ConnectionInputs, conn: Connection, refused: Refused) -> None:
+    conn.refused = refused
+    conn.reject(refused)
+    conn.client.answer_upgrade()
+
+
+@admitting.upon(ConnectionInputs.early_data).to(closed)
+def _early_data(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+    conn.cancel_admission()
+    conn.reject(Refused(BAD_REQUEST, "data before the upgrade was answered"))
+    conn.client.fail_upgrade(400, "data before the upgrade was answered")
+    conn.slot.release()
+
+
+@admitting.upon(ConnectionInputs.client_lost).to(closed)
+def _gone_while_admitting(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+    conn.cancel_admission()
+    conn.slot.release()
+
+
+@admitting.upon(ConnectionInputs.timed_out).to(closed)
+def _admission_too_slow(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.cancel_admission()
+    conn.client.abort()
+    conn.slot.release()
+
+
+# -- opening: the 101 is going out ---------------------------------------------------------------
+
+
+@opening.upon(ConnectionInputs.upgraded).to(relaying)
+def _start_relay(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+    conn.slot.release()
+    conn.start_relay()
+
+
+@opening.upon(ConnectionInputs.upgrade_failed).to(closed)
+def _upgrade_failed_after_admission(
+    machine: ConnectionInputs, conn: Connection, detail: str
+) -> None:
+    conn.cancel_timer()
+    admission, conn.admission = conn.admission, None
+    assert admission is not None
+    conn.drop_admission(admission)
+    conn.reject(Refused(BAD_REQUEST, detail, admission.record.token_id))
+    conn.slot.release()
+
+
+@opening_refusal.upon(ConnectionInputs.upgraded).to(refusing)
+def _start_refusal(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.start_timer(conn.factory.settings.refusal_timeout)
+    conn.start_refusal()
+
+
+@opening_refusal.upon(ConnectionInputs.upgrade_failed).to(closed)
+def _refusal_upgrade_failed(machine: ConnectionInputs, conn: Connection, detail: str) -> None:
+    conn.cancel_timer()
+    conn.slot.release()
+
+
+# -- refusing: answering as a refusing VNC server -----------------------------------------------
+
+
+@refusing.upon(ConnectionInputs.refusal_answered).to(closing_client)
+def _refusal_answered(machine: ConnectionInputs, conn: Connection, answer: bytes) -> None:
+    refusal = conn.refused
+    assert refusal is not None
+    conn.client.relay_to(None)
+    conn.client.write(answer)
+    conn.client.close(refusal.refusal.code, refusal.refusal.reason)
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@refusing.upon(ConnectionInputs.client_failed).to(closing_client)
+def _refused_client_failed(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.client.relay_to(None)
+    conn.client.close(ending.code, ending.reason)
+    conn.client.lose()
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@refusing.upon(ConnectionInputs.end).to(closing_client)
+def _refused_client_closed(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.client.relay_to(None)
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@refusing.upon(ConnectionInputs.timed_out).to(closed)
+def _refusal_unanswered(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.client.abort()
+    conn.slot.release()
+
+
+@refusing.upon(ConnectionInputs.client_lost).to(closed)
+def _refused_client_gone(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+    conn.slot.release()
+
+
+# -- relaying ------------------------------------------------------------------------------------
+
+
+@relaying.upon(ConnectionInputs.end).to(closing)
+def _end(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.finish_session(ending)
+    conn.close_backend()
+    conn.close_client(ending)
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@relaying.upon(ConnectionInputs.client_failed).to(closing)
+def _client_failed(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.finish_session(ending)
+    conn.close_backend()
+    conn.close_client(ending)
+    conn.client.lose()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@relaying.upon(ConnectionInputs.client_lost).to(closing_backend)
+def _client_lost(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.finish_session(CLIENT_CLOSED)
+    conn.close_backend()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@relaying.upon(ConnectionInputs.backend_lost).to(closing_client)
+def _backend_lost(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.finish_session(ending)
+    conn.close_client(ending)
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+# -- closing: each side flushes and closes, within the close timeout ----------------------------
+
+
+@closing.upon(ConnectionInputs.client_lost).to(closing_backend)
+def _closing_client_gone(machine: ConnectionInputs, conn: Connection) -> None:
+    """The backend may still be flushing."""
+
+
+@closing.upon(ConnectionInputs.backend_lost).to(closing_client)
+def _closing_backend_gone(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    """The client may still be flushing or answering the close frame."""
+
+
+@closing.upon(ConnectionInputs.timed_out).to(closed)
+def _close_too_slow(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.abort_backend()
+    conn.client.abort()
+
+
+@closing_client.upon(ConnectionInputs.client_lost).to(closed)
+def _client_closed_last(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+
+
+@closing_client.upon(ConnectionInputs.timed_out).to(closed)
+def _client_close_too_slow(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.client.abort()
+
+
+@closing_backend.upon(ConnectionInputs.backend_lost).to(closed)
+def _backend_closed_last(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.cancel_timer()
+
+
+@closing_backend.upon(ConnectionInputs.timed_out).to(closed)
+def _backend_close_too_slow(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.abort_backend()
+
+
+# -- late news: ignored while closing or closed, except what must be given back -----------------
+
+for _state in (closing, closing_client, closing_backend, closed):
+    _state.upon(ConnectionInputs.end).loop().returns(None)
+    _state.upon(ConnectionInputs.client_failed).loop().returns(None)
+for _state in (closing_client, closed):
+    _state.upon(ConnectionInputs.backend_lost).loop().returns(None)
+for _state in (closing_backend, closed):
+    _state.upon(ConnectionInputs.client_lost).loop().returns(None)
+closed.upon(ConnectionInputs.not_admitted).loop().returns(None)
+closed.upon(ConnectionInputs.upgrade_failed).loop().returns(None)
+closed.upon(ConnectionInputs.timed_out).loop().returns(None)
+
+
+@closed.upon(ConnectionInputs.admitted).loop()
+def _admitted_too_late(machine: ConnectionInputs, conn: Connection, admission: Admission) -> None:
+    conn.drop_admission(admission)
+
+
+Lifecycle = _builder.build()
