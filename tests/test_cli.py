@@ -220,6 +220,25 @@ class CliFileStoreTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertIn("config file", err)
 
+    def test_config_file_as_twistd_reads_it(self) -> None:
+        """The CLI reads --config with the proxy's reader: ``%`` is literal and a broken file
+        is a usage error (2) that quotes no line."""
+        tokens = self.mktemp() + "-100%"
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(f"[vncmux]\ntokens = file:{tokens}\n")
+        code, out, err = self.cli("token", "add", "--host", "h", "--port", "2", "--config", config)
+        self.assertEqual(code, 0, err)
+        with open(tokens) as f:
+            self.assertIn(f"{_token(out)}: h:2", f.read())
+        broken = self.mktemp()
+        with open(broken, "w") as f:
+            f.write("tokens = redis://:hunter2@h/0\n")
+        code, _, err = self.cli("token", "show", "t", "--config", broken)
+        self.assertEqual(code, 2)
+        self.assertIn(broken, err)
+        self.assertNotIn("hunter2", err)
+
     def test_default_source(self) -> None:
         """Without --tokens or --config the store is file:etc/tokens in the current directory."""
         directory = os.path.abspath(self.mktemp())

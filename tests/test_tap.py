@@ -133,6 +133,34 @@ class ConfigFileTests(SynchronousTestCase):
         """A missing file is a usage error naming it."""
         self.assertRaises(UsageError, parse, "--config", "/nonexistent/vncmux.ini")
 
+    def test_percent_is_literal(self) -> None:
+        """A ``%`` in a value (a percent-encoded Redis password) is taken as written."""
+        path = self.write("[vncmux]\ntokens = redis://:p%40ss@127.0.0.1/0\n")
+        self.assertEqual(parse("--config", path).settings().tokens, "redis://:p%40ss@127.0.0.1/0")
+
+    def test_bad_files_are_usage_errors(self) -> None:
+        """Every kind of unusable file is a UsageError naming the file and never quoting a
+        line (lines hold passwords), not a configparser or decoding traceback."""
+        for text in [
+            b"tokens = redis://:hunter2@h/0\n",  # no section header
+            b"[vncmux]\ntokens = redis://:hunter2@h/0\ntokens = x\n",  # given twice
+            b"[vncmux]\nhunter2\n",  # not name = value
+            b"[vncmux]\n[vncmux]\n",
+            b"[other]\ntokens = redis://:hunter2@h/0\n",
+            b"[vncmux]\ntokens = \xff\xfehunter2\n",
+            b"[vncmux]\nenforce_expiry = hunter2\n",
+        ]:
+            with self.subTest(text=text):
+                path = self.mktemp()
+                with open(path, "wb") as f:
+                    f.write(text)
+                e = self.assertRaises(UsageError, parse, "--config", path)
+                self.assertIn(path, str(e))
+                self.assertNotIn("hunter2", str(e))
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.assertIn(directory, str(self.assertRaises(UsageError, parse, "--config", directory)))
+
     def test_example_documents_every_option(self) -> None:
         """etc/vncmux.ini parses and mentions every option with its default."""
         parse("--config", EXAMPLE_INI)

@@ -8,7 +8,6 @@ clock (``task.react``). Exit codes: 0 done, 1 not found or failed, 2 usage error
 from __future__ import annotations
 
 import argparse
-import configparser
 import json
 import secrets
 import sys
@@ -19,6 +18,7 @@ from urllib.parse import quote
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from vncmux.configfile import ConfigFileError, read_config
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.redisstore import open_token_store
 from vncmux.settings import DEFAULT_TOKENS
@@ -170,13 +170,10 @@ def token_source(options: argparse.Namespace) -> str:
         return str(options.tokens)
     config_path = getattr(options, "config", None)
     if config_path:
-        parser = configparser.ConfigParser(interpolation=None)
         try:
-            with open(config_path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except (OSError, configparser.Error) as e:
-            raise UsageError(f"cannot read config file {config_path}: {e}") from None
-        value = parser.get("vncmux", "tokens", fallback="").strip()
+            value = read_config(config_path).get("tokens", "").strip()
+        except ConfigFileError as e:
+            raise UsageError(str(e)) from None
         if value:
             return value
     return DEFAULT_TOKENS

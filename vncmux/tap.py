@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import ctypes
 import ctypes.util
 import resource
@@ -13,6 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from vncmux.cli import DEFAULT_BASE_URL
+from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
 from vncmux.handshake import parse_networks
 from vncmux.observability import build_observability
@@ -201,26 +201,26 @@ class Options(usage.Options):
         path = _find_config(args)
         if path is None:
             return []
-        parser = configparser.ConfigParser()
         try:
-            with open(path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except (OSError, configparser.Error) as e:
-            raise usage.UsageError(f"--config {path}: {e}") from None
-        if not parser.has_section("vncmux"):
-            raise usage.UsageError(f"--config {path}: no [vncmux] section")
+            section = read_config(path)
+        except ConfigFileError as e:
+            raise usage.UsageError(str(e)) from None
         given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
         flags = {flag[0] for flag in getattr(self, "optFlags", [])}
         known = {p[0] for p in self.optParameters} | {"allowed-origin", "trusted-proxy"} | flags
         file_args: list[str] = []
-        for name, value in parser.items("vncmux"):
+        for name, value in section.items():
             option = name.replace("_", "-")
             if option not in known or option == "config":
-                raise usage.UsageError(f"--config {path}: unknown option {name!r}")
+                raise usage.UsageError(f"config file {path}: unknown option {name!r}")
             if f"--{option}" in given:
                 continue
             if option in flags:
-                if parser.getboolean("vncmux", name):
+                try:
+                    on = read_flag(path, name, value)
+                except ConfigFileError as e:
+                    raise usage.UsageError(str(e)) from None
+                if on:
                     file_args.append(f"--{option}")
                 continue
             for item in value.split() if option in ("allowed-origin", "trusted-proxy") else [value]:
