@@ -777,6 +777,12 @@ class RedisConfigTests(SynchronousTestCase):
         )
         self.assertTrue(config.websockify_format)
         self.assertEqual((config.reply_timeout, config.connect_timeout), (0.5, 1.0))
+        self.assertEqual(config.websockify_key("T"), "websockify:T")
+        self.assertEqual(
+            config.redacted_url(), "redis://h:6379/1?format=websockify&namespace=websockify"
+        )
+        config = RedisConfig.from_url("redis://h/1?format=websockify&namespace=a:b:")
+        self.assertEqual(config.websockify_key("T"), "a:b:T")
         self.assertTrue(RedisConfig.from_url("rediss://h:6380").tls)
         config = RedisConfig.from_url("redis+sentinel://:pw@s1:5000,[fd00::1],s3/mymaster/2")
         self.assertEqual(config.hosts, (("s1", 5000), ("fd00::1", 26379), ("s3", 26379)))
@@ -794,6 +800,10 @@ class RedisConfigTests(SynchronousTestCase):
             "redis://:hunter2@h/notadb",
             "redis://:hunter2@h/0?colour=blue",
             "redis://:hunter2@h/0?format=json",
+            "redis://:hunter2@h/0?format=websockify&namespace=",
+            "redis://:hunter2@h/0?format=websockify&namespace=:",
+            "redis://:hunter2@h/0?format=websockify&namespace=vncmux",
+            "redis://:hunter2@h/0?namespace=websockify",
             "redis://hunter2@h/0",
             "redis://:hunter2@fd00::1/0",
             "redis://:hunter2@h:99999/0",
@@ -907,12 +917,13 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
 
     @inlineCallbacks
     def test_websockify_format(self) -> Any:
-        """format=websockify reads raw-token keys: host:port, {"host": ...} and nova JSON."""
+        """format=websockify reads ``websockify:<token>`` keys (websockify's TokenRedis with a
+        namespace): host:port, {"host": ...} and nova JSON."""
         store = self.redis_store(self.server, query="format=websockify")
-        self.redis.set("tok-plain", "10.0.0.1:5900")
-        self.redis.set("tok-json", json.dumps({"host": "[fd00::1]:5901"}))
-        self.redis.set("tok-nova", json.dumps({"host": "10.0.0.3", "port": "5902",
-                                               "instance_uuid": "u-1"}))  # fmt: skip
+        self.redis.set("websockify:tok-plain", "10.0.0.1:5900")
+        self.redis.set("websockify:tok-json", json.dumps({"host": "[fd00::1]:5901"}))
+        self.redis.set("websockify:tok-nova", json.dumps({"host": "10.0.0.3", "port": "5902",
+                                                          "instance_uuid": "u-1"}))  # fmt: skip
         self.assertEqual((yield store.lookup("tok-plain")).target, "10.0.0.1:5900")
         self.assertEqual((yield store.lookup("tok-json")).target, "[fd00::1]:5901")
         nova = yield store.lookup("tok-nova")
@@ -925,21 +936,53 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.assertIs((yield store.claim_use(hash_token("tok-plain"))), False)
 
     @inlineCallbacks
-    def test_garbage_is_unavailable(self) -> Any:
-        """Values that are not records fail as TokenStoreUnavailable, logged by token_id."""
-        self.redis.set("tok-garbage", "not a target")
-        self.redis.hset("tok-hash", "a", "b")
-        self.redis.hset(token_key(hash_token(TOKEN)), "port", "5900")  # no host
-        self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
+    def test_websockify_namespace(self) -> Any:
+        """Only keys under the namespace are tokens: a key elsewhere in the database whose
+        value looks like a target opens nothing, whatever the client sends as its token."""
+        self.redis.set("app:cache:backend", "10.0.0.9:22")
+        self.redis.set("consoles:tok", "10.0.0.1:5900")
+        default = self.redis_store(self.server, query="format=websockify")
+        custom = self.redis_store(self.server, query="format=websockify&namespace=consoles")
+        self.assertIsNone((yield default.lookup("app:cache:backend")))
+        self.assertIsNone((yield custom.lookup("app:cache:backend")))
+        self.assertIsNone((yield default.lookup("tok")))
+        self.assertEqual((yield custom.lookup("tok")).target, "10.0.0.1:5900")
+
+    @inlineCallbacks
+    def test_websockify_foreign_values_are_invalid_tokens(self) -> Any:
+        """A websockify key of another type, or a value that is not a target, makes the token
+        invalid (lookup answers None, so the client gets 4401 and no store error is
+        counted); the log names the token_id, never the token or the stored value."""
+        canary = "hunter2-stored-canary"
+        self.redis.set("websockify:tok-garbage", f"not a target {canary}")
+        self.redis.set("websockify:tok-json", json.dumps({"host": canary}))
+        self.redis.set("websockify:tok-bytes", b"\xff\xfe" + canary.encode())
+        self.redis.hset("websockify:tok-hash", "host", "10.0.0.1:5900")
+        self.redis.sadd("websockify:tok-set", canary)
         websockify = self.redis_store(self.server, query="format=websockify")
+        tokens = ["tok-garbage", "tok-json", "tok-bytes", "tok-hash", "tok-set"]
+        for token in tokens:
+            self.assertIsNone((yield websockify.lookup(token)), token)
+        messages = _messages(self.log)
+        for token in tokens:
+            self.assertTrue([m for m in messages if hash_token(token)[:12] in m], token)
+        self.assertFalse([m for m in messages if canary in m or "tok-" in m], messages)
+
+    @inlineCallbacks
+    def test_garbage_is_unavailable(self) -> Any:
+        """Native records that are not records fail as TokenStoreUnavailable (vncmux wrote
+        them: the store is broken), logged by token_id and without the stored value."""
+        canary = "hunter2-stored-canary"
+        self.redis.hset(token_key(hash_token(TOKEN)), mapping={"port": "5900", "x": canary})
+        self.redis.hset(token_key(hash_token(OTHER)), mapping={"host": canary, "port": "x"})
         native = self.redis_store(self.server)
-        yield self.assertFailure(websockify.lookup("tok-garbage"), TokenStoreUnavailable)
-        yield self.assertFailure(websockify.lookup("tok-hash"), TokenStoreUnavailable)
         yield self.assertFailure(native.lookup(TOKEN), TokenStoreUnavailable)
+        yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
+        self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
         yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
         messages = _messages(self.log)
         self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
-        for secret in ("tok-garbage", "tok-hash", TOKEN, OTHER):
+        for secret in (canary, TOKEN, OTHER):
             self.assertFalse([m for m in messages if secret in m])
 
     @inlineCallbacks

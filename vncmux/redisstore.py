@@ -48,6 +48,10 @@ INSTANCE_KEY_PREFIX = "vncmux:instance:"
 REVOKE_CHANNEL = "vncmux:revoke"
 #: websockify format only: single-use claims, since the token's own key is not ours.
 USED_KEY_PREFIX = "vncmux:used:"
+#: websockify format: keys are ``<namespace>:<token>`` (websockify's TokenRedis namespace).
+#: A prefix is required, so a client's token can only name keys written as tokens, never
+#: any other key of the database.
+DEFAULT_WEBSOCKIFY_NAMESPACE = "websockify"
 
 #: Both stay well below autobahn's default openHandshakeTimeout (5 s), which bounds the lookup.
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -211,8 +215,9 @@ class RedisConfig:
     Where the tokens live, parsed from a ``--tokens`` URL: ``redis://[[user]:password@]host
     [:port][/db]``, ``rediss://…`` (TLS) or ``redis+sentinel://[[user]:password@]h1:p1,h2:p2
     /master[/db]``. Query options: ``format=websockify``, ``connect_timeout``,
-    ``reply_timeout`` (seconds), ``ssl_ca_certs`` (rediss: PEM file of trusted CAs) and
-    ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
+    ``reply_timeout`` (seconds), ``namespace`` (format=websockify: keys are
+    ``NAMESPACE:TOKEN``, default ``websockify``), ``ssl_ca_certs`` (rediss: PEM file of trusted
+    CAs) and ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
     """
 
     hosts: tuple[tuple[str, int], ...]
@@ -224,6 +229,7 @@ class RedisConfig:
     sentinel_master: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     websockify_format: bool = False
+    namespace: str = DEFAULT_WEBSOCKIFY_NAMESPACE
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     reply_timeout: float = DEFAULT_REPLY_TIMEOUT
 
@@ -284,8 +290,9 @@ class RedisConfig:
             reply_timeout=reply_timeout,
             ssl_ca_certs=None,
             sentinel_password=None,
+            namespace=None,
         )
-        allowed = {"format", "connect_timeout", "reply_timeout"}
+        allowed = {"format", "connect_timeout", "reply_timeout", "namespace"}
         allowed |= {"ssl_ca_certs"} if scheme == "rediss" else set()
         allowed |= {"sentinel_password"} if sentinel else set()
         try:
@@ -300,6 +307,10 @@ class RedisConfig:
             values[name] = value
         if values["format"] not in ("vncmux", "websockify"):
             raise ValueError("format must be 'vncmux' or 'websockify'")
+        namespace = values["namespace"]
+        if namespace is not None and values["format"] != "websockify":
+            raise ValueError("namespace is an option of format=websockify")
+        namespace = _namespace(DEFAULT_WEBSOCKIFY_NAMESPACE if namespace is None else namespace)
         return cls(
             hosts=hosts,
             db=db,
@@ -310,6 +321,7 @@ class RedisConfig:
             sentinel_master=unquote(master) if master else None,
             sentinel_password=values["sentinel_password"],  # type: ignore[arg-type]
             websockify_format=values["format"] == "websockify",
+            namespace=namespace,
             connect_timeout=_seconds(
                 "connect_timeout", values["connect_timeout"], DEFAULT_CONNECT_TIMEOUT
             ),
@@ -325,8 +337,24 @@ class RedisConfig:
         hosts = ",".join(format_target(h, p) for h, p in self.hosts)
         path = f"/{quote(self.sentinel_master, safe='')}" if self.sentinel_master else ""
         path += f"/{self.db}"
-        query = "?format=websockify" if self.websockify_format else ""
+        query = ""
+        if self.websockify_format:
+            query = f"?format=websockify&namespace={quote(self.namespace, safe='')}"
         return f"{scheme}://{auth}{hosts}{path}{query}"
+
+    def websockify_key(self, token: str) -> str:
+        """The key websockify's TokenRedis reads for C{token}: ``NAMESPACE:TOKEN``."""
+        return f"{self.namespace}:{token}"
+
+
+def _namespace(text: str) -> str:
+    """A websockify key namespace: required, and apart from vncmux's own keys."""
+    namespace = text.strip().rstrip(":")
+    if not namespace:
+        raise ValueError("namespace must not be empty: without a prefix a token could name any key")
+    if namespace == "vncmux" or namespace.startswith("vncmux:"):
+        raise ValueError("namespace must not be vncmux's own key prefix 'vncmux:'")
+    return namespace
 
 
 def _parse_host(text: str, default_port: int) -> tuple[str, int]:
@@ -727,11 +755,12 @@ class RedisTokenStore(Service):
     def lookup(self, token: str) -> Deferred[TokenRecord | None]:
         token_hash = hash_token(token)
         if self.config.websockify_format:
+            key = self.config.websockify_key(token)
             return self._run(
                 "lookup",
                 _about(token_hash),
-                lambda pool: pool.get(token),
-                lambda value: _from_websockify_value(token_hash, value),
+                lambda pool: pool.get(key).addErrback(_foreign_type),
+                lambda value: self._websockify_record(token_hash, value),
             )
         return self.lookup_hash(token_hash)
 
@@ -920,7 +949,9 @@ class RedisTokenStore(Service):
             why = f"no answer within {self.config.reply_timeout:g} s"
         elif failure.check(defer.CancelledError):
             why = "cancelled: the store is stopping"
-        elif failure.check(BadTarget, ValueError, TypeError, KeyError, UnicodeError):
+        elif failure.check(BadTarget):
+            why = "a malformed token record"  # its message would quote the stored value
+        elif failure.check(ValueError, TypeError, KeyError, UnicodeError):
             why = f"unexpected data ({failure.getErrorMessage()})"
         else:
             why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
@@ -931,6 +962,33 @@ class RedisTokenStore(Service):
             why=why,
         )
         raise TokenStoreUnavailable(f"Redis {what}: {why}")
+
+    def _websockify_record(self, token_hash: str, value: object) -> TokenRecord | None:
+        """
+        The record in a websockify key, or C{None}: a key of another type or a value that is
+        not a target makes the token invalid (4401), not the store unavailable; anyone may
+        send any token, and a store error would page the operator. The value is never
+        logged (it may hold a password).
+        """
+        if value is None:
+            return None
+        problem = None
+        if value is _FOREIGN_TYPE:
+            problem = "is not a string key"
+        elif not isinstance(value, str):
+            problem = "is not UTF-8 text"
+        else:
+            try:
+                return parse_token_value(token_hash, value)
+            except BadTarget:
+                problem = "is not host:port or a JSON target"
+        self._log.warn(
+            "token store: the websockify key of token {token_id} {problem}: refused as"
+            " an invalid token",
+            token_id=token_id_of(token_hash),
+            problem=problem,
+        )
+        return None
 
     def _ttl(self, expires_at: float | None) -> int:
         if expires_at is None:
@@ -1077,12 +1135,16 @@ def _from_hash_fields(token_hash: str, fields: object) -> TokenRecord | None:
     return TokenRecord.from_fields(token_hash, fields)
 
 
-def _from_websockify_value(token_hash: str, value: object) -> TokenRecord | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise UnicodeError("the token value is not UTF-8 text")
-    return parse_token_value(token_hash, value)
+#: What a GET of a key of another type (a hash, a set...) answers, instead of an error.
+_FOREIGN_TYPE = object()
+
+
+def _foreign_type(failure: Failure) -> object:
+    import txredisapi
+
+    if failure.check(txredisapi.ResponseError) and "WRONGTYPE" in failure.getErrorMessage():
+        return _FOREIGN_TYPE
+    return failure
 
 
 def open_token_store(
