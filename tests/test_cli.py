@@ -239,6 +239,25 @@ class CliFileStoreTests(SynchronousTestCase):
         self.assertIn(broken, err)
         self.assertNotIn("hunter2", err)
 
+    def test_links_and_loose_modes(self) -> None:
+        """add refuses a planted token-file link with a clear error (exit 1) and warns about
+        a group-writable token file."""
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory, 0o755)
+        victim = os.path.join(directory, "victim")
+        link = os.path.join(directory, "tokens")
+        os.symlink(victim, link)
+        code, out, err = self.cli("token", "add", "--host", "h", "--port", "2",
+                                  "--tokens", f"file:{link}")  # fmt: skip
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"{link} is a symbolic link", err)
+        self.assertFalse(os.path.exists(victim))
+        os.chmod(self.path, 0o666)
+        code, _, err = self.cli("token", "add", "--host", "h", "--port", "2",
+                                "--tokens", self.source)  # fmt: skip
+        self.assertEqual(code, 0)
+        self.assertIn(f"{os.path.abspath(self.path)} is writable by group and others", err)
+
     def test_default_source(self) -> None:
         """Without --tokens or --config the store is file:etc/tokens in the current directory."""
         directory = os.path.abspath(self.mktemp())

@@ -711,6 +711,102 @@ class FileTokenStoreTests(SynchronousTestCase):
         self.assertEqual(store.parse_count, 3)
 
 
+class FileTokenStoreLinkTests(SynchronousTestCase):
+    """Writing a token file never follows a planted symbolic link; loose modes are reported."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory, 0o755)
+        self.victim = os.path.join(self.directory, "victim")
+        with open(self.victim, "w") as f:
+            f.write("precious\n")
+
+    def refused(self, deferred: Deferred[Any], path: str) -> None:
+        failure = self.failureResultOf(deferred, TokenStoreUnavailable)
+        self.assertIn(f"{path} is a symbolic link", failure.getErrorMessage())
+        with open(self.victim) as f:
+            self.assertEqual(f.read(), "precious\n")
+
+    def test_token_file_link(self) -> None:
+        """issue and revoke refuse a token file that is a link (to a file or to nowhere) and
+        leave its target alone."""
+        tokens = os.path.join(self.directory, "tokens")
+        os.symlink(self.victim, tokens)
+        store = FileTokenStore(tokens, self.clock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), tokens)
+        self.refused(store.revoke(hash_token("precious")), tokens)
+        dangling = os.path.join(self.directory, "dangling")
+        os.symlink(os.path.join(self.directory, "created"), dangling)
+        self.refused(FileTokenStore(dangling, self.clock).issue(_record(TOKEN), TOKEN), dangling)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "created")))
+
+    def test_lock_file_link(self) -> None:
+        """A planted ``.NAME.lock`` link creates nothing where it points, and nothing is
+        written to the token file."""
+        tokens = os.path.join(self.directory, "tokens")
+        lock = os.path.join(self.directory, ".tokens.lock")
+        elsewhere = os.path.join(self.directory, "elsewhere")
+        os.symlink(elsewhere, lock)
+        store = FileTokenStore(tokens, self.clock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), lock)
+        self.assertFalse(os.path.exists(elsewhere))
+        self.assertFalse(os.path.exists(tokens))
+        os.unlink(lock)
+        os.symlink(self.victim, lock)
+        self.refused(store.revoke(hash_token(TOKEN)), lock)
+
+    def test_directory_store_links(self) -> None:
+        """In a token directory, a linked issue file or lock file is refused too."""
+        tokens = os.path.join(self.directory, "tokens.d")
+        os.mkdir(tokens)
+        issued = os.path.join(tokens, ISSUED_FILE_NAME)
+        os.symlink(self.victim, issued)
+        store = FileTokenStore(tokens, self.clock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), issued)
+        os.unlink(issued)
+        lock = os.path.join(tokens, LOCK_FILE_NAME)
+        os.unlink(lock)  # the real one, left by the first attempt
+        os.symlink(os.path.join(self.directory, "elsewhere"), lock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), lock)
+        self.assertEqual(os.listdir(tokens), [LOCK_FILE_NAME])
+
+    def test_reading_follows_links(self) -> None:
+        """The proxy only reads: a token file that is a link (a Kubernetes Secret volume
+        is one) still works."""
+        with open(self.victim, "w") as f:
+            f.write("a: h:1\n")
+        tokens = os.path.join(self.directory, "tokens")
+        os.symlink(self.victim, tokens)
+        record = self.successResultOf(FileTokenStore(tokens, self.clock).lookup("a"))
+        self.assertEqual(record.target, "h:1")
+
+    def test_loose_permissions(self) -> None:
+        """A group- or world-writable token file or directory is named once in the log (and
+        by permission_problems, which ``vncmux token`` prints); a sticky shared directory
+        holding a token file is not a problem."""
+        tokens = os.path.join(self.directory, "tokens")
+        with open(tokens, "w") as f:
+            f.write("a: h:1\n")
+        store = FileTokenStore(tokens, self.clock)
+        self.assertEqual(store.permission_problems(), [])
+        os.chmod(tokens, 0o664)
+        os.chmod(self.directory, 0o777)
+        problems = store.permission_problems()
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn(f"token file {tokens} is writable by group (mode 0664)", problems[0])
+        self.assertIn(f"{self.directory} is writable by group and others", problems[1])
+        for _ in range(3):
+            self.successResultOf(store.ping())
+            self.clock.advance(5)
+        warned = [m for m in _messages(self.log) if "writable by" in m]
+        self.assertEqual(sorted(warned), sorted(problems))
+        os.chmod(self.directory, 0o1777)
+        self.assertEqual(len(store.permission_problems()), 1)
+        os.chmod(self.directory, 0o755)
+
+
 class _LockProbingStore(FileTokenStore):
     """Records, while a line is appended or a file rewritten, whether the lock is held."""
 

@@ -24,6 +24,7 @@ from vncmux.redisstore import open_token_store
 from vncmux.settings import DEFAULT_TOKENS
 from vncmux.tokens import (
     BadTarget,
+    FileTokenStore,
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
@@ -194,6 +195,9 @@ def execute(
     service = IService(store, None)
     if service is not None:
         service.startService()
+    if isinstance(store, FileTokenStore) and options.action in ("add", "revoke"):
+        for problem in store.permission_problems():
+            err.write(f"vncmux: warning: {problem}\n")
     try:
         code = yield _dispatch(options, store, password, reactor, out, err)
     except TokenStoreUnavailable as e:
