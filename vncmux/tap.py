@@ -14,7 +14,7 @@ from twisted.python import usage
 from vncmux.cli import DEFAULT_BASE_URL
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
-from vncmux.handshake import parse_networks
+from vncmux.handshake import parse_networks, parse_origin_pattern
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
 from vncmux.service import ProxyService, build_console
@@ -181,7 +181,12 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
 
     def opt_allowed_origin(self, origin: str) -> None:
-        """Also allow this browser Origin (scheme://host[:port], '*' wildcards); repeatable."""
+        """Also allow this browser Origin: scheme://host[:port], the host may start with
+        '*.' (any subdomain); '*' alone allows every Origin. Repeatable."""
+        try:
+            parse_origin_pattern(origin)
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-origin {e}") from None
         self["allowed-origin"].append(origin)
 
     def opt_trusted_proxy(self, cidr: str) -> None:
