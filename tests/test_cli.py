@@ -13,11 +13,11 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.fakes import ResolvingClock
 from tests.redis_server import start_redis
 from vncmux.cli import (
     DEFAULT_BASE_URL,
@@ -108,13 +108,18 @@ class UsageTests(SynchronousTestCase):
         self.assertUsageError("token", "revoke")
         self.assertUsageError("token", "revoke", "t", "--instance", "i")
         self.assertUsageError("token", "show")
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1",
+                              "--base-url", "javascript:alert(1)//")  # fmt: skip
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1", "--base-url", "/x")
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1",
+                              "--allowed-backend", "10.0.0.0/33")  # fmt: skip
 
 
 class CliFileStoreTests(SynchronousTestCase):
     """The CLI on a token file (synchronous: a file store answers at once)."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = ResolvingClock({"h": ["10.0.0.1"], "metadata.example": ["169.254.169.254"]})
         self.clock.advance(1_700_000_000)
         self.path = self.mktemp()
         with open(self.path, "w") as f:
@@ -257,6 +262,36 @@ class CliFileStoreTests(SynchronousTestCase):
                                 "--tokens", self.source)  # fmt: skip
         self.assertEqual(code, 0)
         self.assertIn(f"{os.path.abspath(self.path)} is writable by group and others", err)
+
+    def test_backend_policy(self) -> None:
+        """add refuses what the proxy would refuse (exit 1, nothing written): link-local
+        addresses by default, and with --allowed-backend (or the config file's
+        allowed_backend) anything outside it; an explicit entry allows metadata addresses."""
+        for args, why in [
+            (["--host", "169.254.169.254", "--port", "80"], "link-local"),
+            (["--host", "metadata.example", "--port", "80"], "link-local"),
+            (["--host", "192.0.2.1", "--port", "1", "--allowed-backend", "10.0.0.0/8"],
+             "outside --allowed-backend"),
+        ]:  # fmt: skip
+            code, out, err = self.cli("token", "add", *args, "--tokens", self.source)
+            self.assertEqual((code, out), (1, ""), args)
+            self.assertIn(f"backend not allowed: backend {args[1]}", err)
+            self.assertIn(why, err)
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(f"[vncmux]\ntokens = {self.source}\nallowed_backend = 10.0.0.0/8 fd00::/8\n")
+        code, _, err = self.cli("token", "add", "--host", "192.0.2.1", "--port", "1",
+                                "--config", config)  # fmt: skip
+        self.assertEqual(code, 1)
+        self.assertIn("outside --allowed-backend", err)
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "# tokens\n")
+        self.assertEqual(self.cli("token", "add", "--host", "h", "--port", "1",
+                                  "--config", config)[0], 0)  # fmt: skip
+        code, _, err = self.cli("token", "add", "--host", "169.254.169.254", "--port", "80",
+                                "--allowed-backend", "169.254.169.254/32",
+                                "--tokens", self.source)  # fmt: skip
+        self.assertEqual(code, 0, err)
 
     def test_default_source(self) -> None:
         """Without --tokens or --config the store is file:etc/tokens in the current directory."""

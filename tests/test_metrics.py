@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 
 from tests.webtesting import fetch, http_site, open_session, send
 from vncmux.admin import admin_resources
+from vncmux.backendpolicy import BackendPolicy
 from vncmux.events import Observers
 from vncmux.health import Readiness
 from vncmux.interfaces import ISessionObserver
@@ -332,7 +333,10 @@ class HealthTests(SynchronousTestCase):
         ``DELETE /tokens/<token>``: the path holds the token."""
         token = "raw-secret-token"
         self.store.add(token, "10.0.0.5", 5901)
-        admin = admin_resources(b"s3cret", self.s.supervisor, self.store, self.s.clock)
+        policy = BackendPolicy(resolve=lambda host: fail(OSError(host)), clock=self.s.clock)
+        admin = admin_resources(
+            b"s3cret", self.s.supervisor, self.store, self.s.clock, backend_policy=policy
+        )
         site = http_site(build_http_root(self.s.metrics, self.readiness, admin), self.s.clock)
         site.doStart()
         self.addCleanup(site.doStop)

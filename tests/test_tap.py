@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vncmux.service import Listener, ProxyService
 from vncmux.supervisor import Limits, Supervisor
-from vncmux.tap import Options, makeService
+from vncmux.tap import REPEATABLE, Options, makeService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_INI = os.path.join(ROOT, "etc", "vncmux.ini")
@@ -72,6 +72,10 @@ class OptionsTests(SynchronousTestCase):
             "none",
             "--idle-activity",
             "any",
+            "--allowed-backend",
+            "10.0.0.0/8",
+            "--allowed-backend",
+            "fd00::1",
         ).settings()
         self.assertEqual(settings.listen, "tcp:7000")
         self.assertEqual(settings.limits.idle_timeout, 60.0)
@@ -81,6 +85,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual([str(n) for n in settings.trusted_proxies], ["10.0.0.0/8"])
         self.assertIsNone(settings.metrics)
         self.assertEqual(settings.idle_activity, "any")
+        self.assertEqual([str(n) for n in settings.allowed_backends], ["10.0.0.0/8", "fd00::1/128"])
+        self.assertEqual(parse().settings().allowed_backends, ())
 
     def test_bad_values(self) -> None:
         """Bad values are usage errors that name the option."""
@@ -90,6 +96,10 @@ class OptionsTests(SynchronousTestCase):
             ["--trusted-proxy", "10.0.0.0/99"],
             ["--idle-activity", "sometimes"],
             ["--connect-timeout", "0"],
+            ["--allowed-backend", "10.0.0.0/33"],
+            ["--base-url", "javascript:alert(1)//"],
+            ["--base-url", "data:text/html,x"],
+            ["--base-url", "/vnc.html"],
         ):
             with self.subTest(args=args):
                 self.assertRaises(UsageError, parse, *args)
@@ -168,7 +178,7 @@ class ConfigFileTests(SynchronousTestCase):
             text = f.read()
         options = Options()
         names = [p[0] for p in options.optParameters if p[0] != "config"]
-        names += [f[0] for f in options.optFlags] + ["allowed-origin", "trusted-proxy"]
+        names += [f[0] for f in options.optFlags] + list(REPEATABLE)
         for name in names:
             self.assertIn(f"# {name.replace('-', '_')} =", text, name)
         configparser.ConfigParser().read(EXAMPLE_INI)

@@ -71,3 +71,9 @@ TOKEN_EXPIRED_ENDING = Ending(4403, "token expired", "expired")
 TOKEN_REVOKED = Ending(4002, "token revoked", "revoked")
 SHUTDOWN = Ending(1001, "going away", "shutdown")
 TEXT_FRAME = Ending(1003, "binary frames only", "error")
+
+#: A token's target resolves outside ``--allowed-backend`` (or to a link-local address).
+BACKEND_NOT_ALLOWED = Refusal(4403, "backend not allowed")
+#: Too many failed token lookups from this client address (``--max-failed-tokens``).
+TOO_MANY_FAILED = Refusal(4429, "too many failed attempts")
+ALL_REFUSALS = (*ALL_REFUSALS, BACKEND_NOT_ALLOWED, TOO_MANY_FAILED)

@@ -26,6 +26,8 @@ class Settings:
     close_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: ``--allowed-backend``: empty means anywhere (link-local addresses still refused).
+    allowed_backends: tuple[IPNetwork, ...] = ()
     idle_activity: str = "input"
     drain_timeout: float = 30.0
     limits: Limits = Limits()

@@ -11,7 +11,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from vncmux.cli import DEFAULT_BASE_URL
+from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
+from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
 from vncmux.handshake import parse_networks, parse_origin_pattern
@@ -41,10 +42,21 @@ _seconds = _bounded(float, 0, True, "Seconds, 0 or more.")
 _count = _bounded(int, 0, True, "A whole number, 0 or more.")
 
 
+def _base_url(value: str) -> str:
+    return check_base_url(value)
+
+
+_base_url.coerceDoc = "An http:// or https:// URL."  # type: ignore[attr-defined]
+
+
 def _activity(value: str) -> str:
     if value not in ("input", "any"):
         raise ValueError(f"{value!r} is neither 'input' nor 'any'")
     return value
+
+
+#: Options given any number of times (space-separated in the config file).
+REPEATABLE = ("allowed-origin", "trusted-proxy", "allowed-backend")
 
 
 class Options(usage.Options):
@@ -168,7 +180,8 @@ class Options(usage.Options):
             "base-url",
             None,
             DEFAULT_BASE_URL,
-            "noVNC page that access URLs issued by the admin API point at.",
+            "noVNC page that access URLs issued by the admin API point at (http or https).",
+            _base_url,
         ],
     ]
     optFlags: list[list[str | None]] = [
@@ -179,6 +192,7 @@ class Options(usage.Options):
         super().__init__()
         self["allowed-origin"] = []
         self["trusted-proxy"] = []
+        self["allowed-backend"] = []
 
     def opt_allowed_origin(self, origin: str) -> None:
         """Also allow this browser Origin: scheme://host[:port], the host may start with
@@ -197,6 +211,16 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trusted-proxy {cidr}: {e}") from None
         self["trusted-proxy"].append(cidr)
 
+    def opt_allowed_backend(self, cidr: str) -> None:
+        """Tokens may only open VNC servers in this CIDR (names are resolved once, and
+        the checked address is dialled); repeatable; default: anywhere. Link-local
+        addresses (169.254.169.254, cloud metadata) only when listed explicitly."""
+        try:
+            parse_backend_networks([cidr])
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-backend {e}") from None
+        self["allowed-backend"].append(cidr)
+
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Read ``--config`` first, so that the command line overrides the file."""
         args = list(options if options is not None else [])
@@ -212,7 +236,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
         flags = {flag[0] for flag in getattr(self, "optFlags", [])}
-        known = {p[0] for p in self.optParameters} | {"allowed-origin", "trusted-proxy"} | flags
+        known = {p[0] for p in self.optParameters} | set(REPEATABLE) | flags
         file_args: list[str] = []
         for name, value in section.items():
             option = name.replace("_", "-")
@@ -228,7 +252,7 @@ class Options(usage.Options):
                 if on:
                     file_args.append(f"--{option}")
                 continue
-            for item in value.split() if option in ("allowed-origin", "trusted-proxy") else [value]:
+            for item in value.split() if option in REPEATABLE else [value]:
                 file_args.append(f"--{option}={item}")
         return file_args
 
@@ -248,6 +272,7 @@ class Options(usage.Options):
             refusal_timeout=self["refusal-timeout"],
             allowed_origins=tuple(self["allowed-origin"]),
             trusted_proxies=parse_networks(self["trusted-proxy"]),
+            allowed_backends=parse_backend_networks(self["allowed-backend"]),
             idle_activity=self["idle-activity"],
             drain_timeout=self["drain-timeout"],
             limits=Limits(
@@ -315,6 +340,9 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         )
     except ValueError as e:
         raise usage.UsageError(f"--tokens: {e}") from None
+    backend_policy = BackendPolicy.for_reactor(
+        reactor, settings.allowed_backends, settings.connect_timeout
+    )
     observers = Observers([SessionLog()])
     console = build_console(settings, store, reactor, observers)
     service = ProxyService(settings, console, reactor)
@@ -330,6 +358,7 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
             lambda: service.accepting,
             admin_token_file=config["admin-token-file"],
             base_url=config["base-url"],
+            backend_policy=backend_policy,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
