@@ -782,6 +782,14 @@ class RedisTokenStore(Service):
 
         return self._run("ping", "", lambda pool: pool.ping(), check)
 
+    def evaluate(self, what: str, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        """
+        Run a Lua C{script} with the store's deadline and error handling (for vncmux's own
+        counters that live next to the tokens, e.g. failed attempts); fails with
+        L{TokenStoreUnavailable} as every other call does. C{what} names it in the log.
+        """
+        return self._run(what, "", lambda pool: pool.eval(script, keys, args), lambda r: r)
+
     # ITokenAdmin
 
     def issue(self, record: TokenRecord, token: str) -> Deferred[None]:

@@ -28,6 +28,9 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     #: ``--allowed-backend``: empty means anywhere (link-local addresses still refused).
     allowed_backends: tuple[IPNetwork, ...] = ()
+    #: ``--max-failed-tokens``: failed token lookups per client address and minute before
+    #: a cooldown (0: no limit).
+    max_failed_tokens: int = 20
     idle_activity: str = "input"
     drain_timeout: float = 30.0
     limits: Limits = Limits()

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from vncmux.attempts import DEFAULT_MAX_FAILED
 from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
 from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
@@ -140,6 +141,14 @@ class Options(usage.Options):
             _count,
         ],
         ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.", _count],
+        [
+            "max-failed-tokens",
+            None,
+            DEFAULT_MAX_FAILED,
+            "Unknown tokens a client address may send per minute; past that its upgrades get"
+            " 4429 for a minute without a lookup (shared through Redis); 0 unlimited.",
+            _count,
+        ],
         [
             "ping-interval",
             None,
@@ -273,6 +282,7 @@ class Options(usage.Options):
             allowed_origins=tuple(self["allowed-origin"]),
             trusted_proxies=parse_networks(self["trusted-proxy"]),
             allowed_backends=parse_backend_networks(self["allowed-backend"]),
+            max_failed_tokens=self["max-failed-tokens"],
             idle_activity=self["idle-activity"],
             drain_timeout=self["drain-timeout"],
             limits=Limits(
