@@ -11,6 +11,8 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.redis_server import make_tls_files
+from vncmux.hangup import ReloadOnHangup
 from vncmux.service import Listener, ProxyService
 from vncmux.supervisor import Limits, Supervisor
 from vncmux.tap import REPEATABLE, Options, makeService
@@ -100,6 +102,7 @@ class OptionsTests(SynchronousTestCase):
             ["--base-url", "javascript:alert(1)//"],
             ["--base-url", "data:text/html,x"],
             ["--base-url", "/vnc.html"],
+            ["--tls-min-version", "1.1"],
         ):
             with self.subTest(args=args):
                 self.assertRaises(UsageError, parse, *args)
@@ -196,7 +199,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(parse("--tokens", f"file:{tokens}", "--listen", "tcp:6999"), reactor)
         self.assertIsInstance(service, ProxyService)
         kinds = {type(child) for child in service}
-        self.assertEqual(kinds, {Listener, Supervisor})
+        self.assertEqual(kinds, {Listener, Supervisor, ReloadOnHangup})
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 6999)
         self.successResultOf(service.listener.listening())
@@ -204,6 +207,33 @@ class MakeServiceTests(SynchronousTestCase):
         stopping = service.stopService()
         self.successResultOf(stopping)
         self.assertFalse(service.accepting)
+
+    def test_hangup_reloads_tls(self) -> None:
+        """The SIGHUP service reloads the ssl: listener's certificate (the console listener
+        and the metrics port); --tls-min-version reaches both listeners."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "new"))
+        files = make_tls_files(directory)
+        tokens = os.path.join(directory, "tokens")
+        open(tokens, "w").close()
+        tls = f"privateKey={files['key']}:certKey={files['cert']}"
+        options = parse("--tokens", f"file:{tokens}", "--listen", f"ssl:6443:{tls}",
+                        "--metrics", f"ssl:9443:{tls}", "--tls-min-version", "1.3")  # fmt: skip
+        service = makeService(options, MemoryReactorClock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        listeners = [child for child in service if isinstance(child, Listener)]
+        self.assertEqual(len(listeners), 2)
+        before = [listener.tls.loaded.certificate for listener in listeners]  # type: ignore[union-attr]
+        self.assertEqual({listener.tls_min_version for listener in listeners}, {"1.3"})
+        new = make_tls_files(os.path.join(directory, "new"))
+        os.replace(new["cert"], files["cert"])
+        os.replace(new["key"], files["key"])
+        (hangup,) = [child for child in service if isinstance(child, ReloadOnHangup)]
+        hangup.reload()
+        after = [listener.tls.loaded.certificate for listener in listeners]  # type: ignore[union-attr]
+        for old, current in zip(before, after, strict=True):
+            self.assertNotEqual(old.serial_number, current.serial_number)
 
     def test_bad_token_source(self) -> None:
         """An unknown --tokens scheme is a usage error."""

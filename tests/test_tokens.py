@@ -1372,12 +1372,12 @@ class RedisServerHelperTests(SynchronousTestCase):
 class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
     """``rediss://`` (verified TLS) and ``redis+sentinel://`` against real servers."""
 
-    def start_tls_server(self) -> tuple[RedisServer, dict[str, str]]:
+    def start_tls_server(self, auth_clients: str = "no") -> tuple[RedisServer, dict[str, str]]:
         directory = tempfile.mkdtemp(prefix="vncmux-tls-")
         self.addCleanup(shutil.rmtree, directory, True)
         files = make_tls_files(directory)
         args = ["--tls-cert-file", files["cert"], "--tls-key-file", files["key"],
-                "--tls-ca-cert-file", files["ca"], "--tls-auth-clients", "no"]  # fmt: skip
+                "--tls-ca-cert-file", files["ca"], "--tls-auth-clients", auth_clients]  # fmt: skip
         try:
             return start_redis(self, args, tls=True), files
         except RuntimeError as e:
@@ -1405,6 +1405,37 @@ class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
         heard = inbox.next()
         yield store.revoke(hash_token(TOKEN))
         self.assertEqual((yield heard), hash_token(TOKEN))
+
+    @inlineCallbacks
+    def test_tls_client_certificate(self) -> Any:
+        """A server with tls-auth-clients yes accepts a store that presents a client
+        certificate (ssl_certfile + ssl_keyfile) and refuses one that does not."""
+        server, files = self.start_tls_server(auth_clients="yes")
+        base = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={files['ca']}"
+        without = self.store(base + "&reply_timeout=0.5")
+        yield self.assertFailure(without.ping(), TokenStoreUnavailable)
+        store = self.store(base + f"&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}")
+        yield store.issue(_record(TOKEN), TOKEN)
+        self.assertEqual((yield store.lookup(TOKEN)).target, "10.0.0.5:5900")
+
+    def test_client_certificate_errors(self) -> None:
+        """A missing or unusable client certificate is a ValueError naming the option."""
+        directory = tempfile.mkdtemp(prefix="vncmux-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        files = make_tls_files(directory)
+        for query, words in [
+            (f"ssl_certfile={directory}/missing.pem", "ssl_certfile"),
+            (f"ssl_certfile={files['cert']}&ssl_keyfile={files['ca']}", "ssl_certfile"),
+            (f"ssl_keyfile={files['key']}", "ssl_keyfile needs ssl_certfile"),
+        ]:
+            with self.subTest(query=query):
+                error = self.assertRaises(
+                    ValueError,
+                    lambda q=query: RedisTokenStore(
+                        RedisConfig.from_url(f"rediss://h:1/0?{q}"), reactor
+                    ),
+                )
+                self.assertIn(words, str(error))
 
     @inlineCallbacks
     def test_tls_verifies_the_server(self) -> Any:

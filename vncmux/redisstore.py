@@ -217,7 +217,9 @@ class RedisConfig:
     /master[/db]``. Query options: ``format=websockify``, ``connect_timeout``,
     ``reply_timeout`` (seconds), ``namespace`` (format=websockify: keys are
     ``NAMESPACE:TOKEN``, default ``websockify``), ``ssl_ca_certs`` (rediss: PEM file of trusted
-    CAs) and ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
+    CAs), ``ssl_certfile`` and ``ssl_keyfile`` (rediss: client certificate and its key, for a
+    server with ``tls-auth-clients yes``; the key may be in the certificate file) and
+    ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
     """
 
     hosts: tuple[tuple[str, int], ...]
@@ -226,6 +228,8 @@ class RedisConfig:
     password: str | None = field(default=None, repr=False)
     tls: bool = False
     ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
     sentinel_master: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     websockify_format: bool = False
@@ -289,11 +293,13 @@ class RedisConfig:
             connect_timeout=connect_timeout,
             reply_timeout=reply_timeout,
             ssl_ca_certs=None,
+            ssl_certfile=None,
+            ssl_keyfile=None,
             sentinel_password=None,
             namespace=None,
         )
         allowed = {"format", "connect_timeout", "reply_timeout", "namespace"}
-        allowed |= {"ssl_ca_certs"} if scheme == "rediss" else set()
+        allowed |= {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"} if scheme == "rediss" else set()
         allowed |= {"sentinel_password"} if sentinel else set()
         try:
             pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -311,6 +317,8 @@ class RedisConfig:
         if namespace is not None and values["format"] != "websockify":
             raise ValueError("namespace is an option of format=websockify")
         namespace = _namespace(DEFAULT_WEBSOCKIFY_NAMESPACE if namespace is None else namespace)
+        if values["ssl_keyfile"] and not values["ssl_certfile"]:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
         return cls(
             hosts=hosts,
             db=db,
@@ -318,6 +326,8 @@ class RedisConfig:
             password=password,
             tls=scheme == "rediss",
             ca_certs=values["ssl_ca_certs"],  # type: ignore[arg-type]
+            certfile=values["ssl_certfile"],  # type: ignore[arg-type]
+            keyfile=values["ssl_keyfile"],  # type: ignore[arg-type]
             sentinel_master=unquote(master) if master else None,
             sentinel_password=values["sentinel_password"],  # type: ignore[arg-type]
             websockify_format=values["format"] == "websockify",
@@ -390,8 +400,14 @@ def _seconds(name: str, value: object, default: float) -> float:
 
 
 def _tls_options(config: RedisConfig) -> Any:
-    """Verified TLS for ``rediss://``: platform trust, or the CAs in C{ssl_ca_certs}."""
-    from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+    """Verified TLS for ``rediss://``: platform trust, or the CAs in C{ssl_ca_certs}; with
+    C{ssl_certfile} (and C{ssl_keyfile}) a client certificate."""
+    from twisted.internet.ssl import (
+        Certificate,
+        PrivateCertificate,
+        optionsForClientTLS,
+        trustRootFromCertificates,
+    )
 
     trust = None
     if config.ca_certs:
@@ -405,7 +421,24 @@ def _tls_options(config: RedisConfig) -> Any:
         if not blocks:
             raise ValueError(f"ssl_ca_certs {config.ca_certs} holds no PEM certificate")
         trust = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
-    return optionsForClientTLS(config.hosts[0][0], trustRoot=trust)
+    client = None
+    if config.certfile:
+        pem = b""
+        for name, path in (("ssl_certfile", config.certfile), ("ssl_keyfile", config.keyfile)):
+            if path:
+                try:
+                    with open(path, "rb") as f:
+                        pem += f.read() + b"\n"
+                except OSError as e:
+                    raise ValueError(f"{name} {path}: {e.strerror}") from None
+        try:
+            client = PrivateCertificate.loadPEM(pem)
+        except Exception:  # pyOpenSSL raises its own errors; never quote a key
+            raise ValueError(
+                f"ssl_certfile {config.certfile} (with ssl_keyfile) holds no PEM certificate"
+                " and matching unencrypted private key"
+            ) from None
+    return optionsForClientTLS(config.hosts[0][0], trustRoot=trust, clientCertificate=client)
 
 
 def _keep_alive(transport: object) -> None:

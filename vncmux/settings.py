@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vncmux.attempts import DEFAULT_MAX_FAILED
 from vncmux.handshake import IPNetwork
 from vncmux.supervisor import Limits
+from vncmux.tls import DEFAULT_TLS_MIN_VERSION
 
 DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
 DEFAULT_TOKENS = "file:etc/tokens"
@@ -30,7 +32,9 @@ class Settings:
     allowed_backends: tuple[IPNetwork, ...] = ()
     #: ``--max-failed-tokens``: failed token lookups per client address and minute before
     #: a cooldown (0: no limit).
-    max_failed_tokens: int = 20
+    max_failed_tokens: int = DEFAULT_MAX_FAILED
+    #: ``--tls-min-version`` of ``ssl:`` listeners.
+    tls_min_version: str = DEFAULT_TLS_MIN_VERSION
     idle_activity: str = "input"
     drain_timeout: float = 30.0
     limits: Limits = Limits()

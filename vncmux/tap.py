@@ -17,11 +17,13 @@ from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
 from vncmux.handshake import parse_networks, parse_origin_pattern
+from vncmux.hangup import ReloadOnHangup
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
 from vncmux.service import ProxyService, build_console
 from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Settings
 from vncmux.supervisor import Limits
+from vncmux.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 
 
 def _bounded(convert: Callable[[str], Any], low: float, zero_ok: bool, doc: str) -> Any:
@@ -48,6 +50,12 @@ def _base_url(value: str) -> str:
 
 
 _base_url.coerceDoc = "An http:// or https:// URL."  # type: ignore[attr-defined]
+
+
+def _tls_version(value: str) -> str:
+    if value not in TLS_VERSIONS:
+        raise ValueError(f"{value!r} is not one of {', '.join(TLS_VERSIONS)}")
+    return value
 
 
 def _activity(value: str) -> str:
@@ -179,6 +187,14 @@ class Options(usage.Options):
             _positive_float,
         ],
         [
+            "tls-min-version",
+            None,
+            DEFAULT_TLS_MIN_VERSION,
+            "Oldest TLS version an ssl: listener accepts: 1.2 or 1.3 (ciphers: ECDHE with"
+            " AES-GCM or ChaCha20; SIGHUP re-reads certKey and privateKey).",
+            _tls_version,
+        ],
+        [
             "admin-token-file",
             None,
             None,
@@ -283,6 +299,7 @@ class Options(usage.Options):
             trusted_proxies=parse_networks(self["trusted-proxy"]),
             allowed_backends=parse_backend_networks(self["allowed-backend"]),
             max_failed_tokens=self["max-failed-tokens"],
+            tls_min_version=self["tls-min-version"],
             idle_activity=self["idle-activity"],
             drain_timeout=self["drain-timeout"],
             limits=Limits(
@@ -373,6 +390,12 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     observers.add(metrics)
+    # Until ProxyService passes it to its Listener itself.
+    service.listener.tls_min_version = settings.tls_min_version
+    listeners = [service.listener]
     if metrics_service is not None:
+        metrics_service.tls_min_version = settings.tls_min_version
+        listeners.append(metrics_service)
         service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
+    service.add(ReloadOnHangup(reactor, [listener.reload for listener in listeners]))
     return service
