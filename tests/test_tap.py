@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 
 from twisted.application.service import IServiceMaker
@@ -47,8 +48,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(settings.tokens, "file:etc/tokens")
         self.assertEqual(settings.metrics, "tcp:9108:interface=127.0.0.1")
         self.assertIsNone(settings.web)
-        self.assertEqual(settings.limits, Limits())
+        self.assertEqual(
+            settings.limits,
+            Limits(max_sessions=10000, max_sessions_per_token=10, max_sessions_per_client=100),
+        )
         self.assertEqual(settings.idle_activity, "input")
+        self.assertEqual((settings.max_failed_tokens, settings.tls_min_version), (20, "1.2"))
 
     def test_longdesc_in_help(self) -> None:
         """--help explains what the proxy does."""
@@ -240,3 +245,18 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertRaises(
             UsageError, makeService, parse("--tokens", "ldap://x"), MemoryReactorClock()
         )
+
+
+class SecureDefaultsTests(SynchronousTestCase):
+    """The shipped systemd socket does not expose the plain-text console port."""
+
+    def test_socket_unit_binds_loopback(self) -> None:
+        """Every ListenStream of etc/vncmux.socket is a loopback address."""
+        with open(os.path.join(ROOT, "etc", "vncmux.socket")) as f:
+            streams = [
+                line.split("=", 1)[1].strip() for line in f if line.startswith("ListenStream=")
+            ]
+        self.assertTrue(streams)
+        for stream in streams:
+            host = stream.rpartition(":")[0].strip("[]")
+            self.assertTrue(ipaddress.ip_address(host).is_loopback, stream)

@@ -64,6 +64,14 @@ def _activity(value: str) -> str:
     return value
 
 
+#: Session limits on by default: an unlimited number of consoles per token (OpenStack's
+#: OSSN-0008) or per client lets one leaked URL or one client exhaust the proxy's file
+#: descriptors and memory. Generous enough for shared NAT addresses and a few viewers of one
+#: console; 10000 sessions is 20000 descriptors, within the systemd unit's LimitNOFILE.
+DEFAULT_MAX_SESSIONS = 10000
+DEFAULT_MAX_SESSIONS_PER_TOKEN = 10
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 100
+
 #: Options given any number of times (space-separated in the config file).
 REPEATABLE = ("allowed-origin", "trusted-proxy", "allowed-backend")
 
@@ -137,18 +145,24 @@ class Options(usage.Options):
         [
             "max-sessions",
             None,
-            0,
+            DEFAULT_MAX_SESSIONS,
             "Sessions this process holds at most (4429); 0 unlimited.",
             _count,
         ],
         [
             "max-sessions-per-token",
             None,
-            0,
+            DEFAULT_MAX_SESSIONS_PER_TOKEN,
             "Sessions per token unless its record sets max_sessions; 0 unlimited.",
             _count,
         ],
-        ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.", _count],
+        [
+            "max-sessions-per-client",
+            None,
+            DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            "Sessions per client address; 0 unlimited.",
+            _count,
+        ],
         [
             "max-failed-tokens",
             None,
