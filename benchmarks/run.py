@@ -315,6 +315,11 @@ class ProxySet:
                 f"file:{self.token_file}",
                 "--metrics",
                 metrics,
+                # Thousands of sessions from 127.0.0.1 on a few tokens: the limits that
+                # protect a production proxy would only measure themselves here.
+                "--max-sessions=0",
+                "--max-sessions-per-token=0",
+                "--max-sessions-per-client=0",
                 *self.extra,
             ]
         return [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -68,3 +71,33 @@ class ClosingOwner:
         session.finish(ending)
         session.backend.close(ending.code, ending.reason)
         session.client.close(ending.code, ending.reason)
+
+
+@implementer(IHostnameResolver)
+class FakeNameResolver:
+    """Answers host names from a table at once (unknown names: no address)."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    def resolveHostName(
+        self, resolutionReceiver: IResolutionReceiver, hostName: str, portNumber: int = 0,
+        addressTypes: object = None, transportSemantics: str = "TCP",
+    ) -> IResolutionReceiver:  # fmt: skip
+        self.asked.append(hostName)
+        resolutionReceiver.resolutionBegan(None)
+        for address in self.table.get(hostName, []):
+            kind = IPv6Address if ":" in address else IPv4Address
+            resolutionReceiver.addressResolved(kind("TCP", address, portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolutionReceiver
+
+
+class ResolvingClock(Clock):
+    """A Clock that is also a reactor with a name resolver (as BackendPolicy.for_reactor
+    needs), answering from a table."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.nameResolver = FakeNameResolver(table)

@@ -14,9 +14,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tests.fakes import FakeNameResolver
 from tests.support import Response
 from tests.webtesting import fetch, http_site, open_session
-from vncmux.admin import admin_resources, read_admin_secret
+from vncmux.admin import FAILURE_INTERVAL, FAILURE_LIMIT, admin_resources, read_admin_secret
+from vncmux.backendpolicy import BackendPolicy, parse_backend_networks, system_resolver
 from vncmux.events import Observers
 from vncmux.health import Readiness
 from vncmux.interfaces import ITokenStore
@@ -72,10 +74,21 @@ class AdminTestCase(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def site_for(self, store: object) -> Any:
+    def site_for(self, store: object, *allowed_backends: str) -> Any:
         readiness = Readiness(MemoryTokenStore(), self.clock, lambda: True, self.supervisor)
+        resolver = FakeNameResolver({"h": ["10.0.0.1"], "metadata.example": ["169.254.169.254"]})
+        policy = BackendPolicy(
+            parse_backend_networks(allowed_backends),
+            resolve=system_resolver(resolver),
+            clock=self.clock,
+        )
         admin = admin_resources(
-            SECRET, self.supervisor, store, self.clock, "https://console.example/vnc.html"
+            SECRET,
+            self.supervisor,
+            store,
+            self.clock,
+            "https://console.example/vnc.html",
+            backend_policy=policy,
         )
         return http_site(build_http_root(self.metrics, readiness, admin), self.clock)
 
@@ -86,9 +99,10 @@ class AdminTestCase(SynchronousTestCase):
         body: object = None,
         headers: dict[str, str] | None = GOOD,
         site: Any = None,
+        client: str = "10.1.2.3",
     ) -> Response:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body else b""
-        return fetch(site or self.site, method, path, headers, raw)
+        return fetch(site or self.site, method, path, headers, raw, client=client)
 
 
 class AuthTests(AdminTestCase):
@@ -124,17 +138,39 @@ class AuthTests(AdminTestCase):
         self._nothing_happened()
 
     def test_wrong(self) -> None:
-        """A wrong secret (same length, shorter, longer) is 403."""
+        """A wrong secret (same length, shorter, longer) is 403 (one try per interval here,
+        so none is limited and each is logged)."""
         for wrong in (b"admin-secret-0123456788", b"admin", SECRET + b"x"):
             headers = {"Authorization": f"Bearer {wrong.decode()}"}
             for method, path in self.REQUESTS:
                 response = self.call(method, path, {"host": "h", "port": 1}, headers=headers)
                 self.assertEqual(response.status, 403, (method, path, wrong))
                 self.assertEqual(response.json(), {"error": "wrong secret"})
+                self.clock.advance(FAILURE_INTERVAL)
         self._nothing_happened()
         refused = [e for e in self.events if e.get("vncmux_event") == "admin_refused"]
         self.assertEqual(len(refused), 3 * len(self.REQUESTS))
         self.assertEqual(refused[0]["client"], "10.1.2.3")
+
+    def test_wrong_secrets_limited_and_collapsed(self) -> None:
+        """Past FAILURE_LIMIT wrong secrets in an interval an address gets 429 even with the
+        right secret (guessing cannot go on); other addresses are not affected. The log
+        holds one warning at the first try and one count when the interval ends, not one
+        line per try; after the interval the address may try again."""
+        wrong = {"Authorization": "Bearer guess"}
+        tries = 452
+        statuses = [self.call("GET", "/sessions", headers=wrong).status for _ in range(tries)]
+        self.assertEqual(statuses, [403] * FAILURE_LIMIT + [429] * (tries - FAILURE_LIMIT))
+        blocked = self.call("GET", "/sessions")
+        self.assertEqual((blocked.status, blocked.headers["retry-after"]), (429, "60"))
+        self.assertEqual(self.call("GET", "/sessions", client="10.9.9.9").status, 200)
+        refused = [e for e in self.events if e.get("vncmux_event", "").startswith("admin_ref")]
+        self.assertEqual([e["vncmux_event"] for e in refused], ["admin_refused"])
+        self.clock.advance(FAILURE_INTERVAL)
+        self.assertEqual(self.call("GET", "/sessions").status, 200)
+        refused = [e for e in self.events if e.get("vncmux_event", "").startswith("admin_ref")]
+        self.assertEqual(len(refused), 2)
+        self.assertEqual((refused[1]["count"], refused[1]["client"]), (tries, "10.1.2.3"))
 
     def test_right(self) -> None:
         """The right secret, with any case of the scheme, is let through."""
@@ -301,11 +337,35 @@ class TokenTests(AdminTestCase):
             ({"host": "h", "port": 1, "max_sessions": 0}, "max_sessions must be positive"),
             ({"host": "h", "port": 1, "token": "mine"}, "unknown fields: token"),
             ({"host": "h", "port": 1, "single_use": "yes"}, "single_use has the wrong type"),
+            (
+                {"host": "h", "port": 1, "base_url": "javascript:alert(1)//"},
+                "base_url: 'javascript:alert(1)//' is not an http:// or https:// URL with a host",
+            ),
         ]
         for body, error in bad:
             response = self.call("POST", "/tokens", body)
             self.assertEqual((response.status, response.json()), (400, {"error": error}), body)
         self.assertEqual(self.store._records, {})
+
+    def test_issue_refuses_disallowed_backends(self) -> None:
+        """Targets the proxy would refuse get 403 and no token: outside --allowed-backend,
+        or link-local (cloud metadata) by default, also behind a name. A name that does not
+        resolve here is issued: the proxy checks again before dialling."""
+        cases = [
+            (self.site, {"host": "169.254.169.254", "port": 80}, "link-local"),
+            (self.site, {"host": "metadata.example", "port": 80}, "link-local"),
+            (self.site_for(self.store, "10.0.0.0/8"), {"host": "192.0.2.1", "port": 1}, "outside"),
+        ]
+        for site, body, why in cases:
+            response = self.call("POST", "/tokens", body, site=site)
+            self.assertEqual(response.status, 403, body)
+            self.assertIn("backend not allowed", response.json()["error"])
+            self.assertIn(why, response.json()["error"])
+        self.assertEqual(self.store._records, {})
+        allowed = self.site_for(self.store, "10.0.0.0/8", "169.254.169.254/32")
+        for host in ("h", "169.254.169.254", "unknown.example"):
+            self.assertEqual(self.call("POST", "/tokens", {"host": host, "port": 1},
+                                       site=allowed).status, 201, host)  # fmt: skip
 
     def test_issue_store_down(self) -> None:
         """A store that cannot write answers 503 with the store's reason."""

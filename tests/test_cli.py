@@ -13,11 +13,11 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.fakes import ResolvingClock
 from tests.redis_server import start_redis
 from vncmux.cli import (
     DEFAULT_BASE_URL,
@@ -108,13 +108,18 @@ class UsageTests(SynchronousTestCase):
         self.assertUsageError("token", "revoke")
         self.assertUsageError("token", "revoke", "t", "--instance", "i")
         self.assertUsageError("token", "show")
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1",
+                              "--base-url", "javascript:alert(1)//")  # fmt: skip
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1", "--base-url", "/x")
+        self.assertUsageError("token", "add", "--host", "h", "--port", "1",
+                              "--allowed-backend", "10.0.0.0/33")  # fmt: skip
 
 
 class CliFileStoreTests(SynchronousTestCase):
     """The CLI on a token file (synchronous: a file store answers at once)."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = ResolvingClock({"h": ["10.0.0.1"], "metadata.example": ["169.254.169.254"]})
         self.clock.advance(1_700_000_000)
         self.path = self.mktemp()
         with open(self.path, "w") as f:
@@ -219,6 +224,74 @@ class CliFileStoreTests(SynchronousTestCase):
         code, _, err = self.cli("token", "show", "t", "--config", self.mktemp())
         self.assertEqual(code, 2)
         self.assertIn("config file", err)
+
+    def test_config_file_as_twistd_reads_it(self) -> None:
+        """The CLI reads --config with the proxy's reader: ``%`` is literal and a broken file
+        is a usage error (2) that quotes no line."""
+        tokens = self.mktemp() + "-100%"
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(f"[vncmux]\ntokens = file:{tokens}\n")
+        code, out, err = self.cli("token", "add", "--host", "h", "--port", "2", "--config", config)
+        self.assertEqual(code, 0, err)
+        with open(tokens) as f:
+            self.assertIn(f"{_token(out)}: h:2", f.read())
+        broken = self.mktemp()
+        with open(broken, "w") as f:
+            f.write("tokens = redis://:hunter2@h/0\n")
+        code, _, err = self.cli("token", "show", "t", "--config", broken)
+        self.assertEqual(code, 2)
+        self.assertIn(broken, err)
+        self.assertNotIn("hunter2", err)
+
+    def test_links_and_loose_modes(self) -> None:
+        """add refuses a planted token-file link with a clear error (exit 1) and warns about
+        a group-writable token file."""
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory, 0o755)
+        victim = os.path.join(directory, "victim")
+        link = os.path.join(directory, "tokens")
+        os.symlink(victim, link)
+        code, out, err = self.cli("token", "add", "--host", "h", "--port", "2",
+                                  "--tokens", f"file:{link}")  # fmt: skip
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"{link} is a symbolic link", err)
+        self.assertFalse(os.path.exists(victim))
+        os.chmod(self.path, 0o666)
+        code, _, err = self.cli("token", "add", "--host", "h", "--port", "2",
+                                "--tokens", self.source)  # fmt: skip
+        self.assertEqual(code, 0)
+        self.assertIn(f"{os.path.abspath(self.path)} is writable by group and others", err)
+
+    def test_backend_policy(self) -> None:
+        """add refuses what the proxy would refuse (exit 1, nothing written): link-local
+        addresses by default, and with --allowed-backend (or the config file's
+        allowed_backend) anything outside it; an explicit entry allows metadata addresses."""
+        for args, why in [
+            (["--host", "169.254.169.254", "--port", "80"], "link-local"),
+            (["--host", "metadata.example", "--port", "80"], "link-local"),
+            (["--host", "192.0.2.1", "--port", "1", "--allowed-backend", "10.0.0.0/8"],
+             "outside --allowed-backend"),
+        ]:  # fmt: skip
+            code, out, err = self.cli("token", "add", *args, "--tokens", self.source)
+            self.assertEqual((code, out), (1, ""), args)
+            self.assertIn(f"backend not allowed: backend {args[1]}", err)
+            self.assertIn(why, err)
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(f"[vncmux]\ntokens = {self.source}\nallowed_backend = 10.0.0.0/8 fd00::/8\n")
+        code, _, err = self.cli("token", "add", "--host", "192.0.2.1", "--port", "1",
+                                "--config", config)  # fmt: skip
+        self.assertEqual(code, 1)
+        self.assertIn("outside --allowed-backend", err)
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "# tokens\n")
+        self.assertEqual(self.cli("token", "add", "--host", "h", "--port", "1",
+                                  "--config", config)[0], 0)  # fmt: skip
+        code, _, err = self.cli("token", "add", "--host", "169.254.169.254", "--port", "80",
+                                "--allowed-backend", "169.254.169.254/32",
+                                "--tokens", self.source)  # fmt: skip
+        self.assertEqual(code, 0, err)
 
     def test_default_source(self) -> None:
         """Without --tokens or --config the store is file:etc/tokens in the current directory."""

@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 
 from tests.webtesting import fetch, http_site, open_session, send
 from vncmux.admin import admin_resources
+from vncmux.backendpolicy import BackendPolicy
 from vncmux.events import Observers
 from vncmux.health import Readiness
 from vncmux.interfaces import ISessionObserver
@@ -36,11 +37,13 @@ from vncmux.observability import build_http_root, build_observability
 from vncmux.refusals import (
     ALL_REFUSALS,
     BACKEND_CLOSED,
+    BACKEND_NOT_ALLOWED,
     CLIENT_CLOSED,
     CONSOLE_UNREACHABLE,
     IDLE_TIMEOUT,
     INVALID_TOKEN,
     STORE_UNAVAILABLE,
+    TOO_MANY_FAILED,
 )
 from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, RelayStats
 from vncmux.supervisor import Limits, Supervisor
@@ -58,6 +61,7 @@ CONTRACT = {
     "vncmux_session_duration_seconds": ("histogram", set()),
     "vncmux_connect_seconds": ("histogram", {"stage"}),
     "vncmux_token_store_errors": ("counter", set()),
+    "vncmux_failed_token_blocks": ("counter", set()),
     "vncmux_backpressure_pauses": ("counter", {"direction"}),
 }
 DESIGN_CLOSE_REASONS = {
@@ -183,6 +187,22 @@ class MetricsTests(SynchronousTestCase):
         )
         self.assertEqual(self.s.value("vncmux_token_store_errors_total"), 1)
         self.assertIn("internal error", REJECT_REASONS)
+
+    def test_failed_token_blocks(self) -> None:
+        """An upgrade refused by the brute-force limiter counts under its reason and as a
+        blocked attempt; other refusals do not; the new reasons are exported from 0."""
+        m = self.s.metrics
+        self.assertEqual(self.s.value("vncmux_failed_token_blocks_total"), 0)
+        for reason in ("too many failed attempts", "backend not allowed"):
+            self.assertEqual(self.s.value("vncmux_sessions_rejected_total", reason=reason), 0)
+        m.session_rejected("a", "192.0.2.1", TOO_MANY_FAILED, "blocked", None)
+        m.session_rejected("b", "192.0.2.1", TOO_MANY_FAILED, "blocked", None)
+        m.session_rejected("c", "192.0.2.1", BACKEND_NOT_ALLOWED, "169.254.169.254", "abc")
+        self.assertEqual(self.s.value("vncmux_failed_token_blocks_total"), 2)
+        self.assertEqual(
+            self.s.value("vncmux_sessions_rejected_total", reason="too many failed attempts"), 2
+        )
+        self.assertEqual(self.s.value("vncmux_token_store_errors_total"), 0)
 
     def test_stage_timings(self) -> None:
         """Connect stages land in their own histogram; unknown stages add no label."""
@@ -332,7 +352,10 @@ class HealthTests(SynchronousTestCase):
         ``DELETE /tokens/<token>``: the path holds the token."""
         token = "raw-secret-token"
         self.store.add(token, "10.0.0.5", 5901)
-        admin = admin_resources(b"s3cret", self.s.supervisor, self.store, self.s.clock)
+        policy = BackendPolicy(resolve=lambda host: fail(OSError(host)), clock=self.s.clock)
+        admin = admin_resources(
+            b"s3cret", self.s.supervisor, self.store, self.s.clock, backend_policy=policy
+        )
         site = http_site(build_http_root(self.s.metrics, self.readiness, admin), self.s.clock)
         site.doStart()
         self.addCleanup(site.doStop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 
 from twisted.application.service import IServiceMaker
@@ -11,9 +12,11 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.redis_server import make_tls_files
+from vncmux.hangup import ReloadOnHangup
 from vncmux.service import Listener, ProxyService
 from vncmux.supervisor import Limits, Supervisor
-from vncmux.tap import Options, makeService
+from vncmux.tap import REPEATABLE, Options, makeService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_INI = os.path.join(ROOT, "etc", "vncmux.ini")
@@ -45,8 +48,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(settings.tokens, "file:etc/tokens")
         self.assertEqual(settings.metrics, "tcp:9108:interface=127.0.0.1")
         self.assertIsNone(settings.web)
-        self.assertEqual(settings.limits, Limits())
+        self.assertEqual(
+            settings.limits,
+            Limits(max_sessions=10000, max_sessions_per_token=10, max_sessions_per_client=100),
+        )
         self.assertEqual(settings.idle_activity, "input")
+        self.assertEqual((settings.max_failed_tokens, settings.tls_min_version), (20, "1.2"))
 
     def test_longdesc_in_help(self) -> None:
         """--help explains what the proxy does."""
@@ -72,6 +79,10 @@ class OptionsTests(SynchronousTestCase):
             "none",
             "--idle-activity",
             "any",
+            "--allowed-backend",
+            "10.0.0.0/8",
+            "--allowed-backend",
+            "fd00::1",
         ).settings()
         self.assertEqual(settings.listen, "tcp:7000")
         self.assertEqual(settings.limits.idle_timeout, 60.0)
@@ -81,6 +92,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual([str(n) for n in settings.trusted_proxies], ["10.0.0.0/8"])
         self.assertIsNone(settings.metrics)
         self.assertEqual(settings.idle_activity, "any")
+        self.assertEqual([str(n) for n in settings.allowed_backends], ["10.0.0.0/8", "fd00::1/128"])
+        self.assertEqual(parse().settings().allowed_backends, ())
 
     def test_bad_values(self) -> None:
         """Bad values are usage errors that name the option."""
@@ -90,6 +103,11 @@ class OptionsTests(SynchronousTestCase):
             ["--trusted-proxy", "10.0.0.0/99"],
             ["--idle-activity", "sometimes"],
             ["--connect-timeout", "0"],
+            ["--allowed-backend", "10.0.0.0/33"],
+            ["--base-url", "javascript:alert(1)//"],
+            ["--base-url", "data:text/html,x"],
+            ["--base-url", "/vnc.html"],
+            ["--tls-min-version", "1.1"],
         ):
             with self.subTest(args=args):
                 self.assertRaises(UsageError, parse, *args)
@@ -133,6 +151,34 @@ class ConfigFileTests(SynchronousTestCase):
         """A missing file is a usage error naming it."""
         self.assertRaises(UsageError, parse, "--config", "/nonexistent/vncmux.ini")
 
+    def test_percent_is_literal(self) -> None:
+        """A ``%`` in a value (a percent-encoded Redis password) is taken as written."""
+        path = self.write("[vncmux]\ntokens = redis://:p%40ss@127.0.0.1/0\n")
+        self.assertEqual(parse("--config", path).settings().tokens, "redis://:p%40ss@127.0.0.1/0")
+
+    def test_bad_files_are_usage_errors(self) -> None:
+        """Every kind of unusable file is a UsageError naming the file and never quoting a
+        line (lines hold passwords), not a configparser or decoding traceback."""
+        for text in [
+            b"tokens = redis://:hunter2@h/0\n",  # no section header
+            b"[vncmux]\ntokens = redis://:hunter2@h/0\ntokens = x\n",  # given twice
+            b"[vncmux]\nhunter2\n",  # not name = value
+            b"[vncmux]\n[vncmux]\n",
+            b"[other]\ntokens = redis://:hunter2@h/0\n",
+            b"[vncmux]\ntokens = \xff\xfehunter2\n",
+            b"[vncmux]\nenforce_expiry = hunter2\n",
+        ]:
+            with self.subTest(text=text):
+                path = self.mktemp()
+                with open(path, "wb") as f:
+                    f.write(text)
+                e = self.assertRaises(UsageError, parse, "--config", path)
+                self.assertIn(path, str(e))
+                self.assertNotIn("hunter2", str(e))
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.assertIn(directory, str(self.assertRaises(UsageError, parse, "--config", directory)))
+
     def test_example_documents_every_option(self) -> None:
         """etc/vncmux.ini parses and mentions every option with its default."""
         parse("--config", EXAMPLE_INI)
@@ -140,7 +186,7 @@ class ConfigFileTests(SynchronousTestCase):
             text = f.read()
         options = Options()
         names = [p[0] for p in options.optParameters if p[0] != "config"]
-        names += [f[0] for f in options.optFlags] + ["allowed-origin", "trusted-proxy"]
+        names += [f[0] for f in options.optFlags] + list(REPEATABLE)
         for name in names:
             self.assertIn(f"# {name.replace('-', '_')} =", text, name)
         configparser.ConfigParser().read(EXAMPLE_INI)
@@ -158,7 +204,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(parse("--tokens", f"file:{tokens}", "--listen", "tcp:6999"), reactor)
         self.assertIsInstance(service, ProxyService)
         kinds = {type(child) for child in service}
-        self.assertEqual(kinds, {Listener, Supervisor})
+        self.assertEqual(kinds, {Listener, Supervisor, ReloadOnHangup})
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 6999)
         self.successResultOf(service.listener.listening())
@@ -167,8 +213,50 @@ class MakeServiceTests(SynchronousTestCase):
         self.successResultOf(stopping)
         self.assertFalse(service.accepting)
 
+    def test_hangup_reloads_tls(self) -> None:
+        """The SIGHUP service reloads the ssl: listener's certificate (the console listener
+        and the metrics port); --tls-min-version reaches both listeners."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "new"))
+        files = make_tls_files(directory)
+        tokens = os.path.join(directory, "tokens")
+        open(tokens, "w").close()
+        tls = f"privateKey={files['key']}:certKey={files['cert']}"
+        options = parse("--tokens", f"file:{tokens}", "--listen", f"ssl:6443:{tls}",
+                        "--metrics", f"ssl:9443:{tls}", "--tls-min-version", "1.3")  # fmt: skip
+        service = makeService(options, MemoryReactorClock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        listeners = [child for child in service if isinstance(child, Listener)]
+        self.assertEqual(len(listeners), 2)
+        before = [listener.tls.loaded.certificate for listener in listeners]  # type: ignore[union-attr]
+        self.assertEqual({listener.tls_min_version for listener in listeners}, {"1.3"})
+        new = make_tls_files(os.path.join(directory, "new"))
+        os.replace(new["cert"], files["cert"])
+        os.replace(new["key"], files["key"])
+        (hangup,) = [child for child in service if isinstance(child, ReloadOnHangup)]
+        hangup.reload()
+        after = [listener.tls.loaded.certificate for listener in listeners]  # type: ignore[union-attr]
+        for old, current in zip(before, after, strict=True):
+            self.assertNotEqual(old.serial_number, current.serial_number)
+
     def test_bad_token_source(self) -> None:
         """An unknown --tokens scheme is a usage error."""
         self.assertRaises(
             UsageError, makeService, parse("--tokens", "ldap://x"), MemoryReactorClock()
         )
+
+
+class SecureDefaultsTests(SynchronousTestCase):
+    """The shipped systemd socket does not expose the plain-text console port."""
+
+    def test_socket_unit_binds_loopback(self) -> None:
+        """Every ListenStream of etc/vncmux.socket is a loopback address."""
+        with open(os.path.join(ROOT, "etc", "vncmux.socket")) as f:
+            streams = [
+                line.split("=", 1)[1].strip() for line in f if line.startswith("ListenStream=")
+            ]
+        self.assertTrue(streams)
+        for stream in streams:
+            host = stream.rpartition(":")[0].strip("[]")
+            self.assertTrue(ipaddress.ip_address(host).is_loopback, stream)

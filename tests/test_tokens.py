@@ -711,6 +711,102 @@ class FileTokenStoreTests(SynchronousTestCase):
         self.assertEqual(store.parse_count, 3)
 
 
+class FileTokenStoreLinkTests(SynchronousTestCase):
+    """Writing a token file never follows a planted symbolic link; loose modes are reported."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory, 0o755)
+        self.victim = os.path.join(self.directory, "victim")
+        with open(self.victim, "w") as f:
+            f.write("precious\n")
+
+    def refused(self, deferred: Deferred[Any], path: str) -> None:
+        failure = self.failureResultOf(deferred, TokenStoreUnavailable)
+        self.assertIn(f"{path} is a symbolic link", failure.getErrorMessage())
+        with open(self.victim) as f:
+            self.assertEqual(f.read(), "precious\n")
+
+    def test_token_file_link(self) -> None:
+        """issue and revoke refuse a token file that is a link (to a file or to nowhere) and
+        leave its target alone."""
+        tokens = os.path.join(self.directory, "tokens")
+        os.symlink(self.victim, tokens)
+        store = FileTokenStore(tokens, self.clock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), tokens)
+        self.refused(store.revoke(hash_token("precious")), tokens)
+        dangling = os.path.join(self.directory, "dangling")
+        os.symlink(os.path.join(self.directory, "created"), dangling)
+        self.refused(FileTokenStore(dangling, self.clock).issue(_record(TOKEN), TOKEN), dangling)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "created")))
+
+    def test_lock_file_link(self) -> None:
+        """A planted ``.NAME.lock`` link creates nothing where it points, and nothing is
+        written to the token file."""
+        tokens = os.path.join(self.directory, "tokens")
+        lock = os.path.join(self.directory, ".tokens.lock")
+        elsewhere = os.path.join(self.directory, "elsewhere")
+        os.symlink(elsewhere, lock)
+        store = FileTokenStore(tokens, self.clock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), lock)
+        self.assertFalse(os.path.exists(elsewhere))
+        self.assertFalse(os.path.exists(tokens))
+        os.unlink(lock)
+        os.symlink(self.victim, lock)
+        self.refused(store.revoke(hash_token(TOKEN)), lock)
+
+    def test_directory_store_links(self) -> None:
+        """In a token directory, a linked issue file or lock file is refused too."""
+        tokens = os.path.join(self.directory, "tokens.d")
+        os.mkdir(tokens)
+        issued = os.path.join(tokens, ISSUED_FILE_NAME)
+        os.symlink(self.victim, issued)
+        store = FileTokenStore(tokens, self.clock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), issued)
+        os.unlink(issued)
+        lock = os.path.join(tokens, LOCK_FILE_NAME)
+        os.unlink(lock)  # the real one, left by the first attempt
+        os.symlink(os.path.join(self.directory, "elsewhere"), lock)
+        self.refused(store.issue(_record(TOKEN), TOKEN), lock)
+        self.assertEqual(os.listdir(tokens), [LOCK_FILE_NAME])
+
+    def test_reading_follows_links(self) -> None:
+        """The proxy only reads: a token file that is a link (a Kubernetes Secret volume
+        is one) still works."""
+        with open(self.victim, "w") as f:
+            f.write("a: h:1\n")
+        tokens = os.path.join(self.directory, "tokens")
+        os.symlink(self.victim, tokens)
+        record = self.successResultOf(FileTokenStore(tokens, self.clock).lookup("a"))
+        self.assertEqual(record.target, "h:1")
+
+    def test_loose_permissions(self) -> None:
+        """A group- or world-writable token file or directory is named once in the log (and
+        by permission_problems, which ``vncmux token`` prints); a sticky shared directory
+        holding a token file is not a problem."""
+        tokens = os.path.join(self.directory, "tokens")
+        with open(tokens, "w") as f:
+            f.write("a: h:1\n")
+        store = FileTokenStore(tokens, self.clock)
+        self.assertEqual(store.permission_problems(), [])
+        os.chmod(tokens, 0o664)
+        os.chmod(self.directory, 0o777)
+        problems = store.permission_problems()
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn(f"token file {tokens} is writable by group (mode 0664)", problems[0])
+        self.assertIn(f"{self.directory} is writable by group and others", problems[1])
+        for _ in range(3):
+            self.successResultOf(store.ping())
+            self.clock.advance(5)
+        warned = [m for m in _messages(self.log) if "writable by" in m]
+        self.assertEqual(sorted(warned), sorted(problems))
+        os.chmod(self.directory, 0o1777)
+        self.assertEqual(len(store.permission_problems()), 1)
+        os.chmod(self.directory, 0o755)
+
+
 class _LockProbingStore(FileTokenStore):
     """Records, while a line is appended or a file rewritten, whether the lock is held."""
 
@@ -777,6 +873,12 @@ class RedisConfigTests(SynchronousTestCase):
         )
         self.assertTrue(config.websockify_format)
         self.assertEqual((config.reply_timeout, config.connect_timeout), (0.5, 1.0))
+        self.assertEqual(config.websockify_key("T"), "websockify:T")
+        self.assertEqual(
+            config.redacted_url(), "redis://h:6379/1?format=websockify&namespace=websockify"
+        )
+        config = RedisConfig.from_url("redis://h/1?format=websockify&namespace=a:b:")
+        self.assertEqual(config.websockify_key("T"), "a:b:T")
         self.assertTrue(RedisConfig.from_url("rediss://h:6380").tls)
         config = RedisConfig.from_url("redis+sentinel://:pw@s1:5000,[fd00::1],s3/mymaster/2")
         self.assertEqual(config.hosts, (("s1", 5000), ("fd00::1", 26379), ("s3", 26379)))
@@ -794,6 +896,10 @@ class RedisConfigTests(SynchronousTestCase):
             "redis://:hunter2@h/notadb",
             "redis://:hunter2@h/0?colour=blue",
             "redis://:hunter2@h/0?format=json",
+            "redis://:hunter2@h/0?format=websockify&namespace=",
+            "redis://:hunter2@h/0?format=websockify&namespace=:",
+            "redis://:hunter2@h/0?format=websockify&namespace=vncmux",
+            "redis://:hunter2@h/0?namespace=websockify",
             "redis://hunter2@h/0",
             "redis://:hunter2@fd00::1/0",
             "redis://:hunter2@h:99999/0",
@@ -907,12 +1013,13 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
 
     @inlineCallbacks
     def test_websockify_format(self) -> Any:
-        """format=websockify reads raw-token keys: host:port, {"host": ...} and nova JSON."""
+        """format=websockify reads ``websockify:<token>`` keys (websockify's TokenRedis with a
+        namespace): host:port, {"host": ...} and nova JSON."""
         store = self.redis_store(self.server, query="format=websockify")
-        self.redis.set("tok-plain", "10.0.0.1:5900")
-        self.redis.set("tok-json", json.dumps({"host": "[fd00::1]:5901"}))
-        self.redis.set("tok-nova", json.dumps({"host": "10.0.0.3", "port": "5902",
-                                               "instance_uuid": "u-1"}))  # fmt: skip
+        self.redis.set("websockify:tok-plain", "10.0.0.1:5900")
+        self.redis.set("websockify:tok-json", json.dumps({"host": "[fd00::1]:5901"}))
+        self.redis.set("websockify:tok-nova", json.dumps({"host": "10.0.0.3", "port": "5902",
+                                                          "instance_uuid": "u-1"}))  # fmt: skip
         self.assertEqual((yield store.lookup("tok-plain")).target, "10.0.0.1:5900")
         self.assertEqual((yield store.lookup("tok-json")).target, "[fd00::1]:5901")
         nova = yield store.lookup("tok-nova")
@@ -925,21 +1032,53 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.assertIs((yield store.claim_use(hash_token("tok-plain"))), False)
 
     @inlineCallbacks
-    def test_garbage_is_unavailable(self) -> Any:
-        """Values that are not records fail as TokenStoreUnavailable, logged by token_id."""
-        self.redis.set("tok-garbage", "not a target")
-        self.redis.hset("tok-hash", "a", "b")
-        self.redis.hset(token_key(hash_token(TOKEN)), "port", "5900")  # no host
-        self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
+    def test_websockify_namespace(self) -> Any:
+        """Only keys under the namespace are tokens: a key elsewhere in the database whose
+        value looks like a target opens nothing, whatever the client sends as its token."""
+        self.redis.set("app:cache:backend", "10.0.0.9:22")
+        self.redis.set("consoles:tok", "10.0.0.1:5900")
+        default = self.redis_store(self.server, query="format=websockify")
+        custom = self.redis_store(self.server, query="format=websockify&namespace=consoles")
+        self.assertIsNone((yield default.lookup("app:cache:backend")))
+        self.assertIsNone((yield custom.lookup("app:cache:backend")))
+        self.assertIsNone((yield default.lookup("tok")))
+        self.assertEqual((yield custom.lookup("tok")).target, "10.0.0.1:5900")
+
+    @inlineCallbacks
+    def test_websockify_foreign_values_are_invalid_tokens(self) -> Any:
+        """A websockify key of another type, or a value that is not a target, makes the token
+        invalid (lookup answers None, so the client gets 4401 and no store error is
+        counted); the log names the token_id, never the token or the stored value."""
+        canary = "hunter2-stored-canary"
+        self.redis.set("websockify:tok-garbage", f"not a target {canary}")
+        self.redis.set("websockify:tok-json", json.dumps({"host": canary}))
+        self.redis.set("websockify:tok-bytes", b"\xff\xfe" + canary.encode())
+        self.redis.hset("websockify:tok-hash", "host", "10.0.0.1:5900")
+        self.redis.sadd("websockify:tok-set", canary)
         websockify = self.redis_store(self.server, query="format=websockify")
+        tokens = ["tok-garbage", "tok-json", "tok-bytes", "tok-hash", "tok-set"]
+        for token in tokens:
+            self.assertIsNone((yield websockify.lookup(token)), token)
+        messages = _messages(self.log)
+        for token in tokens:
+            self.assertTrue([m for m in messages if hash_token(token)[:12] in m], token)
+        self.assertFalse([m for m in messages if canary in m or "tok-" in m], messages)
+
+    @inlineCallbacks
+    def test_garbage_is_unavailable(self) -> Any:
+        """Native records that are not records fail as TokenStoreUnavailable (vncmux wrote
+        them: the store is broken), logged by token_id and without the stored value."""
+        canary = "hunter2-stored-canary"
+        self.redis.hset(token_key(hash_token(TOKEN)), mapping={"port": "5900", "x": canary})
+        self.redis.hset(token_key(hash_token(OTHER)), mapping={"host": canary, "port": "x"})
         native = self.redis_store(self.server)
-        yield self.assertFailure(websockify.lookup("tok-garbage"), TokenStoreUnavailable)
-        yield self.assertFailure(websockify.lookup("tok-hash"), TokenStoreUnavailable)
         yield self.assertFailure(native.lookup(TOKEN), TokenStoreUnavailable)
+        yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
+        self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
         yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
         messages = _messages(self.log)
         self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
-        for secret in ("tok-garbage", "tok-hash", TOKEN, OTHER):
+        for secret in (canary, TOKEN, OTHER):
             self.assertFalse([m for m in messages if secret in m])
 
     @inlineCallbacks
@@ -1233,12 +1372,12 @@ class RedisServerHelperTests(SynchronousTestCase):
 class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
     """``rediss://`` (verified TLS) and ``redis+sentinel://`` against real servers."""
 
-    def start_tls_server(self) -> tuple[RedisServer, dict[str, str]]:
+    def start_tls_server(self, auth_clients: str = "no") -> tuple[RedisServer, dict[str, str]]:
         directory = tempfile.mkdtemp(prefix="vncmux-tls-")
         self.addCleanup(shutil.rmtree, directory, True)
         files = make_tls_files(directory)
         args = ["--tls-cert-file", files["cert"], "--tls-key-file", files["key"],
-                "--tls-ca-cert-file", files["ca"], "--tls-auth-clients", "no"]  # fmt: skip
+                "--tls-ca-cert-file", files["ca"], "--tls-auth-clients", auth_clients]  # fmt: skip
         try:
             return start_redis(self, args, tls=True), files
         except RuntimeError as e:
@@ -1266,6 +1405,37 @@ class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
         heard = inbox.next()
         yield store.revoke(hash_token(TOKEN))
         self.assertEqual((yield heard), hash_token(TOKEN))
+
+    @inlineCallbacks
+    def test_tls_client_certificate(self) -> Any:
+        """A server with tls-auth-clients yes accepts a store that presents a client
+        certificate (ssl_certfile + ssl_keyfile) and refuses one that does not."""
+        server, files = self.start_tls_server(auth_clients="yes")
+        base = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={files['ca']}"
+        without = self.store(base + "&reply_timeout=0.5")
+        yield self.assertFailure(without.ping(), TokenStoreUnavailable)
+        store = self.store(base + f"&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}")
+        yield store.issue(_record(TOKEN), TOKEN)
+        self.assertEqual((yield store.lookup(TOKEN)).target, "10.0.0.5:5900")
+
+    def test_client_certificate_errors(self) -> None:
+        """A missing or unusable client certificate is a ValueError naming the option."""
+        directory = tempfile.mkdtemp(prefix="vncmux-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        files = make_tls_files(directory)
+        for query, words in [
+            (f"ssl_certfile={directory}/missing.pem", "ssl_certfile"),
+            (f"ssl_certfile={files['cert']}&ssl_keyfile={files['ca']}", "ssl_certfile"),
+            (f"ssl_keyfile={files['key']}", "ssl_keyfile needs ssl_certfile"),
+        ]:
+            with self.subTest(query=query):
+                error = self.assertRaises(
+                    ValueError,
+                    lambda q=query: RedisTokenStore(
+                        RedisConfig.from_url(f"rediss://h:1/0?{q}"), reactor
+                    ),
+                )
+                self.assertIn(words, str(error))
 
     @inlineCallbacks
     def test_tls_verifies_the_server(self) -> Any:

@@ -57,10 +57,12 @@ def send(
     path: str,
     headers: dict[str, str] | None = None,
     body: bytes = b"",
+    client: str = "10.1.2.3",
 ) -> Exchange:
-    """Send one HTTP/1.0 request through a real HTTPChannel on a StringTransport."""
+    """Send one HTTP/1.0 request through a real HTTPChannel on a StringTransport, from
+    C{client}."""
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9108))
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", client, 40000))
     protocol.makeConnection(transport)
     lines = [f"{method} {path} HTTP/1.0", "Host: 127.0.0.1:9108"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -76,9 +78,10 @@ def fetch(
     path: str,
     headers: dict[str, str] | None = None,
     body: bytes = b"",
+    client: str = "10.1.2.3",
 ) -> Response:
     """L{send}, for answers that are complete at once."""
-    return send(site, method, path, headers, body).response()
+    return send(site, method, path, headers, body, client).response()
 
 
 def open_session(

@@ -1,14 +1,18 @@
 """The admin API on the metrics port: list and end sessions, issue and revoke tokens.
 
 Off unless ``--admin-token-file`` names a file holding the shared secret. Every request needs
-``Authorization: Bearer <secret>`` (401 without it, 403 with a wrong one). Tokens are never
-logged: the log names them by ``token_id``, and sessions by their session id.
+``Authorization: Bearer <secret>`` (401 without it, 403 with a wrong one). After
+L{FAILURE_LIMIT} wrong secrets from one client address within L{FAILURE_INTERVAL} seconds,
+that address gets 429 (the secret is not even compared) until the interval is over; the log
+has one warning for the first wrong secret of an interval and one line counting the rest.
+Tokens are never logged: the log names them by ``token_id``, and sessions by their session id.
 
 - ``GET /sessions``: the live sessions as a JSON list;
 - ``DELETE /sessions/<id>``: end one with close code 4002 'token revoked';
 - ``POST /tokens``: issue a token, like ``vncmux token add`` (JSON body: ``host``, ``port``,
   optional ``ttl``, ``instance_uuid``, ``single_use``, ``max_sessions``, ``password``,
-  ``base_url``); answers 201 with ``token``, ``token_id``, ``access_url``, ``expires_at``;
+  ``base_url``); answers 201 with ``token``, ``token_id``, ``access_url``, ``expires_at``,
+  or 403 when the target is not an allowed backend (``--allowed-backend``, link-local);
 - ``DELETE /tokens/<token>``: revoke one, like ``vncmux token revoke TOKEN``;
 - ``DELETE /tokens?instance_uuid=<uuid>``: revoke every token of an instance, like
   ``vncmux token revoke --instance``.
@@ -33,10 +37,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vncmux.cli import DEFAULT_BASE_URL, access_url, new_token
+from vncmux.backendpolicy import BackendPolicy
+from vncmux.cli import DEFAULT_BASE_URL, access_url, check_base_url, new_token
 from vncmux.health import answer_later, write_json
 from vncmux.interfaces import ITokenAdmin
-from vncmux.refusals import TOKEN_REVOKED
+from vncmux.refusals import TOKEN_REVOKED, Refused
 from vncmux.tokens import (
     BadTarget,
     TokenRecord,
@@ -54,6 +59,9 @@ if TYPE_CHECKING:
 
 #: Bodies larger than this are refused before parsing.
 MAX_BODY = 64 * 1024
+#: Wrong bearer secrets one client address may send per interval before it gets 429.
+FAILURE_LIMIT = 10
+FAILURE_INTERVAL = 60.0
 
 _log = Logger(namespace="vncmux.admin")
 
@@ -129,6 +137,10 @@ class TokenRequest:
         if max_sessions is not None and max_sessions <= 0:
             raise BadRequest("max_sessions must be positive")
         base_url = _field(body, "base_url", str) or default_base_url
+        try:
+            base_url = check_base_url(base_url)
+        except ValueError as e:
+            raise BadRequest(f"base_url: {e}") from None
         return cls(
             host=host,
             port=port,
@@ -173,26 +185,105 @@ def session_json(session: Session) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Failures:
+    count: int
+    ends_at: float
+
+
+class FailedSecrets:
+    """
+    Wrong bearer secrets per client address, in fixed intervals that start at an address's
+    first wrong secret: past C{limit} in one interval the address is blocked until the
+    interval ends. The first wrong secret of an interval is logged at once, the rest as one
+    count once the interval is over (at the next admin request), so a guessing client
+    cannot flood the log. No timers: ended intervals are swept, oldest first, whenever the
+    admin API is asked anything, so memory follows the addresses of the last C{interval}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        limit: int = FAILURE_LIMIT,
+        interval: float = FAILURE_INTERVAL,
+    ) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.interval = interval
+        # Insertion order is the order in which the intervals end: all last equally long.
+        self._by_address: dict[str, _Failures] = {}
+
+    def blocked(self, address: str) -> bool:
+        """Whether C{address} has used up its wrong secrets for this interval."""
+        self.sweep()
+        entry = self._by_address.get(address)
+        return entry is not None and entry.count >= self.limit
+
+    def failed(self, address: str) -> None:
+        """Count one wrong (or, once blocked, unchecked) secret from C{address}."""
+        self.sweep()
+        entry = self._by_address.get(address)
+        if entry is not None:
+            entry.count += 1
+            return
+        self._by_address[address] = _Failures(1, self._clock.seconds() + self.interval)
+        _log.warn(
+            "admin request from {client} refused: wrong secret",
+            vncmux_event="admin_refused",
+            client=address,
+        )
+
+    def sweep(self) -> None:
+        """Forget the intervals that are over, logging how many more tries each one saw."""
+        now = self._clock.seconds()
+        while self._by_address:
+            address, entry = next(iter(self._by_address.items()))
+            if entry.ends_at > now:
+                return
+            del self._by_address[address]
+            if entry.count > 1:
+                _log.warn(
+                    "admin: {count} more requests from {client} refused in {interval:g} s"
+                    " (wrong secret, or blocked after {limit})",
+                    vncmux_event="admin_refused_repeatedly",
+                    count=entry.count - 1,
+                    client=address,
+                    interval=self.interval,
+                    limit=self.limit,
+                )
+
+
+@dataclass(frozen=True)
+class AdminAuth:
+    """The shared secret and the wrong-secret counter every admin resource checks."""
+
+    secret: bytes
+    failures: FailedSecrets
+
+
 class Guarded(Resource):
     """A resource that answers only requests carrying ``Authorization: Bearer <secret>``."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, auth: AdminAuth) -> None:
         super().__init__()
-        self._secret = secret
+        self._auth = auth
 
     def render(self, request: Request) -> bytes | int:
-        """401 without a bearer secret, 403 with a wrong one, else the method's answer."""
+        """401 without a bearer secret, 429 for an address past its wrong secrets, 403 with
+        a wrong one, else the method's answer."""
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not given.strip():
             request.setHeader(b"www-authenticate", b'Bearer realm="vncmux"')
             return write_json(request, 401, {"error": "bearer secret required"})
-        if not hmac.compare_digest(given.strip(), self._secret):
-            _log.warn(
-                "admin request from {client} refused: wrong secret",
-                vncmux_event="admin_refused",
-                client=_client(request),
-            )
+        failures = self._auth.failures
+        client = _client(request)
+        if failures.blocked(client):
+            failures.failed(client)
+            request.setHeader(b"retry-after", str(int(failures.interval)).encode("ascii"))
+            return write_json(request, 429, {"error": "too many wrong secrets; try later"})
+        if not hmac.compare_digest(given.strip(), self._auth.secret):
+            failures.failed(client)
             return write_json(request, 403, {"error": "wrong secret"})
         allowed = {n[len("render_") :] for n in dir(self) if n.startswith("render_")}
         if "GET" not in allowed:
@@ -211,15 +302,15 @@ def _client(request: Request) -> str:
 class SessionsPage(Guarded):
     """``GET /sessions`` and, through its children, ``DELETE /sessions/<id>``."""
 
-    def __init__(self, secret: bytes, supervisor: Supervisor) -> None:
-        super().__init__(secret)
+    def __init__(self, auth: AdminAuth, supervisor: Supervisor) -> None:
+        super().__init__(auth)
         self._supervisor = supervisor
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         """``/sessions/<id>``; ``/sessions/`` is the list itself."""
         if path == b"":
             return self
-        return OneSession(self._secret, self._supervisor, path.decode("ascii", "replace"))
+        return OneSession(self._auth, self._supervisor, path.decode("ascii", "replace"))
 
     def render_GET(self, request: Request) -> bytes:
         """The live sessions, oldest first."""
@@ -232,8 +323,8 @@ class OneSession(Guarded):
 
     isLeaf = True
 
-    def __init__(self, secret: bytes, supervisor: Supervisor, session_id: str) -> None:
-        super().__init__(secret)
+    def __init__(self, auth: AdminAuth, supervisor: Supervisor, session_id: str) -> None:
+        super().__init__(auth)
         self._supervisor = supervisor
         self._session_id = session_id
 
@@ -262,16 +353,18 @@ class TokensPage(Guarded):
 
     def __init__(
         self,
-        secret: bytes,
+        auth: AdminAuth,
         admin: ITokenAdmin | None,
         supervisor: Supervisor,
         clock: IReactorTime,
+        backend_policy: BackendPolicy,
         base_url: str = DEFAULT_BASE_URL,
     ) -> None:
-        super().__init__(secret)
+        super().__init__(auth)
         self._admin = admin
         self._supervisor = supervisor
         self._clock = clock
+        self._backend_policy = backend_policy
         self._base_url = base_url
 
     def getChild(self, path: bytes, request: Request) -> Resource:
@@ -281,14 +374,14 @@ class TokensPage(Guarded):
         arrives here only as ``%2F``; a path with more segments names no token.
         """
         if request.postpath:
-            return OneToken(self._secret, self, None)
+            return OneToken(self._auth, self, None)
         if path == b"":
             return self
         try:
             token = path.decode("utf-8")
         except UnicodeDecodeError:  # no token is stored under bytes that are not UTF-8
-            return OneToken(self._secret, self, None)
-        return OneToken(self._secret, self, token)
+            return OneToken(self._auth, self, None)
+        return OneToken(self._auth, self, token)
 
     def render_POST(self, request: Request) -> bytes | int:
         """Issue a token from the JSON body; 201 with the token and its access URL."""
@@ -302,9 +395,11 @@ class TokensPage(Guarded):
         except (ValueError, UnicodeDecodeError) as e:  # BadRequest and JSON errors
             message = str(e) if isinstance(e, BadRequest) else "the body is not valid JSON"
             return write_json(request, 400, {"error": message})
+        admin = self._admin
         token = new_token()  # the CLI's: never a leading '-', so `vncmux token` can take it
         record = wanted.record(token, self._clock.seconds())
-        issuing = maybeDeferred(self._admin.issue, record, token)
+        checking = self._backend_policy.check_issue(record.host, record.port)
+        issuing = checking.addCallback(lambda _: admin.issue(record, token))
 
         def issued(_: object) -> tuple[int, object]:
             _log.info(
@@ -383,8 +478,8 @@ class OneToken(Guarded):
 
     isLeaf = True
 
-    def __init__(self, secret: bytes, tokens: TokensPage, token: str | None) -> None:
-        super().__init__(secret)
+    def __init__(self, auth: AdminAuth, tokens: TokensPage, token: str | None) -> None:
+        super().__init__(auth)
         self._tokens = tokens
         self._token = token
 
@@ -400,6 +495,9 @@ def _no_admin(request: Request) -> bytes:
 
 
 def _store_failure(failure: Failure) -> tuple[int, object]:
+    if failure.check(Refused):  # from the backend policy: the target is not allowed
+        refused: Refused = failure.value  # type: ignore[assignment]
+        return 403, {"error": f"{refused.refusal.reason}: {refused.detail}"}
     if failure.check(TokenStoreUnavailable):
         return 503, {"error": f"token store unavailable: {failure.getErrorMessage()}"}
     if failure.check(UnsupportedOperation, ValueError):
@@ -413,18 +511,31 @@ def admin_resources(
     store: object,
     clock: IReactorTime,
     base_url: str = DEFAULT_BASE_URL,
+    *,
+    backend_policy: BackendPolicy,
+    failures: FailedSecrets | None = None,
 ) -> dict[bytes, Resource]:
-    """The admin API's top-level resources by path segment, to put on the HTTP root."""
+    """
+    The admin API's top-level resources by path segment, to put on the HTTP root.
+    C{backend_policy} decides which targets ``POST /tokens`` may issue tokens for;
+    C{failures} counts wrong secrets (by default L{FAILURE_LIMIT} per L{FAILURE_INTERVAL}
+    seconds of C{clock}).
+    """
     admin = ITokenAdmin(store, None)
+    auth = AdminAuth(secret, failures or FailedSecrets(clock))
     return {
-        b"sessions": SessionsPage(secret, supervisor),
-        b"tokens": TokensPage(secret, admin, supervisor, clock, base_url),
+        b"sessions": SessionsPage(auth, supervisor),
+        b"tokens": TokensPage(auth, admin, supervisor, clock, backend_policy, base_url),
     }
 
 
 __all__ = [
+    "FAILURE_INTERVAL",
+    "FAILURE_LIMIT",
     "MAX_BODY",
+    "AdminAuth",
     "BadRequest",
+    "FailedSecrets",
     "OneSession",
     "OneToken",
     "SessionsPage",

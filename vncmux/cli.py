@@ -8,22 +8,26 @@ clock (``task.react``). Exit codes: 0 done, 1 not found or failed, 2 usage error
 from __future__ import annotations
 
 import argparse
-import configparser
 import json
 import secrets
 import sys
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
+from vncmux.configfile import ConfigFileError, read_config
+from vncmux.handshake import IPNetwork
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.redisstore import open_token_store
+from vncmux.refusals import Refused
 from vncmux.settings import DEFAULT_TOKENS
 from vncmux.tokens import (
     BadTarget,
+    FileTokenStore,
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
@@ -57,6 +61,31 @@ def new_token() -> str:
         token = secrets.token_urlsafe(32)
         if not token.startswith("-"):
             return token
+
+
+def check_base_url(url: str) -> str:
+    """
+    A base URL for access URLs: ``http://`` or ``https://`` with a host, nothing else (a
+    ``javascript:`` or ``data:`` URL handed to a user would run in their browser).
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+    return url.strip()
+
+
+def _base_url(text: str) -> str:
+    try:
+        return check_base_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return parse_backend_networks([text])[0]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def access_url(base_url: str, token: str) -> str:
@@ -127,7 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--port", required=True, type=_port, help="VNC server port")
     add.add_argument("--ttl", type=_positive(float), help="seconds until the token expires")
     add.add_argument("--instance", help="instance UUID (revoke --instance revokes them all)")
-    add.add_argument("--base-url", default=DEFAULT_BASE_URL, help="noVNC page of the URL")
+    add.add_argument(
+        "--base-url", default=DEFAULT_BASE_URL, type=_base_url, help="noVNC page of the URL"
+    )
+    add.add_argument(
+        "--allowed-backend",
+        action="append",
+        type=_network,
+        default=argparse.SUPPRESS,
+        metavar="CIDR",
+        help="refuse targets outside these networks, as the proxy does (repeatable; default:"
+        " the config file's allowed_backend, else any; link-local addresses only if listed)",
+    )
     add.add_argument("--single-use", action="store_true", help="the token opens one session")
     add.add_argument("--max-sessions", type=_positive(int), help="concurrent sessions allowed")
     secret = add.add_mutually_exclusive_group()
@@ -164,22 +204,33 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def _config(options: argparse.Namespace) -> dict[str, str]:
+    """The [vncmux] section of ``--config`` (read as ``twistd vncmux`` reads it), or nothing."""
+    config_path = getattr(options, "config", None)
+    if not config_path:
+        return {}
+    try:
+        return read_config(config_path)
+    except ConfigFileError as e:
+        raise UsageError(str(e)) from None
+
+
 def token_source(options: argparse.Namespace) -> str:
     """``--tokens``, else ``tokens`` in the [vncmux] section of ``--config``, else the default."""
     if getattr(options, "tokens", None):
         return str(options.tokens)
-    config_path = getattr(options, "config", None)
-    if config_path:
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except (OSError, configparser.Error) as e:
-            raise UsageError(f"cannot read config file {config_path}: {e}") from None
-        value = parser.get("vncmux", "tokens", fallback="").strip()
-        if value:
-            return value
-    return DEFAULT_TOKENS
+    return _config(options).get("tokens", "").strip() or DEFAULT_TOKENS
+
+
+def allowed_backends(options: argparse.Namespace) -> tuple[IPNetwork, ...]:
+    """``--allowed-backend``, else ``allowed_backend`` of ``--config`` (space-separated)."""
+    given = getattr(options, "allowed_backend", None)
+    if given is not None:
+        return tuple(given)
+    try:
+        return parse_backend_networks(_config(options).get("allowed_backend", "").split())
+    except ValueError as e:
+        raise UsageError(f"allowed_backend in the config file: {e}") from None
 
 
 @inlineCallbacks
@@ -191,14 +242,21 @@ def execute(
         source = token_source(options)
         store = open_token_store(source, reactor)
         password = _password(options) if options.action == "add" else None
+        policy = BackendPolicy.for_reactor(reactor, allowed_backends(options))
     except (UsageError, ValueError) as e:
         err.write(f"vncmux: error: {e}\n")
         return EXIT_USAGE
     service = IService(store, None)
     if service is not None:
         service.startService()
+    if isinstance(store, FileTokenStore) and options.action in ("add", "revoke"):
+        for problem in store.permission_problems():
+            err.write(f"vncmux: warning: {problem}\n")
     try:
-        code = yield _dispatch(options, store, password, reactor, out, err)
+        code = yield _dispatch(options, store, password, policy, reactor, out, err)
+    except Refused as e:
+        err.write(f"vncmux: {e.refusal.reason}: {e.detail}\n")
+        code = EXIT_FAILED
     except TokenStoreUnavailable as e:
         err.write(f"vncmux: token store unavailable: {e}\n")
         code = EXIT_FAILED
@@ -229,11 +287,13 @@ def _dispatch(
     options: argparse.Namespace,
     store: Any,
     password: str | None,
+    policy: BackendPolicy,
     reactor: Any,
     out: IO[str],
     err: IO[str],
 ) -> Any:
     if options.action == "add":
+        yield policy.check_issue(options.host, options.port)  # Refused: not issued
         token = new_token()
         now = reactor.seconds()
         record = TokenRecord.issued(

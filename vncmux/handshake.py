@@ -5,9 +5,11 @@ Nothing here does I/O; the WebSocket protocol feeds it autobahn's parsed request
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
 
@@ -62,18 +64,48 @@ def is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
 def client_address(peer: str, headers: Mapping[str, str], trusted: Sequence[IPNetwork]) -> str:
     """
     The address to log and limit by: the peer, or, when the peer is a trusted proxy, the
-    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy.
+    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy. Entries may
+    carry a port (``192.0.2.1:5000``, ``[2001:db8::1]:5000``, as some proxies write them);
+    the port is dropped. An entry that is no address at all yields the peer.
     """
     if not is_trusted(peer, trusted):
         return peer
     forwarded = headers.get("x-forwarded-for", "")
     for entry in reversed([part.strip() for part in forwarded.split(",") if part.strip()]):
-        if not is_trusted(entry, trusted):
-            try:
-                return str(ipaddress.ip_address(entry))
-            except ValueError:
-                return peer
+        address = forwarded_address(entry)
+        if address is None:
+            return peer
+        if not is_trusted(address, trusted):
+            return address
     return peer
+
+
+def forwarded_address(entry: str) -> str | None:
+    """
+    The IP address of one ``X-Forwarded-For`` entry, in its normal spelling: ``ip``,
+    ``ipv4:port``, ``[ipv6]`` or ``[ipv6]:port``; C{None} when it is none of these.
+    """
+    host = entry
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not _is_port(rest[1:] if rest[0] == ":" else "")):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return None
+    if entry.count(":") == 1:  # an IPv4 address with a port; bare IPv6 has several
+        host, _, port = entry.partition(":")
+        if not _is_port(port):
+            return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def request_scheme(secure: bool, peer_trusted: bool, headers: Mapping[str, str]) -> str:
@@ -89,35 +121,119 @@ def origin_allowed(
     origin: str | None, host: str | None, scheme: str, allowed: Sequence[str]
 ) -> bool:
     """
-    Whether a browser Origin may open a console: the same host (and scheme) as the request,
-    or one of the ``--allowed-origin`` patterns (``https://*.example.com`` style).
+    Whether a browser Origin may open a console: the same scheme, host and port as the
+    request, or one of the ``--allowed-origin`` patterns (L{parse_origin_pattern}). Origins
+    are compared as parsed (scheme, host, port) tuples, never as strings, so
+    ``http://console.example.org.evil.com`` is not ``http://console.example.org``.
     A missing Origin is allowed: only browsers send it, and non-browser clients hold the token.
     """
     if origin is None or origin == "":
         return True
-    origin = origin.strip().lower()
-    for pattern in allowed:
-        if fnmatchcase(origin, pattern.strip().lower()):
+    parsed = parse_origin(origin)
+    if parsed is None:  # "null" (sandboxed pages, file:) or garbage
+        return False
+    for text in allowed:
+        try:
+            pattern = parse_origin_pattern(text)
+        except ValueError:
+            continue  # refused when the options were parsed
+        if pattern.matches(parsed):
             return True
-    if host is None or origin == "null":
+    if host is None:
         return False
-    parts = urlsplit(origin)
-    if parts.scheme != scheme:
-        return False
-    return _same_host(parts.netloc, host.strip().lower(), scheme)
+    own = parse_origin(f"{scheme}://{host}")
+    return own is not None and parsed == own
 
 
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
 
 
-def _same_host(origin_netloc: str, host_header: str, scheme: str) -> bool:
-    def split(netloc: str) -> tuple[str, str]:
-        if netloc.startswith("["):
-            end = netloc.find("]")
-            name, rest = netloc[: end + 1], netloc[end + 1 :]
-            port = rest[1:] if rest.startswith(":") else ""
-        else:
-            name, _, port = netloc.partition(":")
-        return name, port or _DEFAULT_PORTS.get(scheme, "")
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """A browser origin as a tuple: lower-case scheme and host (IPv6 without brackets), port."""
 
-    return split(origin_netloc) == split(host_header)
+    scheme: str
+    host: str
+    port: int
+
+
+def parse_origin(text: str) -> Origin | None:
+    """
+    ``scheme://host[:port]`` (http or https) as an L{Origin}, the scheme's default port when
+    none is given; C{None} for anything else (``null``, a path, credentials, a bad port).
+    """
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or parts.path or parts.query or parts.fragment:
+        return None
+    if "@" in parts.netloc or not parts.hostname or not _valid_host(parts.hostname):
+        return None
+    return Origin(scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port)
+
+
+def _valid_host(host: str) -> bool:
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return all(_LABEL.fullmatch(label) for label in host.split("."))
+
+
+@dataclass(frozen=True, slots=True)
+class OriginPattern:
+    """
+    One ``--allowed-origin``: an exact origin, or with C{subdomains} any host that ends in
+    ``.<host>`` (``https://*.example.com``: one or more labels in front of ``example.com``,
+    never ``example.com`` itself, never ``evilexample.com``). Scheme and port always match
+    exactly; C{any_origin} (the pattern ``*``) turns the check off.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    subdomains: bool = False
+    any_origin: bool = False
+
+    def matches(self, origin: Origin) -> bool:
+        """Whether C{origin} is one this pattern allows."""
+        if self.any_origin:
+            return True
+        if (origin.scheme, origin.port) != (self.scheme, self.port):
+            return False
+        if self.subdomains:
+            return origin.host.endswith("." + self.host)
+        return origin.host == self.host
+
+
+@functools.lru_cache(maxsize=256)
+def parse_origin_pattern(text: str) -> OriginPattern:
+    """
+    Parse ``--allowed-origin``: ``scheme://host[:port]`` (http or https; the scheme's default
+    port when none is given), where the host may start with ``*.`` as a whole label, or ``*``
+    alone for any origin. C{ValueError} says what is wrong; no other wildcard is taken.
+    """
+    text = text.strip()
+    if text == "*":
+        return OriginPattern("*", "*", 0, any_origin=True)
+    scheme, sep, rest = text.partition("://")
+    subdomains = rest.startswith("*.")
+    if subdomains:
+        rest = rest[2:]
+    if not sep or "*" in rest:
+        raise ValueError(
+            f"{text!r} is not scheme://host[:port]; a '*' may only be the whole first label"
+            " (https://*.example.com) or the whole pattern"
+        )
+    origin = parse_origin(f"{scheme}://{rest}")
+    if origin is None:
+        raise ValueError(f"{text!r} is not http(s)://host[:port] (no path, no credentials)")
+    if subdomains and ":" in origin.host:
+        raise ValueError(f"{text!r}: '*.' goes in front of a host name, not an address")
+    return OriginPattern(origin.scheme, origin.host, origin.port, subdomains=subdomains)

@@ -38,6 +38,7 @@ from vncmux.refusals import (
     STORE_UNAVAILABLE,
     TOKEN_EXPIRED_ENDING,
     TOKEN_REVOKED,
+    TOO_MANY_FAILED,
     Refusal,
 )
 from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND
@@ -114,6 +115,7 @@ class Metrics:
         #: Bytes of sessions that already closed; live sessions are added at scrape time.
         self.closed_bytes = dict.fromkeys(DIRECTIONS, 0)
         self.token_store_errors = 0
+        self.failed_token_blocks = 0
         self.durations = Histogram(DURATION_BUCKETS)
         self.stages = {stage: Histogram(CONNECT_BUCKETS) for stage in STAGES}
 
@@ -130,10 +132,14 @@ class Metrics:
         """
         Count the refusal by reason. A 4503 'token store unavailable' is also the one kind
         of token store error: it counts what users met, not how often /readyz was probed.
+        A 4429 'too many failed attempts' is also an upgrade blocked by the brute-force
+        limiter.
         """
         self.rejected[refusal.reason] = self.rejected.get(refusal.reason, 0) + 1
         if refusal == STORE_UNAVAILABLE:
             self.token_store_errors += 1
+        elif refusal == TOO_MANY_FAILED:
+            self.failed_token_blocks += 1
 
     def session_opened(self, session: Session) -> None:
         """Nothing to keep: opened sessions are the live ones plus the closed ones, and
@@ -208,6 +214,12 @@ class Metrics:
             "vncmux_token_store_errors",
             "Token lookups refused with 4503 because the token store was down or too slow.",
             value=self.token_store_errors,
+        )
+        yield CounterMetricFamily(
+            "vncmux_failed_token_blocks",
+            "Upgrades refused with 4429 without a token lookup: their client address sent"
+            " more than --max-failed-tokens unknown tokens in a minute.",
+            value=self.failed_token_blocks,
         )
         yield _labelled(
             "vncmux_backpressure_pauses",

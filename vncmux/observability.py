@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from vncmux.admin import admin_resources, read_admin_secret
+from vncmux.backendpolicy import BackendPolicy
 from vncmux.cli import DEFAULT_BASE_URL
 from vncmux.health import Liveness, Readiness, write_json
 from vncmux.interfaces import ITokenStore
@@ -82,6 +83,7 @@ def build_observability(
     *,
     admin_token_file: str | None = None,
     base_url: str = DEFAULT_BASE_URL,
+    backend_policy: BackendPolicy | None = None,
 ) -> tuple[Listener | None, Metrics]:
     """
     Build the metrics port and the metrics observer.
@@ -95,6 +97,8 @@ def build_observability(
     @param listener_up: whether the console listener is listening (C{ProxyService.accepting}).
     @param admin_token_file: ``--admin-token-file``; C{None} leaves the admin API off.
     @param base_url: the noVNC page that ``POST /tokens`` builds access URLs on.
+    @param backend_policy: which targets ``POST /tokens`` may name; by default any but
+        link-local addresses, names resolved with C{reactor.nameResolver}.
     @return: the service to add to the proxy (C{None} when C{endpoint} is C{None}) and the
         L{Metrics} observer to add to the session observers (it counts either way).
     @raise ValueError: the admin token file cannot be read or is empty.
@@ -104,7 +108,10 @@ def build_observability(
         return None, metrics
     secret = read_admin_secret(admin_token_file) if admin_token_file else None
     readiness = Readiness(store, reactor, listener_up, supervisor)
-    admin = admin_resources(secret, supervisor, store, reactor, base_url) if secret else None
+    admin = None
+    if secret:
+        policy = backend_policy or BackendPolicy.for_reactor(reactor)
+        admin = admin_resources(secret, supervisor, store, reactor, base_url, backend_policy=policy)
     site = QuietSite(
         build_http_root(metrics, readiness, admin), timeout=HTTP_TIMEOUT, reactor=reactor
     )

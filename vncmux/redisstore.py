@@ -48,6 +48,10 @@ INSTANCE_KEY_PREFIX = "vncmux:instance:"
 REVOKE_CHANNEL = "vncmux:revoke"
 #: websockify format only: single-use claims, since the token's own key is not ours.
 USED_KEY_PREFIX = "vncmux:used:"
+#: websockify format: keys are ``<namespace>:<token>`` (websockify's TokenRedis namespace).
+#: A prefix is required, so a client's token can only name keys written as tokens, never
+#: any other key of the database.
+DEFAULT_WEBSOCKIFY_NAMESPACE = "websockify"
 
 #: Both stay well below autobahn's default openHandshakeTimeout (5 s), which bounds the lookup.
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -211,7 +215,10 @@ class RedisConfig:
     Where the tokens live, parsed from a ``--tokens`` URL: ``redis://[[user]:password@]host
     [:port][/db]``, ``rediss://…`` (TLS) or ``redis+sentinel://[[user]:password@]h1:p1,h2:p2
     /master[/db]``. Query options: ``format=websockify``, ``connect_timeout``,
-    ``reply_timeout`` (seconds), ``ssl_ca_certs`` (rediss: PEM file of trusted CAs) and
+    ``reply_timeout`` (seconds), ``namespace`` (format=websockify: keys are
+    ``NAMESPACE:TOKEN``, default ``websockify``), ``ssl_ca_certs`` (rediss: PEM file of trusted
+    CAs), ``ssl_certfile`` and ``ssl_keyfile`` (rediss: client certificate and its key, for a
+    server with ``tls-auth-clients yes``; the key may be in the certificate file) and
     ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
     """
 
@@ -221,9 +228,12 @@ class RedisConfig:
     password: str | None = field(default=None, repr=False)
     tls: bool = False
     ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
     sentinel_master: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     websockify_format: bool = False
+    namespace: str = DEFAULT_WEBSOCKIFY_NAMESPACE
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     reply_timeout: float = DEFAULT_REPLY_TIMEOUT
 
@@ -283,10 +293,13 @@ class RedisConfig:
             connect_timeout=connect_timeout,
             reply_timeout=reply_timeout,
             ssl_ca_certs=None,
+            ssl_certfile=None,
+            ssl_keyfile=None,
             sentinel_password=None,
+            namespace=None,
         )
-        allowed = {"format", "connect_timeout", "reply_timeout"}
-        allowed |= {"ssl_ca_certs"} if scheme == "rediss" else set()
+        allowed = {"format", "connect_timeout", "reply_timeout", "namespace"}
+        allowed |= {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"} if scheme == "rediss" else set()
         allowed |= {"sentinel_password"} if sentinel else set()
         try:
             pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -300,6 +313,12 @@ class RedisConfig:
             values[name] = value
         if values["format"] not in ("vncmux", "websockify"):
             raise ValueError("format must be 'vncmux' or 'websockify'")
+        namespace = values["namespace"]
+        if namespace is not None and values["format"] != "websockify":
+            raise ValueError("namespace is an option of format=websockify")
+        namespace = _namespace(DEFAULT_WEBSOCKIFY_NAMESPACE if namespace is None else namespace)
+        if values["ssl_keyfile"] and not values["ssl_certfile"]:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
         return cls(
             hosts=hosts,
             db=db,
@@ -307,9 +326,12 @@ class RedisConfig:
             password=password,
             tls=scheme == "rediss",
             ca_certs=values["ssl_ca_certs"],  # type: ignore[arg-type]
+            certfile=values["ssl_certfile"],  # type: ignore[arg-type]
+            keyfile=values["ssl_keyfile"],  # type: ignore[arg-type]
             sentinel_master=unquote(master) if master else None,
             sentinel_password=values["sentinel_password"],  # type: ignore[arg-type]
             websockify_format=values["format"] == "websockify",
+            namespace=namespace,
             connect_timeout=_seconds(
                 "connect_timeout", values["connect_timeout"], DEFAULT_CONNECT_TIMEOUT
             ),
@@ -325,8 +347,24 @@ class RedisConfig:
         hosts = ",".join(format_target(h, p) for h, p in self.hosts)
         path = f"/{quote(self.sentinel_master, safe='')}" if self.sentinel_master else ""
         path += f"/{self.db}"
-        query = "?format=websockify" if self.websockify_format else ""
+        query = ""
+        if self.websockify_format:
+            query = f"?format=websockify&namespace={quote(self.namespace, safe='')}"
         return f"{scheme}://{auth}{hosts}{path}{query}"
+
+    def websockify_key(self, token: str) -> str:
+        """The key websockify's TokenRedis reads for C{token}: ``NAMESPACE:TOKEN``."""
+        return f"{self.namespace}:{token}"
+
+
+def _namespace(text: str) -> str:
+    """A websockify key namespace: required, and apart from vncmux's own keys."""
+    namespace = text.strip().rstrip(":")
+    if not namespace:
+        raise ValueError("namespace must not be empty: without a prefix a token could name any key")
+    if namespace == "vncmux" or namespace.startswith("vncmux:"):
+        raise ValueError("namespace must not be vncmux's own key prefix 'vncmux:'")
+    return namespace
 
 
 def _parse_host(text: str, default_port: int) -> tuple[str, int]:
@@ -362,8 +400,14 @@ def _seconds(name: str, value: object, default: float) -> float:
 
 
 def _tls_options(config: RedisConfig) -> Any:
-    """Verified TLS for ``rediss://``: platform trust, or the CAs in C{ssl_ca_certs}."""
-    from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+    """Verified TLS for ``rediss://``: platform trust, or the CAs in C{ssl_ca_certs}; with
+    C{ssl_certfile} (and C{ssl_keyfile}) a client certificate."""
+    from twisted.internet.ssl import (
+        Certificate,
+        PrivateCertificate,
+        optionsForClientTLS,
+        trustRootFromCertificates,
+    )
 
     trust = None
     if config.ca_certs:
@@ -377,7 +421,24 @@ def _tls_options(config: RedisConfig) -> Any:
         if not blocks:
             raise ValueError(f"ssl_ca_certs {config.ca_certs} holds no PEM certificate")
         trust = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
-    return optionsForClientTLS(config.hosts[0][0], trustRoot=trust)
+    client = None
+    if config.certfile:
+        pem = b""
+        for name, path in (("ssl_certfile", config.certfile), ("ssl_keyfile", config.keyfile)):
+            if path:
+                try:
+                    with open(path, "rb") as f:
+                        pem += f.read() + b"\n"
+                except OSError as e:
+                    raise ValueError(f"{name} {path}: {e.strerror}") from None
+        try:
+            client = PrivateCertificate.loadPEM(pem)
+        except Exception:  # pyOpenSSL raises its own errors; never quote a key
+            raise ValueError(
+                f"ssl_certfile {config.certfile} (with ssl_keyfile) holds no PEM certificate"
+                " and matching unencrypted private key"
+            ) from None
+    return optionsForClientTLS(config.hosts[0][0], trustRoot=trust, clientCertificate=client)
 
 
 def _keep_alive(transport: object) -> None:
@@ -727,11 +788,12 @@ class RedisTokenStore(Service):
     def lookup(self, token: str) -> Deferred[TokenRecord | None]:
         token_hash = hash_token(token)
         if self.config.websockify_format:
+            key = self.config.websockify_key(token)
             return self._run(
                 "lookup",
                 _about(token_hash),
-                lambda pool: pool.get(token),
-                lambda value: _from_websockify_value(token_hash, value),
+                lambda pool: pool.get(key).addErrback(_foreign_type),
+                lambda value: self._websockify_record(token_hash, value),
             )
         return self.lookup_hash(token_hash)
 
@@ -752,6 +814,14 @@ class RedisTokenStore(Service):
                 raise ValueError(f"PING answered {reply!r}")
 
         return self._run("ping", "", lambda pool: pool.ping(), check)
+
+    def evaluate(self, what: str, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        """
+        Run a Lua C{script} with the store's deadline and error handling (for vncmux's own
+        counters that live next to the tokens, e.g. failed attempts); fails with
+        L{TokenStoreUnavailable} as every other call does. C{what} names it in the log.
+        """
+        return self._run(what, "", lambda pool: pool.eval(script, keys, args), lambda r: r)
 
     # ITokenAdmin
 
@@ -920,7 +990,9 @@ class RedisTokenStore(Service):
             why = f"no answer within {self.config.reply_timeout:g} s"
         elif failure.check(defer.CancelledError):
             why = "cancelled: the store is stopping"
-        elif failure.check(BadTarget, ValueError, TypeError, KeyError, UnicodeError):
+        elif failure.check(BadTarget):
+            why = "a malformed token record"  # its message would quote the stored value
+        elif failure.check(ValueError, TypeError, KeyError, UnicodeError):
             why = f"unexpected data ({failure.getErrorMessage()})"
         else:
             why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
@@ -931,6 +1003,33 @@ class RedisTokenStore(Service):
             why=why,
         )
         raise TokenStoreUnavailable(f"Redis {what}: {why}")
+
+    def _websockify_record(self, token_hash: str, value: object) -> TokenRecord | None:
+        """
+        The record in a websockify key, or C{None}: a key of another type or a value that is
+        not a target makes the token invalid (4401), not the store unavailable; anyone may
+        send any token, and a store error would page the operator. The value is never
+        logged (it may hold a password).
+        """
+        if value is None:
+            return None
+        problem = None
+        if value is _FOREIGN_TYPE:
+            problem = "is not a string key"
+        elif not isinstance(value, str):
+            problem = "is not UTF-8 text"
+        else:
+            try:
+                return parse_token_value(token_hash, value)
+            except BadTarget:
+                problem = "is not host:port or a JSON target"
+        self._log.warn(
+            "token store: the websockify key of token {token_id} {problem}: refused as"
+            " an invalid token",
+            token_id=token_id_of(token_hash),
+            problem=problem,
+        )
+        return None
 
     def _ttl(self, expires_at: float | None) -> int:
         if expires_at is None:
@@ -1077,12 +1176,16 @@ def _from_hash_fields(token_hash: str, fields: object) -> TokenRecord | None:
     return TokenRecord.from_fields(token_hash, fields)
 
 
-def _from_websockify_value(token_hash: str, value: object) -> TokenRecord | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise UnicodeError("the token value is not UTF-8 text")
-    return parse_token_value(token_hash, value)
+#: What a GET of a key of another type (a hash, a set...) answers, instead of an error.
+_FOREIGN_TYPE = object()
+
+
+def _foreign_type(failure: Failure) -> object:
+    import txredisapi
+
+    if failure.check(txredisapi.ResponseError) and "WRONGTYPE" in failure.getErrorMessage():
+        return _FOREIGN_TYPE
+    return failure
 
 
 def open_token_store(

@@ -20,6 +20,10 @@ TOKEN_EXPIRED = Refusal(4403, "token expired")
 TOKEN_USED = Refusal(4403, "token already used")
 TOO_MANY_SESSIONS = Refusal(4429, "too many sessions")
 CONSOLE_UNREACHABLE = Refusal(4502, "console unreachable")
+#: A token's target resolves outside ``--allowed-backend`` (or to a link-local address).
+BACKEND_NOT_ALLOWED = Refusal(4403, "backend not allowed")
+#: Too many failed token lookups from this client address (``--max-failed-tokens``).
+TOO_MANY_FAILED = Refusal(4429, "too many failed attempts")
 STORE_UNAVAILABLE = Refusal(4503, "token store unavailable")
 #: Not in DESIGN.md's table: a bug in vncmux, never expected in operation.
 INTERNAL_ERROR = Refusal(1011, "internal error")
@@ -33,6 +37,8 @@ ALL_REFUSALS = (
     TOO_MANY_SESSIONS,
     CONSOLE_UNREACHABLE,
     STORE_UNAVAILABLE,
+    BACKEND_NOT_ALLOWED,
+    TOO_MANY_FAILED,
 )
 
 

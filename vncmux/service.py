@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from vncmux.admission import Gate
@@ -23,6 +24,7 @@ from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
 from vncmux.settings import Settings
 from vncmux.supervisor import Supervisor
+from vncmux.tls import DEFAULT_TLS_MIN_VERSION, ReloadableServerTLS, tls_listener
 from vncmux.websocket import ConsoleFactory
 
 
@@ -51,22 +53,50 @@ class Listener(Service):
     """
     Listens on an endpoint and remembers the port: readiness asks whether it is up, tests ask
     which port ``tcp:0`` got, and a listener that cannot start stops the process.
+
+    An ``ssl:`` endpoint is served with vncmux's TLS (L{vncmux.tls}): at least
+    C{tls_min_version}, modern ciphers, and a certificate that L{reload} re-reads without
+    dropping a connection.
     """
 
     _log = Logger()
 
-    def __init__(self, description: str, factory: ServerFactory, reactor: Any) -> None:
+    def __init__(
+        self,
+        description: str,
+        factory: ServerFactory,
+        reactor: Any,
+        tls_min_version: str = DEFAULT_TLS_MIN_VERSION,
+    ) -> None:
         self.description = description
+        self.tls_min_version = tls_min_version
         self._factory = factory
         self._reactor = reactor
         self.port: IListeningPort | None = None
+        self.tls: ReloadableServerTLS | None = None
         self._listening: Deferred[IListeningPort] | None = None
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self._reactor, self.description)
-        self._listening = endpoint.listen(self._factory)
+        try:
+            tls = tls_listener(self._reactor, self.description, self.tls_min_version)
+        except ValueError as e:
+            self._listening = fail(e)
+        else:
+            if tls is None:
+                endpoint = serverFromString(self._reactor, self.description)
+                self._listening = endpoint.listen(self._factory)
+            else:
+                endpoint, self.tls = tls
+                self._listening = endpoint.listen(
+                    TLSMemoryBIOFactory(self.tls, False, self._factory)
+                )
         self._listening.addCallbacks(self._listened, self._failed)
+
+    def reload(self) -> None:
+        """Re-read what can change under a running listener: the TLS certificate and key."""
+        if self.tls is not None:
+            self.tls.reload()
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port

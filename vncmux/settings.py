@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vncmux.attempts import DEFAULT_MAX_FAILED
 from vncmux.handshake import IPNetwork
 from vncmux.supervisor import Limits
+from vncmux.tls import DEFAULT_TLS_MIN_VERSION
 
 DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
 DEFAULT_TOKENS = "file:etc/tokens"
@@ -26,6 +28,13 @@ class Settings:
     close_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: ``--allowed-backend``: empty means anywhere (link-local addresses still refused).
+    allowed_backends: tuple[IPNetwork, ...] = ()
+    #: ``--max-failed-tokens``: failed token lookups per client address and minute before
+    #: a cooldown (0: no limit).
+    max_failed_tokens: int = DEFAULT_MAX_FAILED
+    #: ``--tls-min-version`` of ``ssl:`` listeners.
+    tls_min_version: str = DEFAULT_TLS_MIN_VERSION
     idle_activity: str = "input"
     drain_timeout: float = 30.0
     limits: Limits = Limits()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import ctypes
 import ctypes.util
 import resource
@@ -12,14 +11,19 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from vncmux.cli import DEFAULT_BASE_URL
+from vncmux.attempts import DEFAULT_MAX_FAILED
+from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
+from vncmux.cli import DEFAULT_BASE_URL, check_base_url
+from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
-from vncmux.handshake import parse_networks
+from vncmux.handshake import parse_networks, parse_origin_pattern
+from vncmux.hangup import ReloadOnHangup
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
 from vncmux.service import ProxyService, build_console
 from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Settings
 from vncmux.supervisor import Limits
+from vncmux.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 
 
 def _bounded(convert: Callable[[str], Any], low: float, zero_ok: bool, doc: str) -> Any:
@@ -41,10 +45,35 @@ _seconds = _bounded(float, 0, True, "Seconds, 0 or more.")
 _count = _bounded(int, 0, True, "A whole number, 0 or more.")
 
 
+def _base_url(value: str) -> str:
+    return check_base_url(value)
+
+
+_base_url.coerceDoc = "An http:// or https:// URL."  # type: ignore[attr-defined]
+
+
+def _tls_version(value: str) -> str:
+    if value not in TLS_VERSIONS:
+        raise ValueError(f"{value!r} is not one of {', '.join(TLS_VERSIONS)}")
+    return value
+
+
 def _activity(value: str) -> str:
     if value not in ("input", "any"):
         raise ValueError(f"{value!r} is neither 'input' nor 'any'")
     return value
+
+
+#: Session limits on by default: an unlimited number of consoles per token (OpenStack's
+#: OSSN-0008) or per client lets one leaked URL or one client exhaust the proxy's file
+#: descriptors and memory. Generous enough for shared NAT addresses and a few viewers of one
+#: console; 10000 sessions is 20000 descriptors, within the systemd unit's LimitNOFILE.
+DEFAULT_MAX_SESSIONS = 10000
+DEFAULT_MAX_SESSIONS_PER_TOKEN = 10
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 100
+
+#: Options given any number of times (space-separated in the config file).
+REPEATABLE = ("allowed-origin", "trusted-proxy", "allowed-backend")
 
 
 class Options(usage.Options):
@@ -116,18 +145,32 @@ class Options(usage.Options):
         [
             "max-sessions",
             None,
-            0,
+            DEFAULT_MAX_SESSIONS,
             "Sessions this process holds at most (4429); 0 unlimited.",
             _count,
         ],
         [
             "max-sessions-per-token",
             None,
-            0,
+            DEFAULT_MAX_SESSIONS_PER_TOKEN,
             "Sessions per token unless its record sets max_sessions; 0 unlimited.",
             _count,
         ],
-        ["max-sessions-per-client", None, 0, "Sessions per client address; 0 unlimited.", _count],
+        [
+            "max-sessions-per-client",
+            None,
+            DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            "Sessions per client address; 0 unlimited.",
+            _count,
+        ],
+        [
+            "max-failed-tokens",
+            None,
+            DEFAULT_MAX_FAILED,
+            "Unknown tokens a client address may send per minute; past that its upgrades get"
+            " 4429 for a minute without a lookup (shared through Redis); 0 unlimited.",
+            _count,
+        ],
         [
             "max-pending",
             None,
@@ -180,6 +223,14 @@ class Options(usage.Options):
             _positive_float,
         ],
         [
+            "tls-min-version",
+            None,
+            DEFAULT_TLS_MIN_VERSION,
+            "Oldest TLS version an ssl: listener accepts: 1.2 or 1.3 (ciphers: ECDHE with"
+            " AES-GCM or ChaCha20; SIGHUP re-reads certKey and privateKey).",
+            _tls_version,
+        ],
+        [
             "admin-token-file",
             None,
             None,
@@ -190,7 +241,8 @@ class Options(usage.Options):
             "base-url",
             None,
             DEFAULT_BASE_URL,
-            "noVNC page that access URLs issued by the admin API point at.",
+            "noVNC page that access URLs issued by the admin API point at (http or https).",
+            _base_url,
         ],
     ]
     optFlags: list[list[str | None]] = [
@@ -201,9 +253,15 @@ class Options(usage.Options):
         super().__init__()
         self["allowed-origin"] = []
         self["trusted-proxy"] = []
+        self["allowed-backend"] = []
 
     def opt_allowed_origin(self, origin: str) -> None:
-        """Also allow this browser Origin (scheme://host[:port], '*' wildcards); repeatable."""
+        """Also allow this browser Origin: scheme://host[:port], the host may start with
+        '*.' (any subdomain); '*' alone allows every Origin. Repeatable."""
+        try:
+            parse_origin_pattern(origin)
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-origin {e}") from None
         self["allowed-origin"].append(origin)
 
     def opt_trusted_proxy(self, cidr: str) -> None:
@@ -214,6 +272,16 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trusted-proxy {cidr}: {e}") from None
         self["trusted-proxy"].append(cidr)
 
+    def opt_allowed_backend(self, cidr: str) -> None:
+        """Tokens may only open VNC servers in this CIDR (names are resolved once, and
+        the checked address is dialled); repeatable; default: anywhere. Link-local
+        addresses (169.254.169.254, cloud metadata) only when listed explicitly."""
+        try:
+            parse_backend_networks([cidr])
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-backend {e}") from None
+        self["allowed-backend"].append(cidr)
+
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Read ``--config`` first, so that the command line overrides the file."""
         args = list(options if options is not None else [])
@@ -223,29 +291,29 @@ class Options(usage.Options):
         path = _find_config(args)
         if path is None:
             return []
-        parser = configparser.ConfigParser()
         try:
-            with open(path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except (OSError, configparser.Error) as e:
-            raise usage.UsageError(f"--config {path}: {e}") from None
-        if not parser.has_section("vncmux"):
-            raise usage.UsageError(f"--config {path}: no [vncmux] section")
+            section = read_config(path)
+        except ConfigFileError as e:
+            raise usage.UsageError(str(e)) from None
         given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
         flags = {flag[0] for flag in getattr(self, "optFlags", [])}
-        known = {p[0] for p in self.optParameters} | {"allowed-origin", "trusted-proxy"} | flags
+        known = {p[0] for p in self.optParameters} | set(REPEATABLE) | flags
         file_args: list[str] = []
-        for name, value in parser.items("vncmux"):
+        for name, value in section.items():
             option = name.replace("_", "-")
             if option not in known or option == "config":
-                raise usage.UsageError(f"--config {path}: unknown option {name!r}")
+                raise usage.UsageError(f"config file {path}: unknown option {name!r}")
             if f"--{option}" in given:
                 continue
             if option in flags:
-                if parser.getboolean("vncmux", name):
+                try:
+                    on = read_flag(path, name, value)
+                except ConfigFileError as e:
+                    raise usage.UsageError(str(e)) from None
+                if on:
                     file_args.append(f"--{option}")
                 continue
-            for item in value.split() if option in ("allowed-origin", "trusted-proxy") else [value]:
+            for item in value.split() if option in REPEATABLE else [value]:
                 file_args.append(f"--{option}={item}")
         return file_args
 
@@ -265,6 +333,9 @@ class Options(usage.Options):
             refusal_timeout=self["refusal-timeout"],
             allowed_origins=tuple(self["allowed-origin"]),
             trusted_proxies=parse_networks(self["trusted-proxy"]),
+            allowed_backends=parse_backend_networks(self["allowed-backend"]),
+            max_failed_tokens=self["max-failed-tokens"],
+            tls_min_version=self["tls-min-version"],
             idle_activity=self["idle-activity"],
             drain_timeout=self["drain-timeout"],
             close_timeout=self["close-timeout"],
@@ -335,6 +406,9 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         )
     except ValueError as e:
         raise usage.UsageError(f"--tokens: {e}") from None
+    backend_policy = BackendPolicy.for_reactor(
+        reactor, settings.allowed_backends, settings.connect_timeout
+    )
     observers = Observers([SessionLog()])
     console = build_console(settings, store, reactor, observers)
     service = ProxyService(settings, console, reactor)
@@ -350,10 +424,17 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
             lambda: service.accepting,
             admin_token_file=config["admin-token-file"],
             base_url=config["base-url"],
+            backend_policy=backend_policy,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     observers.add(metrics)
+    # Until ProxyService passes it to its Listener itself.
+    service.listener.tls_min_version = settings.tls_min_version
+    listeners = [service.listener]
     if metrics_service is not None:
+        metrics_service.tls_min_version = settings.tls_min_version
+        listeners.append(metrics_service)
         service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
+    service.add(ReloadOnHangup(reactor, [listener.reload for listener in listeners]))
     return service

@@ -6,6 +6,7 @@ or its first 12 hex digits (the ``token_id``) in logs, is kept.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import ipaddress
@@ -440,6 +441,7 @@ class FileTokenStore:
         #: How many times a file was opened to be parsed (readable or not): lets tests prove
         #: that unchanged files are not read again.
         self.parse_count = 0
+        self._permission_warnings: set[str] = set()
 
     # ITokenStore
 
@@ -521,7 +523,18 @@ class FileTokenStore:
             UnsupportedOperation("a token file has no instances; use a redis:// token store")
         )
 
+    def permission_problems(self) -> list[str]:
+        """L{loose_permissions} of the file that L{issue} writes (and of its directory)."""
+        return loose_permissions(self._issue_path())
+
     # internals
+
+    def _warn_permissions(self, path: str) -> None:
+        """Log each loose permission of a parsed file or its directory once (per mode)."""
+        for problem in loose_permissions(path):
+            if problem not in self._permission_warnings:
+                self._permission_warnings.add(problem)
+                self._log.warn("{problem}", problem=problem)
 
     def _issue_path(self) -> str:
         if os.path.isdir(self.path):
@@ -540,13 +553,11 @@ class FileTokenStore:
         Hold the store's lock file: an append (issue) landing between the read and the
         replace of a revoke would be lost, and a revoke's replace could bring back a line
         that another revoke just removed. Opened read-only (all C{flock} needs), so a lock
-        file that root created is still usable by the proxy's own user.
+        file that root created is still usable by the proxy's own user; never through a
+        symbolic link (a planted link would make ``sudo vncmux token`` create a file anywhere).
         """
         path = self._lock_path()
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise TokenStoreUnavailable(f"cannot open lock file {path}: {e.strerror}") from None
+        fd = _open_no_follow(path, os.O_RDONLY | os.O_CREAT, 0o644, "lock file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -640,6 +651,7 @@ class FileTokenStore:
                 self._log.warn("token file {path} skipped: {why}", path=path, why=e.strerror)
             self._unreadable[path] = signature
             return None
+        self._warn_permissions(path)
         records: dict[str, TokenRecord] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
@@ -674,13 +686,14 @@ class FileTokenStore:
         Append C{line} to a token file, after a newline if the file does not end with one. A new
         file is created with mode 0600 (tokens are secrets; the umask would make it world
         readable) and given to the owner of its directory, so a file that ``sudo vncmux token
-        add`` creates in the proxy's directory stays readable by the proxy.
+        add`` creates in the proxy's directory stays readable by the proxy. A symbolic link is
+        refused, not followed: run as root, following it would append to any file.
         """
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_APPEND
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            fd = os.open(path, flags)
+            fd = _open_no_follow(path, flags | os.O_CREAT | os.O_EXCL, 0o600, "token file")
+        except FileExistsError:  # O_EXCL: also a symbolic link, which the next open refuses
+            fd = _open_no_follow(path, flags, 0, "token file")
         else:
             _give_to(fd, os.stat(os.path.dirname(path) or "."))
         try:
@@ -694,8 +707,10 @@ class FileTokenStore:
             os.close(fd)
 
     def _remove_lines(self, path: str, token_hash: str) -> bool:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        fd = _open_no_follow(path, os.O_RDONLY, 0, "token file")
+        with open(fd, encoding="utf-8", errors="surrogateescape", newline="") as f:
             lines = f.readlines()
+            st = os.fstat(f.fileno())
         kept = []
         for raw in lines:
             line = raw.strip()
@@ -706,7 +721,6 @@ class FileTokenStore:
         if len(kept) == len(lines):
             return False
         directory = os.path.dirname(os.path.abspath(path))
-        st = os.stat(path)
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".vncmux-tokens-")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
@@ -720,6 +734,48 @@ class FileTokenStore:
             os.unlink(temporary)
             raise
         return True
+
+
+def _open_no_follow(path: str, flags: int, mode: int, what: str) -> int:
+    """
+    C{os.open} that refuses a symbolic link as the last component (C{O_NOFOLLOW}), with an
+    error that says so; other OS errors propagate as they are.
+    """
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise TokenStoreUnavailable(
+                f"{what} {path} is a symbolic link: refused (vncmux writes no file through"
+                " a link; point --tokens at the real file)"
+            ) from None
+        if isinstance(e, FileExistsError):
+            raise
+        raise TokenStoreUnavailable(f"cannot open {what} {path}: {e.strerror}") from None
+
+
+def loose_permissions(path: str) -> list[str]:
+    """
+    Why the token file (or token directory) C{path}, or the directory holding it, lets
+    others than its owner change which consoles tokens open: one sentence per group- or
+    world-writable one. A missing path has no problems.
+    """
+    problems = []
+    for candidate in (path, os.path.dirname(os.path.abspath(path))):
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+        sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        writable = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH))
+                    if st.st_mode & bit]  # fmt: skip
+        if writable and not (candidate != path and sticky):
+            problems.append(
+                f"token {kind} {candidate} is writable by {' and '.join(writable)}"
+                f" (mode {stat.S_IMODE(st.st_mode):04o}): they can add consoles; chmod go-w"
+            )
+    return problems
 
 
 def _give_to(fd: int, owner: os.stat_result) -> None:
