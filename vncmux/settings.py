@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vncmux.handshake import IPNetwork
+from vncmux.novadb import DEFAULT_RECHECK_INTERVAL
 from vncmux.supervisor import Limits
 
 DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
@@ -22,6 +23,8 @@ class Settings:
     metrics: str | None = DEFAULT_METRICS
     connect_timeout: float = 5.0
     store_timeout: float = 2.0
+    #: With nova's database as the token store: seconds between re-checks of live sessions.
+    nova_recheck_interval: float = DEFAULT_RECHECK_INTERVAL
     refusal_timeout: float = 5.0
     close_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()
