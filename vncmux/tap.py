@@ -196,6 +196,8 @@ class Options(usage.Options):
         super().__init__()
         self["allowed-origin"] = []
         self["trusted-proxy"] = []
+        #: Options given on the command line or in --config, which nova.conf does not override.
+        self._given: set[str] = set()
 
     def opt_allowed_origin(self, origin: str) -> None:
         """Also allow this browser Origin (scheme://host[:port], '*' wildcards); repeatable."""
@@ -258,7 +260,7 @@ class Options(usage.Options):
             nova = read_nova_config(path)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--nova-config {path}: {e}") from None
-        given = getattr(self, "_given", set())
+        given = self._given
         if "--tokens" not in given:
             if nova.database_connection is None:
                 raise usage.UsageError(f"--nova-config {path}: [database] connection is not set")
