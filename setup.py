@@ -9,6 +9,8 @@ with open("vncmux/__init__.py", encoding="utf-8") as f:
 with open("README.md", encoding="utf-8") as f:
     README = f.read()
 
+NOVA = ["PyMySQL>=1.2,<2", "psycopg[binary]>=3.3,<4"]
+
 setup(
     name="vncmux",
     version=VERSION,
@@ -26,7 +28,10 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
+        # Nova's token database (--tokens nova:URL): tested with PyMySQL 1.2 and psycopg 3.3.
+        "nova": NOVA,
         "test": [
+            *NOVA,
             "pytest>=8",
             "hypothesis>=6.100",
             "ruff>=0.6",

@@ -50,7 +50,8 @@ def find_redis_server() -> str | None:
     return candidate if os.access(candidate, os.X_OK) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -111,7 +112,7 @@ class RedisServer:
             raise RuntimeError("redis-server is already running")
         attempts = 1 if self.port else 3
         for attempt in range(attempts):
-            port = self.port or _free_port()
+            port = self.port or free_port()
             try:
                 self._start_on(port)
             except _PortTaken:
@@ -213,38 +214,57 @@ class RedisServer:
     def _drain_output(
         self, process: subprocess.Popen[bytes], output: bytes
     ) -> subprocess.Popen[bytes]:
-        """Hand the server's output to a ``cat`` appending to redis.log, and let go of it."""
-        assert process.stdout is not None
-        with open(self.log_path, "ab") as log:
-            log.write(output)
-            log.flush()
-            drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=log)
-        process.stdout.close()
-        return drain
+        return drain_output(process, output, self.log_path)
 
     def _wait_ready(self, process: subprocess.Popen[bytes], notify: socket.socket) -> bytes:
-        """Wait for READY=1 or the ready marker; returns the output read so far."""
-        assert process.stdout is not None
-        output = b""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"redis-server not ready in {READY_TIMEOUT} s:\n{output!r}")
-            readable, _, _ = select.select([notify, process.stdout], [], [], remaining)
-            if notify in readable and b"READY=1" in notify.recv(4096):
+        output = wait_ready(process, notify, self.ready_marker, "redis-server")
+        if output is None:
+            raise _PortTaken()
+        return output
+
+
+def drain_output(
+    process: subprocess.Popen[bytes], output: bytes, log_path: str
+) -> subprocess.Popen[bytes]:
+    """Hand a server's output to a ``cat`` appending to C{log_path}, and let go of it."""
+    assert process.stdout is not None
+    with open(log_path, "ab") as log:
+        log.write(output)
+        log.flush()
+        drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=log)
+    process.stdout.close()
+    return drain
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes], notify: socket.socket, ready_marker: bytes, name: str
+) -> bytes | None:
+    """
+    Wait for READY=1 on C{notify} (systemd's protocol) or C{ready_marker} in the server's
+    output; returns the output read so far, or C{None} when the server exited because its
+    port was taken. Any other early exit, or no readiness within READY_TIMEOUT, raises.
+    """
+    assert process.stdout is not None
+    output = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"{name} not ready in {READY_TIMEOUT} s:\n{output!r}")
+        readable, _, _ = select.select([notify, process.stdout], [], [], remaining)
+        if notify in readable and b"READY=1" in notify.recv(4096):
+            return output
+        if process.stdout in readable:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            output += chunk
+            if ready_marker in output:
                 return output
-            if process.stdout in readable:
-                chunk = os.read(process.stdout.fileno(), 65536)
-                output += chunk
-                if self.ready_marker in output:
-                    return output
-                if not chunk:
-                    process.wait()
-                    if b"Address already in use" in output:
-                        raise _PortTaken()
-                    text = output.decode("utf-8", "replace")[-2000:]
-                    raise RuntimeError(f"redis-server exited at start:\n{text}")
+            if not chunk:
+                process.wait()
+                if b"Address already in use" in output:
+                    return None
+                text = output.decode("utf-8", "replace")[-2000:]
+                raise RuntimeError(f"{name} exited at start:\n{text}")
 
 
 def make_tls_files(directory: str) -> dict[str, str]:

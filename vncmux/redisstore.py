@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
+from vncmux.novadb import DEFAULT_RECHECK_INTERVAL, SOURCE_PREFIX, NovaDatabase, NovaTokenStore
 from vncmux.tokens import (
     BadTarget,
     FileTokenStore,
@@ -1195,11 +1196,13 @@ def open_token_store(
     connect_timeout: float | None = None,
     reply_timeout: float | None = None,
     reactor: Any = None,
-) -> FileTokenStore | RedisTokenStore:
+    nova_recheck_interval: float = DEFAULT_RECHECK_INTERVAL,
+) -> FileTokenStore | RedisTokenStore | NovaTokenStore:
     """
     The token store a ``--tokens`` value names: ``file:PATH`` (relative to the current
-    directory), ``redis://…``, ``rediss://…`` or ``redis+sentinel://…``. A Redis store is an
-    IService: start it (e.g. C{setServiceParent}) before use. C{ValueError} for anything else.
+    directory), ``redis://…``, ``rediss://…``, ``redis+sentinel://…`` or ``nova:URL`` (nova's
+    ``[database] connection`` URL). Redis and nova stores are IServices: start them (e.g.
+    C{setServiceParent}) before use. C{ValueError} for anything else.
     """
     if source.startswith("file:"):
         path = source[len("file:") :]
@@ -1208,6 +1211,14 @@ def open_token_store(
         if not path:
             raise ValueError("file: needs a path, e.g. file:etc/tokens")
         return FileTokenStore(path, clock)
+    if source.startswith(SOURCE_PREFIX):
+        return NovaTokenStore(
+            NovaDatabase.from_url(source[len(SOURCE_PREFIX) :]),
+            clock,
+            reactor=reactor,
+            reply_timeout=reply_timeout or DEFAULT_REPLY_TIMEOUT,
+            recheck_interval=nova_recheck_interval,
+        )
     scheme = source.partition("://")[0].lower() if "://" in source else ""
     if scheme in SCHEMES or scheme in SENTINEL_TLS_SCHEMES:
         config = RedisConfig.from_url(
@@ -1217,7 +1228,7 @@ def open_token_store(
     shown = f"{scheme}://…" if scheme else "this value"
     raise ValueError(
         f"unknown token source ({shown}): use file:PATH, redis://[:password@]host:port/db,"
-        " rediss://… or redis+sentinel://h1:p1,h2:p2/master"
+        " rediss://…, redis+sentinel://h1:p1,h2:p2/master or nova:DATABASE_URL"
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from vncmux.attempts import DEFAULT_MAX_FAILED
 from vncmux.handshake import IPNetwork
+from vncmux.novadb import DEFAULT_RECHECK_INTERVAL
 from vncmux.supervisor import Limits
 from vncmux.tls import DEFAULT_TLS_MIN_VERSION
 
@@ -24,6 +25,8 @@ class Settings:
     metrics: str | None = DEFAULT_METRICS
     connect_timeout: float = 5.0
     store_timeout: float = 2.0
+    #: With nova's database as the token store: seconds between re-checks of live sessions.
+    nova_recheck_interval: float = DEFAULT_RECHECK_INTERVAL
     refusal_timeout: float = 5.0
     close_timeout: float = 10.0
     allowed_origins: tuple[str, ...] = ()

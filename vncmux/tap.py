@@ -18,6 +18,8 @@ from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
 from vncmux.handshake import parse_networks, parse_origin_pattern
 from vncmux.hangup import ReloadOnHangup
+from vncmux.novaconf import log_not_applied, read_nova_config
+from vncmux.novadb import DEFAULT_RECHECK_INTERVAL, SOURCE_PREFIX
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
 from vncmux.service import ProxyService, build_console
@@ -96,7 +98,22 @@ class Options(usage.Options):
             DEFAULT_TOKENS,
             "Token store: file:PATH, redis://[:pw@]host:port/db, "
             "rediss://..., redis+sentinel://h1:p1,h2:p2/master (add ?format=websockify to read "
-            "websockify's raw-token keys).",
+            "websockify's raw-token keys), or nova:URL with URL nova's [database] connection.",
+        ],
+        [
+            "nova-config",
+            None,
+            None,
+            "nova.conf to take the token database ([database] connection), the listener "
+            "([vnc] novncproxy_host/port, unless --listen) and [console] allowed_origins from.",
+        ],
+        [
+            "nova-recheck-interval",
+            None,
+            DEFAULT_RECHECK_INTERVAL,
+            "With nova's database: seconds between checks that live sessions' token rows "
+            "still exist (a deleted instance's consoles close with 4002).",
+            _positive_float,
         ],
         ["web", None, None, "Serve the noVNC files in this directory on the listener."],
         [
@@ -254,6 +271,8 @@ class Options(usage.Options):
         self["allowed-origin"] = []
         self["trusted-proxy"] = []
         self["allowed-backend"] = []
+        #: Options given on the command line or in --config, which nova.conf does not override.
+        self._given: set[str] = set()
 
     def opt_allowed_origin(self, origin: str) -> None:
         """Also allow this browser Origin: scheme://host[:port], the host may start with
@@ -285,7 +304,9 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Read ``--config`` first, so that the command line overrides the file."""
         args = list(options if options is not None else [])
-        super().parseOptions(self._config_file_args(args) + args)
+        combined = self._config_file_args(args) + args
+        self._given = {arg.split("=", 1)[0] for arg in combined if arg.startswith("--")}
+        super().parseOptions(combined)
 
     def _config_file_args(self, args: list[str]) -> list[str]:
         path = _find_config(args)
@@ -320,6 +341,28 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["metrics"] in ("none", ""):
             self["metrics"] = None
+        if self["nova-config"]:
+            self._apply_nova_config(self["nova-config"])
+
+    def _apply_nova_config(self, path: str) -> None:
+        """nova.conf fills in what the command line and --config leave unset."""
+        try:
+            nova = read_nova_config(path)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--nova-config {path}: {e}") from None
+        given = self._given
+        if "--tokens" not in given:
+            if nova.database_connection is None:
+                raise usage.UsageError(f"--nova-config {path}: [database] connection is not set")
+            self["tokens"] = SOURCE_PREFIX + nova.database_connection
+        if "--listen" not in given:
+            self["listen"] = nova.listen_endpoint()
+        if "--web" not in given and nova.web:
+            self["web"] = nova.web
+        if nova.enforce_session_timeout:
+            self["enforce-expiry"] = 1
+        self["allowed-origin"].extend(nova.origin_patterns())
+        log_not_applied(nova)
 
     def settings(self) -> Settings:
         """The frozen settings every session shares."""
@@ -330,6 +373,7 @@ class Options(usage.Options):
             metrics=self["metrics"],
             connect_timeout=self["connect-timeout"],
             store_timeout=self["store-timeout"],
+            nova_recheck_interval=self["nova-recheck-interval"],
             refusal_timeout=self["refusal-timeout"],
             allowed_origins=tuple(self["allowed-origin"]),
             trusted_proxies=parse_networks(self["trusted-proxy"]),
@@ -402,7 +446,11 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
     settings = config.settings()
     try:
         store = open_token_store(
-            settings.tokens, reactor, reply_timeout=settings.store_timeout, reactor=reactor
+            settings.tokens,
+            reactor,
+            reply_timeout=settings.store_timeout,
+            reactor=reactor,
+            nova_recheck_interval=settings.nova_recheck_interval,
         )
     except ValueError as e:
         raise usage.UsageError(f"--tokens: {e}") from None
