@@ -36,6 +36,8 @@ class OriginTests(SynchronousTestCase):
             ("https://a.example.com:8443", "https://*.example.com"),
             ("https://a.example.com/x", "https://*.example.com"),
             ("null", "https://*.example.com"),
+            ("https://console.example.org.evil.com:6081", "https://console.example.org:*"),
+            ("http://console.example.org:6081", "https://console.example.org:*"),
         ]:
             with self.subTest(origin=origin, pattern=pattern):
                 self.assertFalse(self.allowed(origin, pattern))
@@ -51,6 +53,8 @@ class OriginTests(SynchronousTestCase):
             ("https://A.B.Example.COM:443", "https://*.example.com"),
             ("http://[::1]:8080", "http://[::1]:8080"),
             ("https://anything.test", "*"),
+            ("https://console.example.org:6081", "https://console.example.org:*"),
+            ("https://console.example.org", "https://console.example.org:*"),
         ]:
             with self.subTest(origin=origin, pattern=pattern):
                 self.assertTrue(self.allowed(origin, pattern))
@@ -68,6 +72,7 @@ class OriginTests(SynchronousTestCase):
             "https://console.example.org/",
             "https://user@console.example.org",
             "https://console.example.org:99999",
+            "https://console.example.org:8*",
         ]:
             with self.subTest(pattern=pattern):
                 self.assertRaises(ValueError, parse_origin_pattern, pattern)

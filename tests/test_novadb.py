@@ -320,7 +320,7 @@ class NovaConfigTests(SynchronousTestCase):
         self.assertEqual(options["web"], "/usr/share/novnc")
         self.assertTrue(options["enforce-expiry"])
         self.assertEqual(options["allowed-origin"][0], "https://a.example")
-        self.assertIn("https://console.example.com:[0-9]*", options["allowed-origin"])
+        self.assertIn("https://console.example.com:*", options["allowed-origin"])
         self.assertTrue(options.settings().limits.enforce_expiry)
         lines = _log_lines(logged)
         self.assertTrue(any("auth_schemes" in line for line in lines), lines)

@@ -191,8 +191,9 @@ class OriginPattern:
     """
     One ``--allowed-origin``: an exact origin, or with C{subdomains} any host that ends in
     ``.<host>`` (``https://*.example.com``: one or more labels in front of ``example.com``,
-    never ``example.com`` itself, never ``evilexample.com``). Scheme and port always match
-    exactly; C{any_origin} (the pattern ``*``) turns the check off.
+    never ``example.com`` itself, never ``evilexample.com``). The scheme always matches
+    exactly, the port too unless C{any_port} (``https://example.com:*``, nova's
+    ``allowed_origins`` semantics); C{any_origin} (the pattern ``*``) turns the check off.
     """
 
     scheme: str
@@ -200,12 +201,13 @@ class OriginPattern:
     port: int
     subdomains: bool = False
     any_origin: bool = False
+    any_port: bool = False
 
     def matches(self, origin: Origin) -> bool:
         """Whether C{origin} is one this pattern allows."""
         if self.any_origin:
             return True
-        if (origin.scheme, origin.port) != (self.scheme, self.port):
+        if origin.scheme != self.scheme or not (self.any_port or origin.port == self.port):
             return False
         if self.subdomains:
             return origin.host.endswith("." + self.host)
@@ -216,12 +218,16 @@ class OriginPattern:
 def parse_origin_pattern(text: str) -> OriginPattern:
     """
     Parse ``--allowed-origin``: ``scheme://host[:port]`` (http or https; the scheme's default
-    port when none is given), where the host may start with ``*.`` as a whole label, or ``*``
-    alone for any origin. C{ValueError} says what is wrong; no other wildcard is taken.
+    port when none is given; ``:*`` for any port), where the host may start with ``*.`` as a
+    whole label, or ``*`` alone for any origin. C{ValueError} says what is wrong; no other
+    wildcard is taken.
     """
     text = text.strip()
     if text == "*":
         return OriginPattern("*", "*", 0, any_origin=True)
+    any_port = text.endswith(":*")
+    if any_port:
+        text = text[:-2]
     scheme, sep, rest = text.partition("://")
     subdomains = rest.startswith("*.")
     if subdomains:
@@ -236,4 +242,6 @@ def parse_origin_pattern(text: str) -> OriginPattern:
         raise ValueError(f"{text!r} is not http(s)://host[:port] (no path, no credentials)")
     if subdomains and ":" in origin.host:
         raise ValueError(f"{text!r}: '*.' goes in front of a host name, not an address")
-    return OriginPattern(origin.scheme, origin.host, origin.port, subdomains=subdomains)
+    return OriginPattern(
+        origin.scheme, origin.host, origin.port, subdomains=subdomains, any_port=any_port
+    )
