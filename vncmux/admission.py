@@ -12,9 +12,18 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from vncmux.attempts import IFailedAttempts
 from vncmux.backend import BackendDialer, BackendProtocol
+from vncmux.backendpolicy import BackendPolicy
 from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ITokenStore
-from vncmux.refusals import INVALID_TOKEN, STORE_UNAVAILABLE, TOKEN_EXPIRED, TOKEN_USED, Refused
+from vncmux.refusals import (
+    INVALID_TOKEN,
+    STORE_UNAVAILABLE,
+    TOKEN_EXPIRED,
+    TOKEN_USED,
+    TOO_MANY_FAILED,
+    Refused,
+)
 from vncmux.supervisor import Reservation, Supervisor
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
 
@@ -30,7 +39,10 @@ class Admission:
 
 
 class Gate:
-    """Looks a token up (bounded by a timeout), checks it, then dials its VNC server."""
+    """
+    Looks a token up (bounded by a timeout) unless its client failed too often, checks the
+    record and its target, then dials its VNC server.
+    """
 
     def __init__(
         self,
@@ -40,8 +52,12 @@ class Gate:
         clock: IReactorTime,
         observer: ISessionObserver,
         store_timeout: float,
+        policy: BackendPolicy,
+        attempts: IFailedAttempts,
     ) -> None:
         self._store = store
+        self._policy = policy
+        self._attempts = attempts
         self._claims = ISessionBackchannel(store, None)
         self._dialer = dialer
         self._supervisor = supervisor
@@ -54,13 +70,27 @@ class Gate:
         Fire with an L{Admission}, or fail with L{Refused}. A failed or cancelled admission
         has given its reservation back and closed its dial; cancelling abandons the lookup.
         """
+        checking = self._attempts.blocked(client_address)
+        checking.addCallback(self._look_up, token, client_address)
+        return checking
+
+    def _look_up(self, blocked: bool, token: str, client_address: str) -> Deferred[Admission]:
+        if blocked:
+            raise Refused(TOO_MANY_FAILED, f"client {client_address} failed too many tokens")
         started = self._clock.seconds()
         looking = self._store.lookup(token)
         looking.addTimeout(self.store_timeout, self._clock)
         looking.addCallbacks(self._check_record, self._store_failed)
         looking.addBoth(self._timed, "token_lookup", started)
+        looking.addErrback(self._count_failure, client_address)
         looking.addCallback(self._reserve_and_dial, client_address)
         return looking
+
+    def _count_failure(self, failure: Failure, client_address: str) -> Failure:
+        """An unknown token counts against its client (expired ones were real tokens)."""
+        if failure.check(Refused) and failure.value.refusal is INVALID_TOKEN:  # type: ignore[union-attr]
+            self._attempts.failed(client_address)
+        return failure
 
     def _timed(self, result: object, stage: str, started: float) -> object:
         if not isinstance(result, Failure) or result.check(Refused):
@@ -82,21 +112,28 @@ class Gate:
         return failure
 
     def _reserve_and_dial(self, record: TokenRecord, client_address: str) -> Deferred[Admission]:
-        try:
-            reservation = self._supervisor.reserve(record, client_address)
-        except Refused as e:
-            e.token_id = record.token_id
-            raise
+        """Resolve and check the target (once: the address checked is the one dialled),
+        then take a place under the limits and dial."""
+        checking = self._policy.address_for(record.host, record.port)
+        checking.addCallback(self._dial, record, client_address)
+
+        def named(failure: Failure) -> Failure:
+            if failure.check(Refused):
+                failure.value.token_id = record.token_id  # type: ignore[union-attr]
+            return failure
+
+        return checking.addErrback(named)
+
+    def _dial(self, address: str, record: TokenRecord, client_address: str) -> Deferred[Admission]:
+        reservation = self._supervisor.reserve(record, client_address)
         started = self._clock.seconds()
-        dialing = self._dialer.dial(record.host, record.port)
+        dialing = self._dialer.dial(address, record.port)
         dialing.addBoth(self._timed, "backend_connect", started)
         if record.single_use:
             dialing.addCallback(self._claim, record)
 
         def give_back(failure: Failure) -> Failure:
             reservation.release()
-            if failure.check(Refused):
-                failure.value.token_id = record.token_id  # type: ignore[union-attr]
             return failure
 
         dialing.addErrback(give_back)

@@ -65,8 +65,12 @@ class BackendPolicy:
         timeout: float = DEFAULT_RESOLVE_TIMEOUT,
     ) -> BackendPolicy:
         """The policy with the reactor's own name resolver (C{reactor.nameResolver})."""
-        resolver = reactor.nameResolver  # type: ignore[attr-defined]
-        return cls(allowed, resolve=system_resolver(resolver), clock=reactor, timeout=timeout)
+
+        def resolve(host: str) -> Deferred[Sequence[str]]:
+            # The resolver the reactor has now: one installed after start is used too.
+            return system_resolver(reactor.nameResolver)(host)  # type: ignore[attr-defined]
+
+        return cls(allowed, resolve=resolve, clock=reactor, timeout=timeout)
 
     def address_for(self, host: str, port: int) -> Deferred[str]:
         """

@@ -19,7 +19,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from vncmux.admission import Gate
+from vncmux.attempts import attempts_for
 from vncmux.backend import BackendDialer
+from vncmux.backendpolicy import BackendPolicy
 from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
 from vncmux.settings import Settings
@@ -36,6 +38,7 @@ class Console:
     supervisor: Supervisor
     gate: Gate
     observers: Observers
+    backend_policy: BackendPolicy
 
 
 def build_console(
@@ -44,9 +47,13 @@ def build_console(
     """Wire supervisor, dialer, gate and WebSocket factory around one token store."""
     supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
     dialer = BackendDialer(reactor, reactor, settings.connect_timeout, supervisor.connections)
-    gate = Gate(store, dialer, supervisor, reactor, observers, settings.store_timeout)
+    policy = BackendPolicy.for_reactor(reactor, settings.allowed_backends, settings.connect_timeout)
+    attempts = attempts_for(store, reactor, settings.max_failed_tokens)
+    gate = Gate(
+        store, dialer, supervisor, reactor, observers, settings.store_timeout, policy, attempts
+    )
     factory = ConsoleFactory(settings, gate, supervisor, observers, reactor, reactor=reactor)
-    return Console(factory, supervisor, gate, observers)
+    return Console(factory, supervisor, gate, observers, policy)
 
 
 class Listener(Service):

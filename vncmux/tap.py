@@ -12,7 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from vncmux.attempts import DEFAULT_MAX_FAILED
-from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
+from vncmux.backendpolicy import parse_backend_networks
 from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
@@ -454,9 +454,6 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         )
     except ValueError as e:
         raise usage.UsageError(f"--tokens: {e}") from None
-    backend_policy = BackendPolicy.for_reactor(
-        reactor, settings.allowed_backends, settings.connect_timeout
-    )
     observers = Observers([SessionLog()])
     console = build_console(settings, store, reactor, observers)
     service = ProxyService(settings, console, reactor)
@@ -472,7 +469,7 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
             lambda: service.accepting,
             admin_token_file=config["admin-token-file"],
             base_url=config["base-url"],
-            backend_policy=backend_policy,
+            backend_policy=console.backend_policy,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None

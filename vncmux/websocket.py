@@ -213,10 +213,11 @@ class ConsoleProtocol(WebSocketServerProtocol):
         address = client_address(peer, request.headers, settings.trusted_proxies)
         try:
             subprotocol = choose_subprotocol(request.protocols)
-        except UnsupportedSubprotocol as e:
+        except UnsupportedSubprotocol:
             # A browser drops an upgrade that answers none of its subprotocols, so the
-            # RFB-level refusal could never be shown: refuse with HTTP 400 instead.
-            raise ConnectionDeny(400, f"unsupported subprotocols: {e}") from None
+            # RFB-level refusal could never be shown: refuse with HTTP 400 instead. What the
+            # client offered is not repeated: it is the client's text, not the log's.
+            raise ConnectionDeny(400, "unsupported subprotocol (vncmux speaks binary)") from None
         if not conn.slot.move_to(address):
             refused = Refused(
                 TOO_MANY_SESSIONS, f"client {address} is over its pending connection limit"
