@@ -51,7 +51,7 @@ from vncmux.tokens import MemoryTokenStore, TokenRecord, TokenStoreUnavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: DESIGN.md section 6, written out independently of the code: name -> (type, label names).
+#: docs/metrics.md, written out independently of the code: name -> (type, label names).
 CONTRACT = {
     "vncmux_sessions_active": ("gauge", set()),
     "vncmux_sessions_opened": ("counter", set()),
@@ -64,7 +64,7 @@ CONTRACT = {
     "vncmux_failed_token_blocks": ("counter", set()),
     "vncmux_backpressure_pauses": ("counter", {"direction"}),
 }
-DESIGN_CLOSE_REASONS = {
+DOCUMENTED_CLOSE_REASONS = {
     "client", "backend", "idle", "lifetime", "expired", "revoked", "shutdown", "error",
 }  # fmt: skip
 
@@ -93,7 +93,7 @@ class _Setup:
 
 
 class MetricsTests(SynchronousTestCase):
-    """The collector reads plain integers and exposes exactly DESIGN.md section 6."""
+    """The collector reads plain integers and exposes exactly the metrics of docs/metrics.md."""
 
     def setUp(self) -> None:
         self.s = _Setup()
@@ -122,7 +122,7 @@ class MetricsTests(SynchronousTestCase):
             self.assertEqual(
                 self.s.value("vncmux_sessions_rejected_total", reason=refusal.reason), 0
             )
-        self.assertEqual(set(CLOSE_REASONS), DESIGN_CLOSE_REASONS)
+        self.assertEqual(set(CLOSE_REASONS), DOCUMENTED_CLOSE_REASONS)
         for reason in CLOSE_REASONS:
             self.assertEqual(self.s.value("vncmux_sessions_closed_total", reason=reason), 0)
         for direction in (CLIENT_TO_BACKEND, BACKEND_TO_CLIENT):
@@ -171,7 +171,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.s.value("vncmux_session_duration_seconds_bucket", le="+Inf"), 1)
 
     def test_rejections_by_reason(self) -> None:
-        """Refusals count under their DESIGN.md reason; a store refusal is also a token
+        """Refusals count under their reason of docs/protocol.md; a store refusal is also a token
         store error."""
         m = self.s.metrics
         m.session_rejected("a", "192.0.2.1", INVALID_TOKEN, "unknown token", None)
@@ -487,7 +487,7 @@ class JsonLogTests(SynchronousTestCase):
 
 def exposed_metrics() -> dict[str, str]:
     """Every vncmux metric name as exposed (counters with ``_total``) and its type, from the
-    collector's own describe(): the one place where the names of DESIGN.md section 6 are
+    collector's own describe(): the one place where the names of docs/metrics.md are
     written in the code."""
     s = _Setup()
     return {

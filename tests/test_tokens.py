@@ -955,7 +955,7 @@ class RedisConfigTests(SynchronousTestCase):
 
 
 class RedisTokenStoreTests(RedisStoreMixin, TestCase):
-    """DESIGN.md section 4 on a real redis-server."""
+    """The Redis layout (docs/running.md) on a real redis-server."""
 
     def setUp(self) -> None:
         self.server = self.start_server()

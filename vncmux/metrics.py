@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN.md section 6, from a private registry, rendered on the reactor.
+"""Prometheus metrics (docs/metrics.md), from a private registry, rendered on the reactor.
 
 Nothing here runs per packet. Sessions count their bytes in plain integers
 (L{vncmux.relay.Session}); the relay counts pauses in L{vncmux.relay.RelayStats}; session events
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from vncmux.relay import RelayStats, Session
 
 DIRECTIONS = (CLIENT_TO_BACKEND, BACKEND_TO_CLIENT)
-#: Values of the ``reason`` label of ``vncmux_sessions_rejected_total``: DESIGN.md section 3.
+#: Values of the ``reason`` label of ``vncmux_sessions_rejected_total``: the refusal reasons
+#: of docs/protocol.md.
 REJECT_REASONS = tuple(dict.fromkeys(r.reason for r in (*ALL_REFUSALS, INTERNAL_ERROR)))
 #: Values of the ``reason`` label of ``vncmux_sessions_closed_total``.
 CLOSE_REASONS = tuple(

@@ -1,5 +1,6 @@
 """
-The Redis token store (DESIGN.md section 4), and L{open_token_store} for ``--tokens``.
+The Redis token store (docs/running.md, "The Redis layout"), and L{open_token_store} for
+``--tokens``.
 
 txredisapi imports and uses the global reactor; it is imported lazily and stays inside
 L{RedisTokenStore}, so importing this module installs no reactor. Every call is bounded by
@@ -650,7 +651,7 @@ class _SentinelMasterEndpoint:
 @implementer(ITokenStore, ITokenAdmin, ISessionBackchannel)
 class RedisTokenStore(Service):
     """
-    Token records in Redis, shared by every proxy instance (DESIGN.md section 4).
+    Token records in Redis, shared by every proxy instance (docs/running.md, "The Redis layout").
 
     A service: C{startService} opens one txredisapi lazy connection pool (it reconnects by
     itself, with backoff, also after a refused password), C{stopService} closes it and the

@@ -1,4 +1,4 @@
-"""The refusal and close codes of DESIGN.md section 3, in one place."""
+"""The refusal and close codes of docs/protocol.md, in one place."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ BACKEND_NOT_ALLOWED = Refusal(4403, "backend not allowed")
 #: Too many failed token lookups from this client address (``--max-failed-tokens``).
 TOO_MANY_FAILED = Refusal(4429, "too many failed attempts")
 STORE_UNAVAILABLE = Refusal(4503, "token store unavailable")
-#: Not in DESIGN.md's table: a bug in vncmux, never expected in operation.
+#: A bug in vncmux, never expected in operation.
 INTERNAL_ERROR = Refusal(1011, "internal error")
 
 ALL_REFUSALS = (

@@ -1,7 +1,8 @@
 """
 Sans-IO pieces of the RFB (VNC) protocol that vncmux needs; no I/O, no clocks.
 
-vncmux relays RFB without understanding it, with two exceptions (DESIGN.md sections 3 and 5):
+vncmux relays RFB without understanding it, with two exceptions
+(docs/protocol.md, docs/sessions.md):
 
 - ``RefusingServer`` answers a refused console as a VNC server that refuses the connection,
   because an RFB security failure is the only refusal noVNC shows its user.

@@ -177,7 +177,8 @@ class TokenRecord:
         return self.expires_at is not None and now >= self.expires_at
 
     def to_fields(self) -> dict[str, str]:
-        """The Redis HASH fields of DESIGN.md section 4 (unset optional fields left out)."""
+        """The Redis HASH fields of a token record, unset optional fields left out
+        (docs/running.md, "The Redis layout")."""
         fields = {
             "host": self.host,
             "port": str(self.port),

@@ -244,7 +244,7 @@ class Proxy:
 
     @property
     def follows_refusal_contract(self) -> bool:
-        """Whether the proxy refuses as DESIGN.md section 3 says (vncmux does, websockify
+        """Whether the proxy refuses as docs/protocol.md says (vncmux does, websockify
         closes without a reason)."""
         return self.kind == "vncmux"
 

@@ -122,7 +122,7 @@ def test_refused_console_says_why_and_proxy_goes_on(
 ) -> None:
     """For an unknown token and for a backend where nothing listens, noVNC's vnc.html shows
     "New connection has been rejected with reason: <reason>", the WebSocket (which did open)
-    closes with the code of DESIGN.md section 3, and the next good session still works."""
+    closes with the code of docs/protocol.md, and the next good session still works."""
     if not proxy.follows_refusal_contract:
         request.applymarker(
             pytest.mark.xfail(

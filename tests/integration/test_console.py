@@ -147,7 +147,8 @@ class Rejections:
 
 
 class RefusalTests(TestCase):
-    """Refused consoles answer as a refusing VNC server, then close with DESIGN.md's code."""
+    """Refused consoles answer as a refusing VNC server, then close with their code
+    (docs/protocol.md)."""
 
     async def _refused(
         self,
