@@ -160,7 +160,11 @@ async def listen_proxy(
 
 
 def assert_nothing_held(test: TestCase, supervisor: Supervisor) -> None:
-    """After the proxy stopped: no session, reservation, pending slot or socket is left."""
+    """
+    After the proxy stopped: no session, reservation, pending slot or socket is left. (A
+    DelayedCall or socket left in the reactor fails the test too: trial's own dirty-reactor
+    check, which runs after every cleanup.)
+    """
     held = {
         "sessions": len(supervisor.sessions),
         "reserved": supervisor.reserved,
