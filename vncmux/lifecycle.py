@@ -139,6 +139,9 @@ class Connection:
         self.refuser: RefusingServer | None = None
         self.session: Session | None = None
         self.timer: IDelayedCall | None = None
+        #: Set after a bug: the machine's state can no longer be trusted, later events are
+        #: ignored (everything was given back and both sides were cut).
+        self.abandoned = False
         self.machine: ConnectionInputs = Lifecycle(self)
         self.start_timer(factory.settings.handshake_timeout)
 
@@ -147,6 +150,8 @@ class Connection:
         Feed one event to the machine. A bug in a transition is logged with the session id,
         and the connection is cut with everything it holds given back, never left half open.
         """
+        if self.abandoned:
+            return
         try:
             event(self.machine)
         except Exception:
@@ -282,6 +287,7 @@ class Connection:
 
     def abandon(self) -> None:
         """After a bug: give back everything this connection holds and cut both sides."""
+        self.abandoned = True
         self.cancel_timer()
         self.cancel_admission()
         self.slot.release()
