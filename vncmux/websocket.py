@@ -47,7 +47,7 @@ from vncmux.refusals import (
     Refused,
 )
 from vncmux.relay import RelayStats, send_now, set_interactive
-from vncmux.web import StaticFiles, http_response
+from vncmux.web import WebChannel, WebSite, http_response
 
 if TYPE_CHECKING:
     from vncmux.admission import Gate
@@ -125,6 +125,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
     _ping_payload: bytes | None = None
     _pongs = float(PONG_BURST)
     _pongs_at = 0.0
+    _web: WebChannel | None = None
 
     @property
     def session_id(self) -> str:
@@ -161,6 +162,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self.connection = Connection(session_id, self, factory, slot, peer)
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        if self._web is not None:
+            self._web.connectionLost(reason)
         super().connectionLost(reason)
         self._cancel_stall()
         self._fire(lambda machine: machine.client_lost())
@@ -174,6 +177,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         reader = self._reader
         if reader is not None:
             reader.feed(data)
+        elif self._web is not None:
+            self._web.dataReceived(data)
         elif self._answer is not None:
             self._fire(lambda machine: machine.early_data())
         elif self.connection is not None:
@@ -189,16 +194,25 @@ class ConsoleProtocol(WebSocketServerProtocol):
                 self.failHandshake("request header too large", 431)
             return
         if _UPGRADE_HEADER.search(self.data, 0, end + 2) is None:
-            request_line = self.data[: self.data.find(b"\r\n")].decode("latin-1").split()
-            method, target = (request_line + ["", ""])[:2]
-            self.sendData(self.factory.web.respond(method, target or "/"))
-            self.wasClean = True  # a plain HTTP answer, not a failed WebSocket
-            self.dropConnection(abort=False)
+            self._hand_over_to_web()
             return
         if len(self.data) > end + 4:
             self.failHandshake("data before the upgrade was answered")
             return
         super().processHandshake()
+
+    def _hand_over_to_web(self) -> None:
+        """
+        Plain HTTP is no console: the connection leaves the lifecycle (its pending slot goes
+        back) and twisted.web's channel gets it, with the bytes read so far. It still counts
+        as open for the drain until it closes (at the latest at its deadline).
+        """
+        self._fire(lambda machine: machine.handed_over())
+        data, self.data = self.data, b""
+        self.wasClean = True  # plain HTTP, not a failed WebSocket
+        channel = self._web = self.factory.web.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
+        channel.makeConnection(self.transport)
+        channel.dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None] | str | None:
         conn = self.connection
@@ -400,7 +414,7 @@ class ConsoleFactory(WebSocketServerFactory):
         self.observer = observer
         self.clock = clock
         self.stats = RelayStats()
-        self.web = StaticFiles(settings.web)
+        self.web = WebSite(settings.web, clock, settings.web_timeout, settings.trusted_proxies)
         self.noisy = False
         self.setProtocolOptions(
             webStatus=False,
