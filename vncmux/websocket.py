@@ -106,6 +106,11 @@ def valid_close(code: int | None, reason: bytes | None) -> Ending | None:
     return None
 
 
+def _peer_host(transport: object) -> str:
+    """The peer's IP address as the transport names it now ("" for a non-IP peer)."""
+    return str(getattr(transport.getPeer(), "host", ""))  # type: ignore[attr-defined]
+
+
 def _discard(data: bytes) -> None:
     """Where client payload goes when no session or refusal wants it."""
 
@@ -141,7 +146,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
         set_interactive(self.transport)
         super().connectionMade()
         session_id = os.urandom(6).hex()
-        peer = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        peer = _peer_host(self.transport)
         trusted = is_trusted(peer, factory.settings.trusted_proxies)
         slot = factory.supervisor.pending.take(peer, limit_client=not trusted)
         if slot is None:
@@ -222,7 +227,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
         # permessage-deflate offer after the token was already admitted.
         self.websocket_extensions = []
         settings = self.factory.settings
-        peer = conn.client_address
+        # Read again: behind a PROXY-protocol listener the peer is known only once the
+        # PROXY header has arrived, after connectionMade (it is the proxy's address there).
+        peer = _peer_host(self.transport)
         trusted = is_trusted(peer, settings.trusted_proxies)
         address = client_address(peer, request.headers, settings.trusted_proxies)
         try:
