@@ -15,7 +15,17 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from tests.support import Response, async_test, listen_proxy, parse_response, raw_request
+from tests.support import (
+    GREETING,
+    Response,
+    async_test,
+    connect_client,
+    listen_fake_vnc,
+    listen_proxy,
+    parse_response,
+    raw_request,
+)
+from vncmux.handshake import parse_networks
 from vncmux.tokens import MemoryTokenStore
 
 PAGE = b"<html>noVNC</html>"
@@ -244,3 +254,71 @@ class SlowReaderTests(TestCase):
         self.assertLess(held, deadline + 2.0)
         self.assertTrue(all(0 < reader.received < 10 for reader in readers))
         self.assertTrue(all(reader.was_cut() for reader in readers))
+
+
+class TokenCookieTests(TestCase):
+    """Issue 10: a page opened with ?token= (nova's classic URL) hands the token to noVNC 1.3's
+    WebSocket, which does not carry it, as a short-lived cookie."""
+
+    async def _cookie(self, target: str, *headers: str, **settings: object) -> str | None:
+        proxy = await listen_proxy(self, MemoryTokenStore(), web=_web_root(self), **settings)
+        answer = await _get(proxy.port, target, *headers)
+        self.assertEqual(answer.status, 200, target)
+        return answer.headers.get("set-cookie")
+
+    @async_test
+    async def test_page_with_token_sets_the_cookie(self) -> None:
+        """The cookie is HttpOnly, SameSite=Strict, lives 60 s and is sent only to noVNC's
+        WebSocket path (``websockify``, or the page's own ``path``); not Secure on plain
+        HTTP."""
+        cookie = await self._cookie("/vnc.html?token=abc-123_x")
+        self.assertEqual(
+            cookie, "token=abc-123_x; Path=/websockify; Max-Age=60; HttpOnly; SameSite=strict"
+        )
+        cookie = await self._cookie("/vnc.html?token=abc&path=console%2Fws%3Fa%3Db")
+        self.assertEqual(
+            cookie, "token=abc; Path=/console/ws; Max-Age=60; HttpOnly; SameSite=strict"
+        )
+
+    @async_test
+    async def test_no_cookie_unless_a_page_with_a_clean_token(self) -> None:
+        """No cookie for a file that is no page, for a page without a token, or for a token
+        that cannot be a cookie value; a path that could add attributes is not used."""
+        self.assertIsNone(await self._cookie("/data.bin?token=abc"))
+        self.assertIsNone(await self._cookie("/vnc.html"))
+        self.assertIsNone(await self._cookie("/vnc.html?token=a%3Bb"))
+        self.assertIsNone(await self._cookie("/vnc.html?token=a%20b"))
+        cookie = await self._cookie("/vnc.html?token=abc&path=x%3B%20Domain%3Devil.com")
+        self.assertIn("Path=/websockify;", cookie or "")
+        self.assertNotIn("evil", cookie or "")
+
+    @async_test
+    async def test_secure_behind_a_tls_proxy_only_when_trusted(self) -> None:
+        """Behind a trusted TLS-terminating proxy (X-Forwarded-Proto https) the cookie is
+        Secure; the same header from an untrusted peer changes nothing."""
+        trusted = parse_networks(["127.0.0.1/32"])
+        cookie = await self._cookie(
+            "/vnc.html?token=abc", "X-Forwarded-Proto: https", trusted_proxies=trusted
+        )
+        self.assertIn("; Secure", cookie or "")
+        cookie = await self._cookie("/vnc.html?token=abc", "X-Forwarded-Proto: https")
+        self.assertNotIn("Secure", cookie or "")
+
+    @async_test
+    async def test_cookie_opens_the_console(self) -> None:
+        """The upgrade that carries only the cookie the page set (no token in its URL) opens
+        the token's console."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        store = MemoryTokenStore()
+        store.add("classic-token", "127.0.0.1", vnc_port)
+        proxy = await listen_proxy(self, store, web=_web_root(self))
+        page = await _get(proxy.port, "/vnc_auto.html?token=classic-token")
+        self.assertEqual(page.status, 404)  # no such page in this root: no cookie either
+        page = await _get(proxy.port, "/vnc.html?token=classic-token")
+        cookie = page.headers["set-cookie"].split(";", 1)[0]
+        client = await connect_client(
+            self, proxy.port, path="/websockify", headers={"Cookie": cookie}
+        )
+        await client.opened
+        self.assertEqual(await client.receive(12), GREETING)
+        self.assertEqual(len(vnc.connections), 1)
