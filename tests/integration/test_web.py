@@ -10,11 +10,13 @@ import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
+from tests.redis_server import make_tls_files
 from tests.support import (
     GREETING,
     Response,
@@ -322,3 +324,25 @@ class TokenCookieTests(TestCase):
         await client.opened
         self.assertEqual(await client.receive(12), GREETING)
         self.assertEqual(len(vnc.connections), 1)
+
+    @async_test
+    async def test_secure_over_tls(self) -> None:
+        """On an ssl: listener the page (handed over to twisted.web inside TLS) is served
+        and its cookie is Secure."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        files = make_tls_files(directory)
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={files['key']}:certKey={files['cert']}"
+        proxy = await listen_proxy(self, MemoryTokenStore(), web=_web_root(self), listen=listen)
+        with open(files["ca"], "rb") as f:
+            ca = Certificate.loadPEM(f.read())
+        options = optionsForClientTLS("localhost", trustRoot=trustRootFromCertificates([ca]))
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port))
+        client = _KeepAliveClient()
+        await endpoint.connect(Factory.forProtocol(lambda: client))
+        client.transport.write(
+            b"GET /vnc.html?token=tls-token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answer = parse_response(await client.closed)
+        self.assertEqual((answer.status, answer.body), (200, PAGE))
+        self.assertIn("; Secure", answer.headers["set-cookie"])
