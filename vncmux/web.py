@@ -24,8 +24,6 @@ from twisted.web.static import File
 
 from vncmux.handshake import IPNetwork, is_trusted, request_scheme
 
-_REASONS = {404: "Not Found", 400: "Bad Request", 503: "Service Unavailable"}
-
 #: Lifetime of the ``token`` cookie set for a page opened with ``?token=``: just long
 #: enough for the page to open its WebSocket.
 TOKEN_COOKIE_MAX_AGE = 60
@@ -39,7 +37,7 @@ NOVNC_DEFAULT_PATH = "websockify"
 
 def http_response(status: int, body: bytes, headers: dict[str, str]) -> bytes:
     """A complete HTTP/1.1 response that closes the connection afterwards."""
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    lines = [f"HTTP/1.1 {status} {http.RESPONSES[status].decode('ascii')}"]
     all_headers = {
         "Content-Length": str(len(body)),
         "Connection": "close",
