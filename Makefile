@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps
+.PHONY: run test lint bench system-deps novnc-npm
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -17,7 +17,11 @@ run: $(STAMP)
 system-deps:
 	bash scripts/install-system-deps
 
-test: system-deps $(STAMP)
+# The latest noVNC from npm (pinned in the lock file) for the e2e tests of its core.
+novnc-npm:
+	npm ci --prefix tests/e2e/npm --no-audit --no-fund
+
+test: system-deps novnc-npm $(STAMP)
 	$(VENV)/bin/ruff check setup.py vncmux tests benchmarks twisted
 	$(PY) -m pytest
 

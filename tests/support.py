@@ -144,7 +144,7 @@ async def listen_proxy(
     """The real proxy service on a free loopback port with the given token store; stopped
     (with the drain) on cleanup."""
     config = Settings(
-        listen="tcp:0:interface=127.0.0.1",
+        listen=str(settings.pop("listen", "tcp:0:interface=127.0.0.1")),
         metrics=None,
         limits=limits or Limits(),
         **settings,  # type: ignore[arg-type]

@@ -202,3 +202,28 @@ class StalledClientTests(HeldNothing, SynchronousTestCase):
         self.assertEqual(backend.transport.producerState, "producing")
         self.assertEqual(len(h.console.supervisor.sessions), 1)
 
+
+
+class PlainHttpTests(HeldNothing, SynchronousTestCase):
+    def test_handed_over_to_the_web_site(self) -> None:
+        """A request without Upgrade leaves the lifecycle at once (its pending slot is free,
+        no upgrade deadline cuts it) and twisted.web answers it on the same connection; the
+        connection still counts as open until its web deadline cuts it."""
+        self.h = h = harness(self)
+        supervisor = h.console.supervisor
+        timers = len(h.reactor.getDelayedCalls())
+        h.connect()
+        h.send([b"GET /vnc.html HTTP/1.1\r\nHost: x\r\n\r\n"])
+        self.assertTrue(h.output.startswith(b"HTTP/1.1 404 "), h.output[:60])
+        self.assertEqual(supervisor.pending.total, 0)
+        h.send([b"GET /other.js HTTP/1.1\r\nHost: x\r\n\r\n"])
+        self.assertEqual(h.output.count(b"HTTP/1.1 404 "), 2)
+        h.advance(h.settings.handshake_timeout + 0.1)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(supervisor.connections.count, 1)
+        h.advance(h.settings.web_timeout - h.settings.handshake_timeout)
+        self.assertTrue(h.transport.disconnecting)
+        h.deliver_losses()
+        self.assertEqual(supervisor.connections.count, 0)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), timers)
+        self.assertNothingHeld()

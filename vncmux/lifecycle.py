@@ -61,6 +61,9 @@ class ConnectionInputs(Protocol):
     def upgrade_failed(self, detail: str) -> None:
         """The upgrade was answered with an HTTP error instead (malformed request)."""
 
+    def handed_over(self) -> None:
+        """The request is plain HTTP: twisted.web serves the connection from now on."""
+
     def early_data(self) -> None:
         """The client sent bytes before its upgrade was answered."""
 
@@ -333,6 +336,12 @@ def _admit(machine: ConnectionInputs, conn: Connection, token: str) -> None:
 def _bad_request(machine: ConnectionInputs, conn: Connection, detail: str) -> None:
     conn.cancel_timer()
     conn.reject(Refused(BAD_REQUEST, detail))
+    conn.slot.release()
+
+
+@handshaking.upon(ConnectionInputs.handed_over).to(closed)
+def _handed_over(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
     conn.slot.release()
 
 

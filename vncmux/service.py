@@ -169,6 +169,7 @@ class ProxyService(MultiService):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         stopping = maybeDeferred(self.listener.stopService)
+        stopping.addCallback(lambda _: self.console.factory.web.close_connections())
         grace = self.settings.drain_timeout
         close_timeout = self.settings.close_timeout + 1.0
         stopping.addCallback(lambda _: self.console.supervisor.drain(grace, close_timeout))

@@ -22,6 +22,8 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     tokens: str = DEFAULT_TOKENS
     web: str | None = None
+    #: ``--web-timeout``: seconds a plain HTTP connection (the ``--web`` files) may stay open.
+    web_timeout: float = 60.0
     metrics: str | None = DEFAULT_METRICS
     connect_timeout: float = 5.0
     store_timeout: float = 2.0

@@ -117,6 +117,13 @@ class Options(usage.Options):
         ],
         ["web", None, None, "Serve the noVNC files in this directory on the listener."],
         [
+            "web-timeout",
+            None,
+            60.0,
+            "Seconds a plain HTTP connection (the --web files) may stay open before it is cut.",
+            _positive_float,
+        ],
+        [
             "metrics",
             None,
             DEFAULT_METRICS,
@@ -370,6 +377,7 @@ class Options(usage.Options):
             listen=self["listen"],
             tokens=self["tokens"],
             web=self["web"],
+            web_timeout=self["web-timeout"],
             metrics=self["metrics"],
             connect_timeout=self["connect-timeout"],
             store_timeout=self["store-timeout"],

@@ -1,31 +1,43 @@
-"""Plain HTTP on the console port: the noVNC files from ``--web``, else 404.
+"""Plain HTTP on the console port: the noVNC files from ``--web`` (twisted.web), else 404.
 
-Only GET and HEAD of regular files below the web root; no listings, no autobahn status page.
+A request without an ``Upgrade`` header is handed over to a twisted.web L{WebSite}: files are
+streamed with a producer (never read whole), with Range, Last-Modified/ETag and HEAD as
+twisted.web does them. No listings, no access log (a page's query may carry a token), no
+``Server`` header, and every connection has a deadline (``--web-timeout``) after which it is
+cut, whatever it is doing: a client that reads one byte a second holds nothing for long.
 """
 
 from __future__ import annotations
 
-import email.utils
-import mimetypes
 import os
-import posixpath
-from urllib.parse import unquote, urlsplit
+import re
+from urllib.parse import urlsplit
 
-_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".svg": "image/svg+xml",
-}
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+from twisted.web.static import File
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request"}
+from vncmux.handshake import IPNetwork, is_trusted, request_scheme
+
+#: Lifetime of the ``token`` cookie set for a page opened with ``?token=``: just long
+#: enough for the page to open its WebSocket.
+TOKEN_COOKIE_MAX_AGE = 60
+#: Characters a token (and the WebSocket path) may have to go into a cookie unquoted
+#: (RFC 6265 cookie-octet, and path characters without ``;``).
+_COOKIE_SAFE = re.compile(r"[A-Za-z0-9!#$%&'()*+\-./:<=>?@\[\]^_`{|}~]+")
+_PATH_SAFE = re.compile(r"[A-Za-z0-9._~/-]*")
+#: noVNC's default WebSocket path (its ``path`` setting), relative to the site's root.
+NOVNC_DEFAULT_PATH = "websockify"
 
 
-def http_response(status: int, body: bytes, headers: dict[str, str], head: bool = False) -> bytes:
+def http_response(status: int, body: bytes, headers: dict[str, str]) -> bytes:
     """A complete HTTP/1.1 response that closes the connection afterwards."""
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    lines = [f"HTTP/1.1 {status} {http.RESPONSES[status].decode('ascii')}"]
     all_headers = {
         "Content-Length": str(len(body)),
         "Connection": "close",
@@ -33,57 +45,178 @@ def http_response(status: int, body: bytes, headers: dict[str, str], head: bool 
         **headers,
     }
     lines += [f"{name}: {value}" for name, value in all_headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def _plain(status: int, head: bool = False, extra: dict[str, str] | None = None) -> bytes:
-    body = f"{status} {_REASONS[status]}\n".encode()
-    headers = {"Content-Type": "text/plain; charset=utf-8", **(extra or {})}
-    return http_response(status, body, headers, head)
+class WebRoot(File):
+    """
+    The files below ``--web``: C{/} is noVNC's C{vnc.html}, a directory without one is a
+    404 (no listing), and a symlink that leads out of the root is a 404 too.
+    """
 
+    contentTypes = {
+        **File.contentTypes,
+        ".js": "text/javascript; charset=utf-8",
+        ".mjs": "text/javascript; charset=utf-8",
+        ".html": "text/html; charset=utf-8",
+        ".css": "text/css; charset=utf-8",
+        ".json": "application/json",
+        ".svg": "image/svg+xml",
+    }
 
-class StaticFiles:
-    """Serves regular files below C{root}; C{root} of None serves nothing (404 for all)."""
+    childNotFound = notFound()
+    root: str = ""
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
-    def __init__(self, root: str | None, index: str = "vnc.html") -> None:
-        self.root = os.path.realpath(root) if root else None
-        self.index = index
+    @classmethod
+    def at(cls, path: str, trusted_proxies: tuple[IPNetwork, ...] = ()) -> WebRoot:
+        """The root resource for the directory C{path}."""
+        real = os.path.realpath(path)
+        web_root = cls(real, defaultType="application/octet-stream")
+        web_root.root = real
+        web_root.indexNames = ["vnc.html"]
+        web_root.trusted_proxies = trusted_proxies
+        return web_root
 
-    def respond(self, method: str, target: str) -> bytes:
-        """The full HTTP response to a non-upgrade request for C{target}."""
-        head = method == "HEAD"
-        if method not in ("GET", "HEAD"):
-            return _plain(405, extra={"Allow": "GET, HEAD"})
-        path = self._resolve(target)
-        if path is None:
-            return _plain(404, head)
-        try:
-            mtime = os.stat(path).st_mtime
-            with open(path, "rb") as f:
-                body = f.read()
-        except OSError:
-            return _plain(404, head)
-        ext = os.path.splitext(path)[1].lower()
-        content_type = (
-            _TYPES.get(ext) or mimetypes.guess_type(path)[0] or "application/octet-stream"
+    def createSimilarFile(self, path: str) -> Resource:
+        real = os.path.realpath(path)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            return self.childNotFound
+        child: WebRoot = super().createSimilarFile(path)
+        child.root = self.root
+        child.trusted_proxies = self.trusted_proxies
+        return child
+
+    def directoryListing(self) -> Resource:
+        return self.childNotFound
+
+    def render_GET(self, request: Request) -> bytes | int:
+        """The file, with an ETag next to Last-Modified; a page opened with a token sets it
+        as a cookie for its WebSocket."""
+        self.restat(False)
+        if self.isfile():
+            stat = os.stat(self.path)
+            etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'.encode()
+            if request.setETag(etag) is http.CACHED:
+                return b""
+            if self.path.endswith((".html", ".htm")):
+                self._set_token_cookie(request)
+        result: bytes | int = super().render_GET(request)
+        return result
+
+    render_HEAD = render_GET
+
+    def _set_token_cookie(self, request: Request) -> None:
+        """
+        noVNC 1.3 (Debian's) does not carry the page's ``?token=`` into its WebSocket URL, so
+        nova's classic URL (``vnc_auto.html?token=…``) would reach the upgrade without one;
+        the upgrade reads the ``token`` cookie, short-lived and only sent to the WebSocket path.
+        """
+        token = _first_arg(request, b"token")
+        if not token or not _COOKIE_SAFE.fullmatch(token):
+            return
+        ws_path = urlsplit(_first_arg(request, b"path") or NOVNC_DEFAULT_PATH).path
+        if not _PATH_SAFE.fullmatch(ws_path):
+            ws_path = NOVNC_DEFAULT_PATH
+        peer = getattr(request.getClientAddress(), "host", "")
+        forwarded_proto = request.getHeader(b"x-forwarded-proto")
+        scheme = request_scheme(
+            request.isSecure(),
+            is_trusted(peer, self.trusted_proxies),
+            {"x-forwarded-proto": forwarded_proto.decode("latin-1") if forwarded_proto else ""},
         )
-        headers = {
-            "Content-Type": content_type,
-            "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
-            "Cache-Control": "no-cache",
-        }
-        return http_response(200, body, headers, head)
+        request.addCookie(
+            b"token",
+            token.encode("ascii"),
+            path=("/" + ws_path.lstrip("/")).encode("ascii"),
+            max_age=str(TOKEN_COOKIE_MAX_AGE).encode("ascii"),
+            secure=scheme == "https",
+            httpOnly=True,
+            sameSite="strict",
+        )
 
-    def _resolve(self, target: str) -> str | None:
-        if self.root is None:
-            return None
-        path = unquote(urlsplit(target).path)
-        if "\0" in path:
-            return None
-        relative = posixpath.normpath("/" + path).lstrip("/")
-        if relative in ("", "."):
-            relative = self.index
-        full = os.path.realpath(os.path.join(self.root, relative))
-        if not (full == self.root or full.startswith(self.root + os.sep)):
-            return None
-        return full if os.path.isfile(full) else None
+
+def _first_arg(request: Request, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+class WebRequest(Request):
+    """A request whose every answer, errors included, carries the same safety headers."""
+
+    def render(self, resrc: IResource) -> None:
+        self.responseHeaders.removeHeader(b"server")
+        self.setHeader(b"x-content-type-options", b"nosniff")
+        self.setHeader(b"cache-control", b"no-cache")
+        super().render(resrc)
+
+
+class WebChannel(http.HTTPChannel):
+    """An HTTP connection that is cut at its deadline, however busy it is."""
+
+    _log = Logger()
+    site: WebSite
+    deadline: float = 60.0
+    _cut: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+        self._cut = self.callLater(self.deadline, self._too_long)
+
+    def close_when_done(self) -> None:
+        """Close now if no request is in progress, else once the current answer is sent."""
+        if self.requests:
+            self.persistent = False
+        else:
+            self.loseConnection()
+
+    def _too_long(self) -> None:
+        self._cut = None
+        self._log.info("web connection cut after {seconds}s (--web-timeout)", seconds=self.deadline)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:
+        cut, self._cut = self._cut, None
+        if cut is not None and cut.active():
+            cut.cancel()
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+
+class WebSite(Site):
+    """The twisted.web site of the console port; its connections are handed over to it."""
+
+    requestFactory = WebRequest
+    protocol = WebChannel
+
+    def __init__(
+        self,
+        root: str | None,
+        clock: IReactorTime,
+        deadline: float,
+        trusted_proxies: tuple[IPNetwork, ...] = (),
+    ) -> None:
+        resource = WebRoot.at(root, trusted_proxies) if root else notFound()
+        super().__init__(resource, timeout=None, reactor=clock)
+        self.deadline = deadline
+        self.channels: set[WebChannel] = set()
+
+    def close_connections(self) -> None:
+        """At shutdown: idle keep-alive connections close now, busy ones after their answer
+        (and at the latest at their deadline)."""
+        for channel in list(self.channels):
+            channel.close_when_done()
+
+    def buildProtocol(self, addr: object) -> WebChannel:
+        channel: WebChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+        channel.deadline = self.deadline
+        return channel
+
+    def log(self, request: Request) -> None:
+        """No access log: the query of a page may carry a token."""

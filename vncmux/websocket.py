@@ -47,7 +47,7 @@ from vncmux.refusals import (
     Refused,
 )
 from vncmux.relay import RelayStats, send_now, set_interactive
-from vncmux.web import StaticFiles, http_response
+from vncmux.web import WebChannel, WebSite, http_response
 
 if TYPE_CHECKING:
     from vncmux.admission import Gate
@@ -106,6 +106,11 @@ def valid_close(code: int | None, reason: bytes | None) -> Ending | None:
     return None
 
 
+def _peer_host(transport: object) -> str:
+    """The peer's IP address as the transport names it now ("" for a non-IP peer)."""
+    return str(getattr(transport.getPeer(), "host", ""))  # type: ignore[attr-defined]
+
+
 def _discard(data: bytes) -> None:
     """Where client payload goes when no session or refusal wants it."""
 
@@ -125,6 +130,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
     _ping_payload: bytes | None = None
     _pongs = float(PONG_BURST)
     _pongs_at = 0.0
+    _web: WebChannel | None = None
 
     @property
     def session_id(self) -> str:
@@ -140,7 +146,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
         set_interactive(self.transport)
         super().connectionMade()
         session_id = os.urandom(6).hex()
-        peer = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        peer = _peer_host(self.transport)
         trusted = is_trusted(peer, factory.settings.trusted_proxies)
         slot = factory.supervisor.pending.take(peer, limit_client=not trusted)
         if slot is None:
@@ -161,6 +167,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self.connection = Connection(session_id, self, factory, slot, peer)
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        if self._web is not None:
+            self._web.connectionLost(reason)
         super().connectionLost(reason)
         self._cancel_stall()
         self._fire(lambda machine: machine.client_lost())
@@ -174,6 +182,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         reader = self._reader
         if reader is not None:
             reader.feed(data)
+        elif self._web is not None:
+            self._web.dataReceived(data)
         elif self._answer is not None:
             self._fire(lambda machine: machine.early_data())
         elif self.connection is not None:
@@ -189,16 +199,25 @@ class ConsoleProtocol(WebSocketServerProtocol):
                 self.failHandshake("request header too large", 431)
             return
         if _UPGRADE_HEADER.search(self.data, 0, end + 2) is None:
-            request_line = self.data[: self.data.find(b"\r\n")].decode("latin-1").split()
-            method, target = (request_line + ["", ""])[:2]
-            self.sendData(self.factory.web.respond(method, target or "/"))
-            self.wasClean = True  # a plain HTTP answer, not a failed WebSocket
-            self.dropConnection(abort=False)
+            self._hand_over_to_web()
             return
         if len(self.data) > end + 4:
             self.failHandshake("data before the upgrade was answered")
             return
         super().processHandshake()
+
+    def _hand_over_to_web(self) -> None:
+        """
+        Plain HTTP is no console: the connection leaves the lifecycle (its pending slot goes
+        back) and twisted.web's channel gets it, with the bytes read so far. It still counts
+        as open for the drain until it closes (at the latest at its deadline).
+        """
+        self._fire(lambda machine: machine.handed_over())
+        data, self.data = self.data, b""
+        self.wasClean = True  # plain HTTP, not a failed WebSocket
+        channel = self._web = self.factory.web.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
+        channel.makeConnection(self.transport)
+        channel.dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None] | str | None:
         conn = self.connection
@@ -208,7 +227,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
         # permessage-deflate offer after the token was already admitted.
         self.websocket_extensions = []
         settings = self.factory.settings
-        peer = conn.client_address
+        # Read again: behind a PROXY-protocol listener the peer is known only once the
+        # PROXY header has arrived, after connectionMade (it is the proxy's address there).
+        peer = _peer_host(self.transport)
         trusted = is_trusted(peer, settings.trusted_proxies)
         address = client_address(peer, request.headers, settings.trusted_proxies)
         try:
@@ -400,7 +421,7 @@ class ConsoleFactory(WebSocketServerFactory):
         self.observer = observer
         self.clock = clock
         self.stats = RelayStats()
-        self.web = StaticFiles(settings.web)
+        self.web = WebSite(settings.web, clock, settings.web_timeout, settings.trusted_proxies)
         self.noisy = False
         self.setProtocolOptions(
             webStatus=False,

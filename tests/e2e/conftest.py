@@ -263,9 +263,12 @@ def proxy_kind() -> str:
     return kind
 
 
-def start_proxy(run: E2ERun, kind: str, tokens: str, name: str = "proxy") -> Proxy:
+def start_proxy(
+    run: E2ERun, kind: str, tokens: str, name: str = "proxy", web: Path = NOVNC_DIR
+) -> Proxy:
     """Start vncmux (C{tokens} is its C{--tokens} source) or websockify (C{tokens} is a
-    token file) on a fresh loopback listener; its output goes to a log in the run directory.
+    token file) on a fresh loopback listener, serving C{web}; its output goes to a log in
+    the run directory.
     """
     listener = loopback_listener()
     log = run.directory / f"{name}.log"
@@ -273,7 +276,7 @@ def start_proxy(run: E2ERun, kind: str, tokens: str, name: str = "proxy") -> Pro
         with log.open("wb") as out:
             if kind == "vncmux":
                 process = spawn_vncmux(
-                    ["--tokens", tokens, "--web", str(NOVNC_DIR), "--metrics", "none"],
+                    ["--tokens", tokens, "--web", str(web), "--metrics", "none"],
                     listener,
                     cwd=run.directory,
                     stdout=out,
@@ -282,7 +285,7 @@ def start_proxy(run: E2ERun, kind: str, tokens: str, name: str = "proxy") -> Pro
             else:
                 websockify = str(Path(sys.executable).parent / "websockify")
                 process = spawn(
-                    [websockify, "--inetd", "--web", str(NOVNC_DIR),
+                    [websockify, "--inetd", "--web", str(web),
                      "--token-plugin", "TokenFile", "--token-source", tokens],
                     stdin=listener,
                     stdout=out,

@@ -312,7 +312,9 @@ class PlainHttpTests(TestCase):
     async def test_404_without_web(self) -> None:
         """Without --web every plain GET is a 404, not autobahn's status page."""
         proxy = await listen_proxy(self, MemoryTokenStore())
-        answer = await raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await raw_request(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:80])
         self.assertNotIn(b"autobahn", answer.lower())
 
@@ -324,9 +326,13 @@ class PlainHttpTests(TestCase):
         with open(os.path.join(root, "vnc.html"), "wb") as f:
             f.write(b"<html>noVNC</html>")
         proxy = await listen_proxy(self, MemoryTokenStore(), web=root)
-        answer = await raw_request(proxy.port, b"GET /vnc.html?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await raw_request(
+            proxy.port, b"GET /vnc.html?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:80])
         self.assertIn(b"Content-Type: text/html", answer)
         self.assertTrue(answer.endswith(b"<html>noVNC</html>"))
-        escape = await raw_request(proxy.port, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
+        escape = await raw_request(
+            proxy.port, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         self.assertTrue(escape.startswith(b"HTTP/1.1 404"))
