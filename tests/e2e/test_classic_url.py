@@ -95,10 +95,12 @@ def test_npm_novnc_core_classic_url(
 
 
 def test_classic_url_without_the_cookie_is_refused(
-    open_page: OpenPage, npm_core_proxy: Proxy, consoles: Consoles
+    open_page: OpenPage, npm_core_proxy: Proxy, consoles: Consoles, browser: BrowserContext
 ) -> None:
     """The same page without ?token= gets no cookie and is refused (4400 bad request):
-    the token of the test above came from the cookie, not from anywhere else."""
+    the token of the test above came from the cookie, not from anywhere else. (Browsers
+    scope cookies by host, not port: an earlier test's cookie is cleared first.)"""
+    browser.clear_cookies()
     page = open_page(f"{npm_core_proxy.base_url}/vnc_auto.html")
     record = wait_for_close(page)
     assert record["close"]["code"] == 4400, record
