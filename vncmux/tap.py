@@ -159,7 +159,8 @@ class Options(usage.Options):
             None,
             "input",
             "What counts as activity: 'input' (keyboard, pointer, "
-            "clipboard from the client) or 'any' (every byte either way).",
+            "clipboard from the client; on serial consoles every client byte) or 'any' "
+            "(every byte either way).",
             _activity,
         ],
         [
