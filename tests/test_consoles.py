@@ -8,6 +8,8 @@ tests/integration/test_serial.py.
 
 from __future__ import annotations
 
+import os
+
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -162,6 +164,23 @@ class SerialConsoleTests(SynchronousTestCase):
         self.assertEqual(
             [(f.close_code, f.payload[2:]) for f in h.close_frames()], [(4000, b"idle timeout")]
         )
+
+    def test_no_web_pages(self) -> None:
+        """The serial listener serves no ``--web`` pages (nova-serialproxy serves none); the
+        noVNC listener of the same proxy does."""
+        web = self.mktemp()
+        os.makedirs(web)
+        with open(os.path.join(web, "vnc.html"), "w") as f:
+            f.write("<html></html>")
+        settings = Settings(listen="tcp:0", serial_listen="tcp:0", metrics=None, web=web)
+        request = b"GET /vnc.html HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        statuses = []
+        for console_type in ("serial", "novnc"):
+            h = Harness.for_test(self, settings=settings, console_type=console_type)
+            h.connect()
+            h.send([request])
+            statuses.append(h.output.split(b"\r\n", 1)[0])
+        self.assertEqual(statuses, [b"HTTP/1.1 404 Not Found", b"HTTP/1.1 200 OK"])
 
     def test_text_frame_refused(self) -> None:
         """A text frame fails the session with 1003, as nova-serialproxy (websockify) does;
