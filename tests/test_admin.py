@@ -208,6 +208,7 @@ class SessionTests(AdminTestCase):
             port=5902,
             instance_uuid="",
             client_address="2001:db8::9",
+            console_type="serial",
         )
         one.from_client(b"k" * 8)
         two.from_backend(b"f" * 300)
@@ -223,6 +224,7 @@ class SessionTests(AdminTestCase):
                     "backend_host": "10.0.0.5",
                     "backend_port": 5901,
                     "instance_uuid": "inst-1",
+                    "console_type": "novnc",
                     "token_id": hash_token("secret-token-1")[:12],
                     "started_at": NOW,
                     "last_activity_at": NOW + 5,
@@ -235,6 +237,7 @@ class SessionTests(AdminTestCase):
                     "backend_host": "fd00::5",
                     "backend_port": 5902,
                     "instance_uuid": "",
+                    "console_type": "serial",
                     "token_id": hash_token("t2")[:12],
                     "started_at": NOW + 5,
                     "last_activity_at": NOW + 5,

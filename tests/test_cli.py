@@ -189,6 +189,10 @@ class CliFileStoreTests(SynchronousTestCase):
                                   "--tokens", self.source)  # fmt: skip
         self.assertEqual((code, out), (1, ""))
         self.assertIn("redis://", err)
+        code, out, err = self.cli("token", "add", "--host", "h", "--port", "1",
+                                  "--console-type", "serial", "--tokens", self.source)  # fmt: skip
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("console_type", err)
         code, _, err = self.cli("token", "revoke", "--instance", "i-1", "--tokens", self.source)
         self.assertEqual(code, 1)
         self.assertIn("no instances", err)
@@ -365,7 +369,7 @@ class CliRedisTests(TestCase):
         code, out, err = yield self.cli(
             "token", "add", "--host", "10.1.2.3", "--port", "5901", "--ttl", "600",
             "--instance", "i-1", "--single-use", "--max-sessions", "2",
-            "--password-file", secret,
+            "--password-file", secret, "--console-type", "serial",
         )  # fmt: skip
         self.assertEqual(code, 0, err)
         token = _token(out)
@@ -383,6 +387,7 @@ class CliRedisTests(TestCase):
         self.assertEqual(
             (shown["instance_uuid"], shown["single_use"], shown["max_sessions"]), ("i-1", True, 2)
         )
+        self.assertEqual(shown["console_type"], "serial")
         self.assertEqual(shown["access_url"], DEFAULT_BASE_URL)
 
         code, out, _ = yield self.cli("token", "revoke", token)

@@ -174,7 +174,6 @@ class DatabaseUrlTests(SynchronousTestCase):
         )
         assert isinstance(store, NovaTokenStore)
         self.assertEqual((store.max_wait, store.recheck_interval), (0.5, 3.0))
-        self.assertEqual(store.console_type, "novnc")
         verifyObject(ITokenStore, store)
         verifyObject(ISessionBackchannel, store)
         with self.assertRaises(ValueError):
@@ -292,8 +291,9 @@ class NovaConfigTests(SynchronousTestCase):
             )
         )
         notes = "\n".join(nova.not_applied())
-        for name in ("auth_schemes", "[spice]", "[serial_console]"):
+        for name in ("auth_schemes", "[spice]"):
             self.assertIn(name, notes)
+        self.assertNotIn("[serial_console]", notes)  # served: nothing to warn about
         self.assertEqual(read_nova_config(self.write("")).not_applied(), [])
 
     def test_malformed(self) -> None:
@@ -342,6 +342,29 @@ class NovaConfigTests(SynchronousTestCase):
         options.parseOptions(["--config", ini])
         self.assertEqual(options["listen"], "tcp:7001")
         self.assertTrue(options["tokens"].startswith("nova:mysql+pymysql://"))
+
+    def test_serial_listener(self) -> None:
+        """``[serial_console] enabled`` opens the serial listener on nova's serialproxy host
+        and port (6083 by default); without it, or with ``--serial-listen none``, there is
+        none; ``--serial-listen`` beats nova.conf; ``--listen`` replaces only the noVNC one."""
+        enabled = self.write(
+            NOVA_CONF + "[serial_console]\nenabled = true\nserialproxy_host = 192.0.2.11\n"
+        )
+        options = Options()
+        options.parseOptions(["--nova-config", enabled, "--listen", "tcp:7000"])
+        self.assertEqual(
+            options.settings().listeners,
+            (("novnc", "tcp:7000"), ("serial", "tcp:6083:interface=192.0.2.11")),
+        )
+        for args, serial in (
+            (["--nova-config", self.write(NOVA_CONF)], None),
+            (["--nova-config", enabled, "--serial-listen", "none"], None),
+            (["--nova-config", enabled, "--serial-listen=tcp:7003"], "tcp:7003"),
+            (["--serial-listen", "tcp:7004"], "tcp:7004"),
+        ):
+            options = Options()
+            options.parseOptions(args)
+            self.assertEqual(options.settings().serial_listen, serial, args)
 
     def test_make_service(self) -> None:
         """With --nova-config the proxy holds a NovaTokenStore (a child service, stopped
@@ -491,18 +514,21 @@ class NovaStoreContract:
         )
 
     @async_test
-    async def test_unknown_expired_wrong_type(self) -> None:
-        """An unknown token, an expired one (expires not ahead of now) and one of another
-        console type are all None; the right listener finds the last."""
+    async def test_unknown_expired_other_type(self) -> None:
+        """An unknown token and an expired one (expires not ahead of now) are None; a token
+        of another console type is found with its type, for the listener's gate to judge
+        (one store serves every listener)."""
         db = self.database()
         db.authorize(TOKEN, expires=reactor.seconds())
         db.authorize(OTHER, console_type="spice-html5", internal_access_path="/tunnel")
         store = self.store(db.url)
-        for token in ("never-issued", TOKEN, OTHER):
+        for token in ("never-issued", TOKEN):
             self.assertIsNone(await store.lookup(token), token)  # type: ignore[attr-defined]
-        spice = await self.store(db.url, console_type="spice-html5").lookup(OTHER)
+        spice = await store.lookup(OTHER)
         assert spice is not None
-        self.assertEqual(spice.internal_access_path, "/tunnel")  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            (spice.console_type, spice.internal_access_path), ("spice-html5", "/tunnel")
+        )
 
     @async_test
     async def test_schema_without_tls_port(self) -> None:

@@ -213,6 +213,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.successResultOf(stopping)
         self.assertFalse(service.accepting)
 
+    def test_serial_listener(self) -> None:
+        """--serial-listen adds a second console listener serving console type 'serial'
+        (same TLS floor); the proxy is ready only once both listen, and stopping it stops
+        both."""
+        tokens = self.mktemp()
+        open(tokens, "w").close()
+        reactor = MemoryReactorClock()
+        options = parse(
+            "--tokens", f"file:{tokens}", "--listen", "tcp:6999", "--serial-listen", "tcp:6983",
+            "--tls-min-version", "1.3",
+        )  # fmt: skip
+        service = makeService(options, reactor)
+        self.assertEqual(sorted(service.listeners), ["novnc", "serial"])
+        serial = service.listeners["serial"]
+        self.assertEqual(serial.tls_min_version, "1.3")
+        service.listeners["novnc"].startService()
+        self.assertFalse(service.accepting)
+        serial.startService()
+        self.assertTrue(service.accepting)
+        self.assertEqual(sorted(port for port, *_ in reactor.tcpServers), [6983, 6999])
+        self.assertEqual(
+            [factory.kind.console_type for _, factory, *_ in reactor.tcpServers],
+            ["novnc", "serial"],
+        )
+        self.successResultOf(service.stopService())
+        self.assertEqual([listener.port for listener in service.listeners.values()], [None, None])
+
     def test_hangup_reloads_tls(self) -> None:
         """The SIGHUP service reloads the ssl: listener's certificate (the console listener
         and the metrics port); --tls-min-version reaches both listeners."""

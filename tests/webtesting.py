@@ -93,9 +93,12 @@ def open_session(
     host: str = "10.0.0.5",
     port: int = 5901,
     instance_uuid: str = "inst-1",
+    console_type: str = "novnc",
 ) -> tuple[Session, FakePeer, FakePeer]:
     """A real relaying session on fake peers, started in C{supervisor}'s table."""
-    record = TokenRecord(hash_token(token), host, port, instance_uuid=instance_uuid)
+    record = TokenRecord(
+        hash_token(token), host, port, instance_uuid=instance_uuid, console_type=console_type
+    )
     client, backend = FakePeer(), FakePeer()
     reservation = supervisor.reserve(record, client_address)
     session = Session(

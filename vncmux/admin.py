@@ -177,6 +177,7 @@ def session_json(session: Session) -> dict[str, Any]:
         "backend_host": record.host,
         "backend_port": record.port,
         "instance_uuid": record.instance_uuid,
+        "console_type": record.console_type,
         "token_id": record.token_id,
         "started_at": session.started_at,
         "last_activity_at": session.last_activity_at,

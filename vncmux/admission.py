@@ -41,7 +41,8 @@ class Admission:
 class Gate:
     """
     Looks a token up (bounded by a timeout) unless its client failed too often, checks the
-    record and its target, then dials its VNC server.
+    record (its expiry, and that it is a console of the type this listener serves) and its
+    target, then dials its console.
     """
 
     def __init__(
@@ -54,7 +55,9 @@ class Gate:
         store_timeout: float,
         policy: BackendPolicy,
         attempts: IFailedAttempts,
+        console_type: str = "novnc",
     ) -> None:
+        self.console_type = console_type
         self._store = store
         self._policy = policy
         self._attempts = attempts
@@ -83,6 +86,7 @@ class Gate:
         looking.addCallbacks(self._check_record, self._store_failed)
         looking.addBoth(self._timed, "token_lookup", started)
         looking.addErrback(self._count_failure, client_address)
+        looking.addCallback(self._check_console_type)
         looking.addCallback(self._reserve_and_dial, client_address)
         return looking
 
@@ -102,6 +106,21 @@ class Gate:
             raise Refused(INVALID_TOKEN, "unknown token")
         if record.expired(self._clock.seconds()):
             raise Refused(TOKEN_EXPIRED, f"token expired at {record.expires_at}", record.token_id)
+        return record
+
+    def _check_console_type(self, record: TokenRecord) -> TokenRecord:
+        """
+        A token of another console type is refused as invalid, as nova does (the user is
+        not told that the token exists); the operator's log says which type it was. It is a
+        real token, not a guess: it does not count against its client.
+        """
+        if record.console_type != self.console_type:
+            raise Refused(
+                INVALID_TOKEN,
+                f"token of console type {record.console_type!r} on the"
+                f" {self.console_type!r} listener",
+                record.token_id,
+            )
         return record
 
     def _store_failed(self, failure: Failure) -> Failure:

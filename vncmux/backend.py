@@ -1,7 +1,9 @@
-"""Dialing the VNC server a token names, and the protocol on that connection.
+"""Dialing the console a token names (a VNC server or a serial port), and the protocol on
+that connection.
 
-The backend connection is held paused after the server's RFB greeting until the relay starts,
-as Twisted's portforward does, so nothing is read that has nowhere to go.
+The backend connection is held paused until the relay starts, as Twisted's portforward does,
+so nothing is read that has nowhere to go: after the server's RFB greeting for a VNC server,
+as soon as it is connected for a serial port (which says nothing first).
 """
 
 from __future__ import annotations
@@ -43,15 +45,17 @@ class NotAVncServer(Exception):
 @implementer(IPeer)
 class BackendProtocol(Protocol):
     """
-    The connection to a VNC server.
+    The connection to a console.
 
-    Before the relay starts it reads only the 12-byte RFB greeting (to tell a VNC server from
-    a wrong port), then pauses; afterwards every chunk goes straight to the session.
+    With C{rfb_greeting}, before the relay starts it reads only the 12-byte RFB greeting (to
+    tell a VNC server from a wrong port), then pauses; without, it pauses once connected.
+    Afterwards every chunk goes straight to the session.
     """
 
-    def __init__(self, tracker: ConnectionTracker | None = None) -> None:
+    def __init__(self, tracker: ConnectionTracker | None = None, rfb_greeting: bool = True) -> None:
         self.greeted: Deferred[BackendProtocol] = Deferred()
         self.tracker = tracker
+        self.rfb_greeting = rfb_greeting
         self.greeting = b""
         self.session: Session | None = None
         #: Told how the connection ended, once someone owns it (after admission).
@@ -61,6 +65,9 @@ class BackendProtocol(Protocol):
         set_interactive(self.transport)
         if self.tracker is not None:
             self.tracker.opened()
+        if not self.rfb_greeting:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.greeted.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -122,7 +129,8 @@ def endpoint_for(
 
 
 class BackendDialer:
-    """Connects to a target and waits for its RFB greeting, all within one timeout."""
+    """Connects to a target and, with C{rfb_greeting}, waits for its RFB greeting, all within
+    one timeout."""
 
     def __init__(
         self,
@@ -130,18 +138,21 @@ class BackendDialer:
         clock: IReactorTime,
         timeout: float,
         tracker: ConnectionTracker | None = None,
+        rfb_greeting: bool = True,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
         self.timeout = timeout
         self._tracker = tracker
+        self._rfb_greeting = rfb_greeting
 
     def dial(self, host: str, port: int) -> Deferred[BackendProtocol]:
         """
-        Fire with a greeted, paused L{BackendProtocol}, or fail with L{Refused}
-        (console unreachable) whose detail says why. Cancelling stops the attempt.
+        Fire with a greeted (or, without an RFB greeting, connected), paused
+        L{BackendProtocol}, or fail with L{Refused} (console unreachable) whose detail says
+        why. Cancelling stops the attempt.
         """
-        protocol = BackendProtocol(self._tracker)
+        protocol = BackendProtocol(self._tracker, self._rfb_greeting)
         endpoint = endpoint_for(self._reactor, host, port, self.timeout)
         dialing = connectProtocol(endpoint, protocol)
         dialing.addCallback(lambda _: protocol.greeted)

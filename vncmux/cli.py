@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
 from vncmux.configfile import ConfigFileError, read_config
+from vncmux.consoles import CONSOLE_TYPES
 from vncmux.handshake import IPNetwork
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.redisstore import open_token_store
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse targets outside these networks, as the proxy does (repeatable; default:"
         " the config file's allowed_backend, else any; link-local addresses only if listed)",
     )
+    add.add_argument(
+        "--console-type",
+        choices=sorted(CONSOLE_TYPES),
+        default="novnc",
+        help="the listener that admits the token: novnc (--listen, the default) or serial"
+        " (--serial-listen; --host/--port then name a TCP serial port)",
+    )
     add.add_argument("--single-use", action="store_true", help="the token opens one session")
     add.add_argument("--max-sessions", type=_positive(int), help="concurrent sessions allowed")
     secret = add.add_mutually_exclusive_group()
@@ -303,6 +311,7 @@ def _dispatch(
             now,
             options.ttl,
             instance_uuid=options.instance or "",
+            console_type=options.console_type,
             access_url=options.base_url,
             max_sessions=options.max_sessions,
             single_use=options.single_use,

@@ -88,8 +88,10 @@ class SessionLog:
     def session_opened(self, session: Session) -> None:
         record = session.record
         _session_log.info(
-            "session {session_id} from {client_address} opened to {backend} (token {token_id})",
+            "session {session_id} from {client_address} opened to {backend}"
+            " ({console_type} console, token {token_id})",
             vncmux_event="session_opened",
+            console_type=record.console_type,
             session_id=session.id,
             client_address=session.client_address,
             backend=record.target,
@@ -101,9 +103,10 @@ class SessionLog:
         record = session.record
         ending = session.ending
         _session_log.info(
-            "session {session_id} closed after {duration:.1f}s: {close_reason}"
-            " ({bytes_to_backend} bytes in, {bytes_to_client} bytes out)",
+            "session {session_id} ({console_type} console) closed after {duration:.1f}s:"
+            " {close_reason} ({bytes_to_backend} bytes in, {bytes_to_client} bytes out)",
             vncmux_event="session_closed",
+            console_type=record.console_type,
             session_id=session.id,
             client_address=session.client_address,
             backend=record.target,

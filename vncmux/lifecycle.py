@@ -33,9 +33,9 @@ from vncmux.refusals import (
     Refused,
 )
 from vncmux.relay import Session
-from vncmux.rfb import ClientActivityScanner, RefusingServer
 
 if TYPE_CHECKING:
+    from vncmux.consoles import InBandRefusal
     from vncmux.supervisor import PendingSlot
     from vncmux.websocket import ConsoleFactory
 
@@ -50,7 +50,7 @@ class ConnectionInputs(Protocol):
         """The upgrade request carries a token: look it up and dial its console."""
 
     def admitted(self, admission: Admission) -> None:
-        """The token is good and its VNC server greeted us."""
+        """The token is good and its console answered (a VNC server with its greeting)."""
 
     def not_admitted(self, refused: Refused) -> None:
         """The token store or the VNC server said no."""
@@ -68,7 +68,8 @@ class ConnectionInputs(Protocol):
         """The client sent bytes before its upgrade was answered."""
 
     def refusal_answered(self, answer: bytes) -> None:
-        """The refused client sent its RFB version; C{answer} is the RFB failure message."""
+        """The refused client sent its RFB version; C{answer} is the RFB failure message (a
+        console type without an in-band refusal answers at once, with nothing)."""
 
     def end(self, ending: Ending) -> None:
         """Something ends the session: supervisor, admin API, drain, the client's close frame."""
@@ -139,7 +140,7 @@ class Connection:
         self.admitting: Deferred[Admission] | None = None
         self.admission: Admission | None = None
         self.refused: Refused | None = None
-        self.refuser: RefusingServer | None = None
+        self.refuser: InBandRefusal | None = None
         self.session: Session | None = None
         self.timer: IDelayedCall | None = None
         #: Set after a bug: the machine's state can no longer be trusted, later events are
@@ -234,7 +235,7 @@ class Connection:
             backend,
             factory.clock.seconds(),
             factory.supervisor,
-            ClientActivityScanner() if factory.settings.idle_activity == "input" else None,
+            factory.kind.activity_scanner(factory.settings.idle_activity),
             admission.reservation,
             self,
         )
@@ -276,9 +277,16 @@ class Connection:
             self.client.close(ending.code, ending.reason)
 
     def start_refusal(self) -> None:
-        """Answer as a VNC server that refuses, so that noVNC shows the reason."""
+        """
+        Tell the refusal inside the console protocol where the console type has a way (noVNC
+        shows only an RFB security failure: answer as a VNC server that refuses); else the
+        close frame alone carries it, at once.
+        """
         assert self.refused is not None
-        refuser = self.refuser = RefusingServer(self.refused.refusal.reason)
+        refuser = self.refuser = self.factory.kind.refusal(self.refused.refusal.reason)
+        if refuser is None:
+            self.fire(lambda machine: machine.refusal_answered(b""))
+            return
         self.client.write(refuser.greeting())
         self.client.relay_to(self._refusal_data)
 
@@ -440,7 +448,8 @@ def _refusal_answered(machine: ConnectionInputs, conn: Connection, answer: bytes
     refusal = conn.refused
     assert refusal is not None
     conn.client.relay_to(None)
-    conn.client.write(answer)
+    if answer:
+        conn.client.write(answer)
     conn.client.close(refusal.refusal.code, refusal.refusal.reason)
     conn.slot.release()
     conn.start_timer(conn.factory.settings.close_timeout)

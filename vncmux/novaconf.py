@@ -58,6 +58,10 @@ class NovaConfig:
         """``[vnc] novncproxy_host/port`` as a Twisted endpoint string."""
         return _tcp_endpoint(self.novncproxy_host, self.novncproxy_port)
 
+    def serial_listen_endpoint(self) -> str:
+        """``[serial_console] serialproxy_host/port`` as a Twisted endpoint string."""
+        return _tcp_endpoint(self.serialproxy_host, self.serialproxy_port)
+
     def origin_patterns(self) -> list[str]:
         """
         ``[console] allowed_origins`` as ``--allowed-origin`` patterns. Nova lists host names
@@ -88,12 +92,6 @@ class NovaConfig:
             notes.append(
                 f"[spice] html5proxy_host/port ({self.html5proxy_host}:{self.html5proxy_port}):"
                 " SPICE HTML5 consoles are not served yet"
-            )
-        if self.serial_console_enabled:
-            notes.append(
-                "[serial_console] serialproxy_host/port"
-                f" ({self.serialproxy_host}:{self.serialproxy_port}):"
-                " serial consoles are not served yet"
             )
         if self.ssl_only or self.cert or self.key:
             notes.append(

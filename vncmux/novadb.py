@@ -321,10 +321,11 @@ class NovaTokenStore(Service):
     """
     Nova's ``console_auth_tokens`` as a read-only token store and backchannel.
 
-    L{lookup} answers as nova's ``console_auth_token_get_valid`` does, restricted to the
-    C{console_type} this listener serves: a record, or C{None} for a token that is unknown,
-    expired or of another console type. Every call fails with L{TokenStoreUnavailable} when
-    the database errs or does not answer within C{reply_timeout} seconds of C{clock}.
+    L{lookup} answers as nova's ``console_auth_token_get_valid`` does: a record of any
+    console type (one store serves every listener; each listener's gate admits only its own
+    type), or C{None} for a token that is unknown or expired. Every call fails with
+    L{TokenStoreUnavailable} when the database errs or does not answer within
+    C{reply_timeout} seconds of C{clock}.
 
     A service: C{startService} opens the thread pool (at most C{max_connections} database
     connections, opened on first use), C{stopService} closes it. C{pool} replaces the
@@ -340,7 +341,6 @@ class NovaTokenStore(Service):
         clock: IReactorTime,
         *,
         reactor: Any = None,
-        console_type: str = "novnc",
         recheck_interval: float = DEFAULT_RECHECK_INTERVAL,
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -349,7 +349,6 @@ class NovaTokenStore(Service):
         if not recheck_interval > 0:
             raise ValueError("the re-check interval must be positive")
         self.database = database
-        self.console_type = console_type
         self.recheck_interval = recheck_interval
         self.reply_timeout = reply_timeout
         self._driver = database.load_driver()
@@ -368,13 +367,12 @@ class NovaTokenStore(Service):
         self._seen_before: dict[str, TokenRecord] = {}
         mark = database.placeholder()
         self._lookup_sql = (
-            f"SELECT {_COLUMNS} FROM {TABLE}"
-            f" WHERE token_hash = {mark} AND console_type = {mark} AND expires > {mark}"
+            f"SELECT {_COLUMNS} FROM {TABLE} WHERE token_hash = {mark} AND expires > {mark}"
         )
         self._ping_sql = f"SELECT token_hash FROM {TABLE} WHERE 1 = 0"
 
     def __repr__(self) -> str:
-        return f"<NovaTokenStore {self.database.redacted_url()} {self.console_type}>"
+        return f"<NovaTokenStore {self.database.redacted_url()}>"
 
     @property
     def max_wait(self) -> float:
@@ -396,10 +394,8 @@ class NovaTokenStore(Service):
             )
             self._pool.connectionFactory = _ForgivingConnection
         self._log.info(
-            "token store: nova database {url}, console type {console_type},"
-            " live sessions re-checked every {interval:g} s",
+            "token store: nova database {url}, live sessions re-checked every {interval:g} s",
             url=self.database.redacted_url(),
-            console_type=self.console_type,
             interval=self.recheck_interval,
         )
         if self._rechecks:
@@ -426,7 +422,7 @@ class NovaTokenStore(Service):
     def lookup(self, token: str) -> Deferred[TokenRecord | None]:
         token_hash = hash_token(token)
         now = math.floor(self._clock.seconds())  # nova compares with whole seconds too
-        arguments = (token_hash, self.console_type, now)
+        arguments = (token_hash, now)
         found = self._run("lookup", _about(token_hash), self._lookup_sql, arguments)
         return found.addCallback(self._one_record)
 

@@ -15,8 +15,8 @@ from zope.interface import implementer
 from vncmux.refusals import Ending
 
 if TYPE_CHECKING:
+    from vncmux.consoles import ActivityScanner
     from vncmux.interfaces import IClientPeer, IPeer
-    from vncmux.rfb import ClientActivityScanner
     from vncmux.supervisor import Reservation
     from vncmux.tokens import TokenRecord
 
@@ -159,7 +159,7 @@ class Session:
         backend: IPeer,
         now: float,
         registry: SessionRegistry,
-        scanner: ClientActivityScanner | None,
+        scanner: ActivityScanner | None,
         reservation: Reservation,
         owner: SessionOwner,
     ) -> None:
@@ -206,7 +206,7 @@ class Session:
         self.backend.resume()
 
     def from_client(self, data: bytes) -> None:
-        """A chunk of the client's stream: straight to the VNC server, noting user input."""
+        """A chunk of the client's stream: straight to the console, noting user input."""
         self.bytes_to_backend += len(data)
         scanner = self.scanner
         if scanner is None or scanner.feed(data):
@@ -214,7 +214,7 @@ class Session:
         self.backend.write(data)
 
     def from_backend(self, data: bytes) -> None:
-        """A chunk of the VNC server's stream: one WebSocket frame to the client."""
+        """A chunk of the console's stream: one WebSocket frame to the client."""
         self.bytes_to_client += len(data)
         if self.scanner is None:
             self.last_activity_at = self._registry.now

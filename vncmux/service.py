@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
@@ -22,8 +22,10 @@ from vncmux.admission import Gate
 from vncmux.attempts import attempts_for
 from vncmux.backend import BackendDialer
 from vncmux.backendpolicy import BackendPolicy
+from vncmux.consoles import CONSOLE_TYPES
 from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.relay import RelayStats
 from vncmux.settings import Settings
 from vncmux.supervisor import Supervisor
 from vncmux.tls import DEFAULT_TLS_MIN_VERSION, ReloadableServerTLS, tls_listener
@@ -34,26 +36,51 @@ from vncmux.websocket import ConsoleFactory
 class Console:
     """The parts of the data plane, for wiring and for tests."""
 
+    #: The noVNC listener's factory.
     factory: ConsoleFactory
     supervisor: Supervisor
     gate: Gate
     observers: Observers
     backend_policy: BackendPolicy
+    #: Every console listener's factory, by the console type it serves (``factory`` too).
+    factories: dict[str, ConsoleFactory]
 
 
 def build_console(
     settings: Settings, store: ITokenStore, reactor: Any, observers: Observers
 ) -> Console:
-    """Wire supervisor, dialer, gate and WebSocket factory around one token store."""
+    """
+    Wire supervisor, dialer, gate and WebSocket factory around one token store: one gate
+    and factory per console listener (C{settings.listeners}), sharing the token store, the
+    supervisor (so the session limits count every console type together), the target
+    policy, the failed-attempt counts and the relay counters.
+    """
     supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
-    dialer = BackendDialer(reactor, reactor, settings.connect_timeout, supervisor.connections)
     policy = BackendPolicy.for_reactor(reactor, settings.allowed_backends, settings.connect_timeout)
     attempts = attempts_for(store, reactor, settings.max_failed_tokens)
-    gate = Gate(
-        store, dialer, supervisor, reactor, observers, settings.store_timeout, policy, attempts
-    )
-    factory = ConsoleFactory(settings, gate, supervisor, observers, reactor, reactor=reactor)
-    return Console(factory, supervisor, gate, observers, policy)
+    stats = RelayStats()
+    factories = {}
+    gates = {}
+    for console_type, _ in settings.listeners:
+        kind = CONSOLE_TYPES[console_type]
+        dialer = BackendDialer(
+            reactor, reactor, settings.connect_timeout, supervisor.connections, kind.rfb_greeting
+        )
+        gate = gates[console_type] = Gate(
+            store,
+            dialer,
+            supervisor,
+            reactor,
+            observers,
+            settings.store_timeout,
+            policy,
+            attempts,
+            console_type,
+        )
+        factories[console_type] = ConsoleFactory(
+            settings, gate, supervisor, observers, reactor, reactor=reactor, kind=kind, stats=stats
+        )
+    return Console(factories["novnc"], supervisor, gates["novnc"], observers, policy, factories)
 
 
 class Listener(Service):
@@ -142,7 +169,8 @@ class Listener(Service):
 
 class ProxyService(MultiService):
     """
-    The whole proxy. On stop (SIGTERM under twistd): stop listening at once, let live
+    The whole proxy: one listener per console type. On stop (SIGTERM under twistd): stop
+    listening (every listener) at once, let live
     sessions run for up to the drain timeout, end the rest with 1001 'going away', wait
     for their sockets to flush and close, then stop everything else.
     """
@@ -153,14 +181,20 @@ class ProxyService(MultiService):
         super().__init__()
         self.settings = settings
         self.console = console
-        self.listener = Listener(settings.listen, console.factory, reactor)
-        self.listener.setServiceParent(self)
+        #: Every console listener, by console type; C{listener} is the noVNC one.
+        self.listeners = {
+            console_type: Listener(endpoint, console.factories[console_type], reactor)
+            for console_type, endpoint in settings.listeners
+        }
+        self.listener = self.listeners["novnc"]
+        for listener in self.listeners.values():
+            listener.setServiceParent(self)
         console.supervisor.setServiceParent(self)
 
     @property
     def accepting(self) -> bool:
-        """Whether the console listener is up (for readiness)."""
-        return self.listener.port is not None
+        """Whether every console listener is up (for readiness)."""
+        return all(listener.port is not None for listener in self.listeners.values())
 
     def add(self, service: IService) -> None:
         """Another part (token store, metrics listener), stopped after the drain."""
@@ -168,18 +202,28 @@ class ProxyService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
-        stopping = maybeDeferred(self.listener.stopService)
-        stopping.addCallback(lambda _: self.console.factory.web.close_connections())
+        stopping = gatherResults(
+            [maybeDeferred(listener.stopService) for listener in self.listeners.values()],
+            consumeErrors=True,
+        )
+        stopping.addCallback(lambda _: self._close_web_connections())
         grace = self.settings.drain_timeout
         close_timeout = self.settings.close_timeout + 1.0
         stopping.addCallback(lambda _: self.console.supervisor.drain(grace, close_timeout))
         stopping.addCallback(lambda _: Deferred.fromCoroutine(self._stop_the_rest()))
         return stopping
 
+    def _close_web_connections(self) -> None:
+        """Plain HTTP connections are not sessions: idle ones close now, busy ones after
+        their answer."""
+        for factory in self.console.factories.values():
+            factory.web.close_connections()
+
     async def _stop_the_rest(self) -> None:
         """The supervisor first (it writes the last activity back to the store), then the
         others in reverse order, each after the previous one has stopped."""
-        rest = [s for s in reversed(list(self)) if s is not self.listener and s.running]
+        listeners = list(self.listeners.values())
+        rest = [s for s in reversed(list(self)) if s not in listeners and s.running]
         rest.sort(key=lambda s: s is not self.console.supervisor)
         for service in rest:
             try:

@@ -19,7 +19,10 @@ DEFAULT_METRICS = "tcp:9108:interface=127.0.0.1"
 class Settings:
     """Everything a session needs to know about the proxy's configuration."""
 
+    #: The noVNC listener (console type ``novnc``).
     listen: str = DEFAULT_LISTEN
+    #: ``--serial-listen``: the serial console listener (console type ``serial``); None: off.
+    serial_listen: str | None = None
     tokens: str = DEFAULT_TOKENS
     web: str | None = None
     #: ``--web-timeout``: seconds a plain HTTP connection (the ``--web`` files) may stay open.
@@ -43,6 +46,14 @@ class Settings:
     idle_activity: str = "input"
     drain_timeout: float = 30.0
     limits: Limits = Limits()
+
+    @property
+    def listeners(self) -> tuple[tuple[str, str], ...]:
+        """``(console_type, endpoint)`` of every console listener, the noVNC one first."""
+        listeners = [("novnc", self.listen)]
+        if self.serial_listen is not None:
+            listeners.append(("serial", self.serial_listen))
+        return tuple(listeners)
 
     @property
     def handshake_timeout(self) -> float:

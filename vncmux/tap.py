@@ -91,7 +91,15 @@ class Options(usage.Options):
     )
     optParameters: list[list[Any]] = [
         ["config", None, None, "INI file with a [vncmux] section (see etc/vncmux.ini)."],
-        ["listen", None, DEFAULT_LISTEN, "Endpoint string of the console listener."],
+        ["listen", None, DEFAULT_LISTEN, "Endpoint string of the noVNC console listener."],
+        [
+            "serial-listen",
+            None,
+            None,
+            "Endpoint string of the serial console listener (nova-serialproxy's clients,"
+            " tokens of console type 'serial'); off unless given or --nova-config enables"
+            " [serial_console]; 'none' turns it off.",
+        ],
         [
             "tokens",
             None,
@@ -104,8 +112,10 @@ class Options(usage.Options):
             "nova-config",
             None,
             None,
-            "nova.conf to take the token database ([database] connection), the listener "
-            "([vnc] novncproxy_host/port, unless --listen) and [console] allowed_origins from.",
+            "nova.conf to take the token database ([database] connection), the listeners "
+            "([vnc] novncproxy_host/port unless --listen; [serial_console] serialproxy_host/"
+            "port when [serial_console] enabled, unless --serial-listen) and [console] "
+            "allowed_origins from.",
         ],
         [
             "nova-recheck-interval",
@@ -156,7 +166,8 @@ class Options(usage.Options):
             None,
             "input",
             "What counts as activity: 'input' (keyboard, pointer, "
-            "clipboard from the client) or 'any' (every byte either way).",
+            "clipboard from the client; on serial consoles every client byte) or 'any' "
+            "(every byte either way).",
             _activity,
         ],
         [
@@ -350,6 +361,8 @@ class Options(usage.Options):
             self["metrics"] = None
         if self["nova-config"]:
             self._apply_nova_config(self["nova-config"])
+        if self["serial-listen"] in ("none", ""):
+            self["serial-listen"] = None
 
     def _apply_nova_config(self, path: str) -> None:
         """nova.conf fills in what the command line and --config leave unset."""
@@ -364,6 +377,8 @@ class Options(usage.Options):
             self["tokens"] = SOURCE_PREFIX + nova.database_connection
         if "--listen" not in given:
             self["listen"] = nova.listen_endpoint()
+        if "--serial-listen" not in given and nova.serial_console_enabled:
+            self["serial-listen"] = nova.serial_listen_endpoint()
         if "--web" not in given and nova.web:
             self["web"] = nova.web
         if nova.enforce_session_timeout:
@@ -375,6 +390,7 @@ class Options(usage.Options):
         """The frozen settings every session shares."""
         return Settings(
             listen=self["listen"],
+            serial_listen=self["serial-listen"],
             tokens=self["tokens"],
             web=self["web"],
             web_timeout=self["web-timeout"],
@@ -482,9 +498,10 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     observers.add(metrics)
-    # Until ProxyService passes it to its Listener itself.
-    service.listener.tls_min_version = settings.tls_min_version
-    listeners = [service.listener]
+    # Until ProxyService passes it to its Listeners itself.
+    listeners = list(service.listeners.values())
+    for listener in listeners:
+        listener.tls_min_version = settings.tls_min_version
     if metrics_service is not None:
         metrics_service.tls_min_version = settings.tls_min_version
         listeners.append(metrics_service)

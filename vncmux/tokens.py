@@ -419,7 +419,8 @@ class FileTokenStore:
     ending in ``~`` in a directory are ignored (editor swap and backup files).
 
     As an L{ITokenAdmin} it appends ``token: host:port`` lines and removes them again; a
-    file has no room for a TTL, an instance, a password or limits, so such records are
+    file has no room for a TTL, an instance, a password, limits or a console type other
+    than noVNC (its tokens are noVNC consoles), so such records are
     refused with L{UnsupportedOperation}. Both hold an exclusive C{flock} on a lock file
     (L{LOCK_FILE_NAME}) so that two ``vncmux token`` calls cannot interleave; a new token
     file is created with mode 0600, and a revoke keeps the file's mode and owner.
@@ -473,6 +474,7 @@ class FileTokenStore:
                 ("max_sessions", record.max_sessions),
                 ("single_use", record.single_use),
                 ("password", record.password),
+                ("console_type", record.console_type != "novnc"),
             )
             if value
         ]

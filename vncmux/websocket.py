@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from vncmux.consoles import NOVNC, ConsoleKind
 from vncmux.frames import PROTOCOL_ERROR, ClientFrameReader
 from vncmux.handshake import (
     UnsupportedSubprotocol,
@@ -413,15 +414,25 @@ class ConsoleFactory(WebSocketServerFactory):
         observer: ISessionObserver,
         clock: IReactorTime,
         reactor: object = None,
+        kind: ConsoleKind = NOVNC,
+        stats: RelayStats | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
+        #: The console type this listener serves, and how it differs from the others.
+        self.kind = kind
         self.settings = settings
         self.gate = gate
         self.supervisor = supervisor
         self.observer = observer
         self.clock = clock
-        self.stats = RelayStats()
-        self.web = WebSite(settings.web, clock, settings.web_timeout, settings.trusted_proxies)
+        #: Shared by every listener of the process (the metrics read one set of counters).
+        self.stats = stats if stats is not None else RelayStats()
+        self.web = WebSite(
+            settings.web if kind.serves_web else None,
+            clock,
+            settings.web_timeout,
+            settings.trusted_proxies,
+        )
         self.noisy = False
         self.setProtocolOptions(
             webStatus=False,

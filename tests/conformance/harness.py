@@ -151,12 +151,16 @@ class Harness:
         self,
         settings: Settings | None = None,
         store: ITokenStore | None = None,
+        console_type: str = "novnc",
     ) -> None:
+        """The browser connects to the listener of C{console_type}, whose console
+        C{GOOD_TOKEN} opens (the settings have a serial listener for C{serial})."""
         self.reactor = MemoryReactorClock()
         self.memory_store = MemoryTokenStore()
-        self.memory_store.add(GOOD_TOKEN, "127.0.0.1", 5900)
+        self.memory_store.add(GOOD_TOKEN, "127.0.0.1", 5900, console_type=console_type)
         self.store = store if store is not None else self.memory_store
-        self.settings = settings or Settings(listen="tcp:0", metrics=None)
+        self.console_type = console_type
+        self.settings = settings or Settings(listen="tcp:0", serial_listen="tcp:0", metrics=None)
         self.log = LogCapture()
         self._previous_loop = txaio.config.loop
         # autobahn schedules its own timers through txaio's loop: keep them on the test clock.
@@ -189,7 +193,8 @@ class Harness:
 
     def connect(self) -> None:
         """The browser's TCP connection is accepted."""
-        self.protocol = self.console.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6080))
+        factory = self.console.factories[self.console_type]
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6080))
         self.protocol.makeConnection(self.transport)
 
     def send(self, chunks: Iterable[bytes]) -> None:
