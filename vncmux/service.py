@@ -24,9 +24,15 @@ from vncmux.backend import BackendDialer
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.rfbsecurity import SecurityPolicy
 from vncmux.settings import Settings
 from vncmux.supervisor import Supervisor
-from vncmux.tls import DEFAULT_TLS_MIN_VERSION, ReloadableServerTLS, tls_listener
+from vncmux.tls import (
+    DEFAULT_TLS_MIN_VERSION,
+    ReloadableServerTLS,
+    load_vencrypt_tls,
+    tls_listener,
+)
 from vncmux.websocket import ConsoleFactory
 
 
@@ -46,7 +52,16 @@ def build_console(
 ) -> Console:
     """Wire supervisor, dialer, gate and WebSocket factory around one token store."""
     supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
-    dialer = BackendDialer(reactor, reactor, settings.connect_timeout, supervisor.connections)
+    dialer = BackendDialer(
+        reactor,
+        reactor,
+        settings.connect_timeout,
+        supervisor.connections,
+        security_policy(settings),
+        load_vencrypt_tls(
+            settings.vencrypt_ca_certs, settings.vencrypt_client_cert, settings.vencrypt_client_key
+        ),
+    )
     policy = BackendPolicy.for_reactor(reactor, settings.allowed_backends, settings.connect_timeout)
     attempts = attempts_for(store, reactor, settings.max_failed_tokens)
     gate = Gate(
@@ -54,6 +69,19 @@ def build_console(
     )
     factory = ConsoleFactory(settings, gate, supervisor, observers, reactor, reactor=reactor)
     return Console(factory, supervisor, gate, observers, policy)
+
+
+def security_policy(settings: Settings) -> SecurityPolicy:
+    """
+    What the RFB security proxy may negotiate. With a CA bundle VeNCrypt must verify the
+    server's certificate (X509 sub-types, as nova); without one it can only encrypt
+    (anonymous TLS: TLSNone, TLSVnc).
+    """
+    return SecurityPolicy(
+        frozenset(settings.auth_schemes),
+        x509=settings.vencrypt_ca_certs is not None,
+        anonymous_tls=settings.vencrypt_ca_certs is None,
+    )
 
 
 class Listener(Service):
