@@ -5,12 +5,14 @@ harness): the VNC server's side is played byte by byte, the browser's through We
 
 from __future__ import annotations
 
+import json
 import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.conformance.harness import GOOD_TOKEN, Backend, Harness, upgrade_request
 from tests.conformance.wsframes import BINARY, CLOSE, close_payload, frame
+from vncmux.admin import session_json
 from vncmux.rfbsecurity import vnc_auth_response
 from vncmux.settings import Settings
 from vncmux.tokens import MemoryTokenStore
@@ -74,6 +76,9 @@ class SecurityProxyTests(SynchronousTestCase):
         self.assertNotIn(PASSWORD, repr(h.log.events))
         session = next(iter(h.console.supervisor.sessions.values()))
         self.assertFalse(session.scanner.fallback)  # the scanner followed the handshake
+        self.assertNotIn(PASSWORD, json.dumps(session_json(session)))
+        (opened,) = [e for e in h.log.events if e.get("vncmux_event") == "session_opened"]
+        self.assertEqual(opened["security"], "VncAuth to the VNC server, None to the browser")
 
     def test_3_3_browser(self) -> None:
         """An RFB 3.3 browser is told None and its ClientInit is relayed."""
@@ -164,6 +169,8 @@ class SecurityProxyTests(SynchronousTestCase):
         h = self.harness()
         backend = h.open()
         self.assertEqual(backend.received, b"")
+        (opened,) = [e for e in h.log.events if e.get("vncmux_event") == "session_opened"]
+        self.assertEqual(opened["security"], "relayed")
 
 
 class TunnelTests(SynchronousTestCase):

@@ -59,6 +59,14 @@ _session_log = Logger(namespace="vncmux.session")
 
 
 @implementer(ISessionObserver)
+def _security_of(session: Session) -> str:
+    """What the security proxy negotiated with the VNC server, or that RFB passed through."""
+    negotiation = getattr(session.backend, "security", None)
+    if negotiation is None:
+        return "relayed"
+    return f"{negotiation.negotiated} to the VNC server, None to the browser"
+
+
 class SessionLog:
     """
     One log event per refusal, session start and session end, with fields a log pipeline
@@ -88,13 +96,15 @@ class SessionLog:
     def session_opened(self, session: Session) -> None:
         record = session.record
         _session_log.info(
-            "session {session_id} from {client_address} opened to {backend} (token {token_id})",
+            "session {session_id} from {client_address} opened to {backend} (token {token_id},"
+            " security {security})",
             vncmux_event="session_opened",
             session_id=session.id,
             client_address=session.client_address,
             backend=record.target,
             token_id=record.token_id,
             instance_uuid=record.instance_uuid,
+            security=_security_of(session),
         )
 
     def session_closed(self, session: Session, duration: float) -> None:
