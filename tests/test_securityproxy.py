@@ -80,6 +80,20 @@ class SecurityProxyTests(SynchronousTestCase):
         (opened,) = [e for e in h.log.events if e.get("vncmux_event") == "session_opened"]
         self.assertEqual(opened["security"], "VncAuth to the VNC server, None to the browser")
 
+    def test_relay_after_the_handshake_is_the_plain_path(self) -> None:
+        """Once secured, the same relay as without the proxy: the client's frames go
+        straight to Session.from_client, the VNC server's reads straight to the session,
+        and each side's transport is the other's streaming producer (no per-byte filter)."""
+        h = self.harness(password=PASSWORD)
+        backend = self.authenticated(h)
+        h.send([frame(V38 + b"\x01" + CLIENT_INIT)])
+        (session,) = h.console.supervisor.sessions.values()
+        self.assertEqual(h.protocol._reader.deliver, session.from_client)
+        self.assertIs(session.backend.session, session)  # type: ignore[attr-defined]
+        self.assertIs(session.backend.transport, backend.transport)  # type: ignore[attr-defined]
+        self.assertTrue(h.transport.streaming and backend.transport.streaming)
+        self.assertEqual(backend.transport.producerState, "producing")
+
     def test_3_3_browser(self) -> None:
         """An RFB 3.3 browser is told None and its ClientInit is relayed."""
         h = self.harness(password=PASSWORD)
