@@ -211,6 +211,20 @@ class TunnelTests(SynchronousTestCase):
         self.assertEqual(h.frames()[0].payload, V38)
         self.assertEqual(h.frames()[0].opcode, BINARY)
 
+    def test_path_with_a_line_break(self) -> None:
+        """A path that would inject a header is refused before anything is dialled, and the
+        reservation is given back."""
+        store = MemoryTokenStore()
+        store.add(GOOD_TOKEN, "127.0.0.1", 5900, internal_access_path="/p\r\nX-Evil: 1")
+        h = Harness.for_test(self, store=store)
+        h.connect()
+        h.send([upgrade_request()])
+        self.assertEqual(h.dialled(), [])
+        h.send([frame(V38)])
+        self.assertEqual(code_of(h.close_frames()[0].payload), 4502)
+        self.assertEqual(h.console.supervisor.reserved, 0)
+        self.assertEqual(h.log.failures(), [])
+
     def test_non_200_is_unreachable(self) -> None:
         """A 403 from the tunnel: 4502 'console unreachable', the status in the log only."""
         h = self.harness()

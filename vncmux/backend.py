@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -235,7 +235,10 @@ class BackendDialer:
         if record is not None:
             if record.internal_access_path:
                 host_header = format_target(record.host, record.port)
-                tunnel = ConnectTunnel(record.internal_access_path, host_header)
+                try:
+                    tunnel = ConnectTunnel(record.internal_access_path, host_header)
+                except ValueError as e:
+                    return fail(Refused(CONSOLE_UNREACHABLE, f"internal_access_path: {e}"))
             if self.security.engaged(record.password):
                 security = ServerSecurity(self.security, record.password)
         protocol = BackendProtocol(self._tracker, tunnel, security, self._tls)
