@@ -11,7 +11,14 @@ import struct
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.conformance.harness import GOOD_TOKEN, Backend, Harness, upgrade_request
-from tests.conformance.wsframes import BINARY, CLOSE, close_payload, frame
+from tests.conformance.wsframes import (
+    BINARY,
+    CLOSE,
+    WRITE_MODES,
+    close_payload,
+    fragments,
+    frame,
+)
 from vncmux.admin import session_json
 from vncmux.rfbsecurity import vnc_auth_response
 from vncmux.settings import Settings
@@ -93,6 +100,30 @@ class SecurityProxyTests(SynchronousTestCase):
         self.assertIs(session.backend.transport, backend.transport)  # type: ignore[attr-defined]
         self.assertTrue(h.transport.streaming and backend.transport.streaming)
         self.assertEqual(backend.transport.producerState, "producing")
+
+    def test_handshake_in_any_framing(self) -> None:
+        """The browser's handshake and first messages split across frames, fragments and
+        reads in every way: the VNC server gets ClientInit and the messages exactly once,
+        in order, and the browser gets the proxy's handshake as it should."""
+        messages = CLIENT_INIT + b"\x03\x00\x00\x00\x00\x00\x02\x80\x01\x90"
+        stream = V38 + b"\x01" + messages
+        framings = {
+            "one frame": [frame(stream)],
+            "frame per byte": [frame(stream[i : i + 1]) for i in range(len(stream))],
+            "fragmented": fragments(stream, 5),
+        }
+        for name, frames in framings.items():
+            for mode in WRITE_MODES:
+                with self.subTest(framing=name, mode=mode):
+                    h = self.harness(password=PASSWORD)
+                    backend = self.authenticated(h)
+                    sent_before = len(backend.received)
+                    h.send_frames(frames, mode)
+                    payloads = [f.payload for f in h.frames()]
+                    self.assertEqual(payloads[0], V38)
+                    self.assertEqual(b"".join(payloads[1:]), b"\x01\x01" + OK)
+                    self.assertEqual(backend.received[sent_before:], messages)
+                    self.assertEqual(len(h.console.supervisor.sessions), 1)
 
     def test_3_3_browser(self) -> None:
         """An RFB 3.3 browser is told None and its ClientInit is relayed."""
