@@ -298,7 +298,10 @@ def read_password_file(data: bytes) -> str:
     except UnicodeDecodeError:
         first_line = None
     if len(data) in (8, 16) and (first_line is None or not first_line.isprintable()):
-        return decrypt_vncpasswd(data)
+        try:
+            return decrypt_vncpasswd(data)
+        except ValueError as e:
+            raise UsageError(f"--password-file: {e}") from None
     if first_line is None:
         raise UsageError("--password-file is neither text nor a vncpasswd file")
     return first_line

@@ -135,8 +135,11 @@ def _des(key: bytes) -> Cipher[modes.ECB]:
 
 
 def vnc_auth_response(password: str, challenge: bytes) -> bytes:
-    """VncAuth: the 16-byte challenge encrypted with the first 8 bytes of the password."""
-    key = password.encode("latin-1", "replace")[:8].ljust(8, b"\0")
+    """
+    VncAuth: the 16-byte challenge encrypted with the first 8 bytes of the password, in
+    UTF-8 as TigerVNC's vncpasswd reads it from a terminal.
+    """
+    key = password.encode("utf-8")[:8].ljust(8, b"\0")
     encryptor = _des(key).encryptor()
     return encryptor.update(challenge) + encryptor.finalize()
 
@@ -150,8 +153,15 @@ def decrypt_vncpasswd(data: bytes) -> str:
     if len(data) < 8:
         raise ValueError("a vncpasswd file holds at least 8 bytes")
     decryptor = _des(_VNCPASSWD_KEY).decryptor()
-    plain = decryptor.update(data[:8]) + decryptor.finalize()
-    return plain.rstrip(b"\0").decode("latin-1")
+    plain = decryptor.update(data[:8]).rstrip(b"\0")
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:
+        # vncpasswd keeps 8 bytes, which may end inside a character; records hold text.
+        raise ValueError(
+            "the password in this vncpasswd file is not UTF-8 (its 8 bytes may end inside a"
+            " character): give the password itself instead"
+        ) from None
 
 
 class _Reader:
