@@ -58,7 +58,6 @@ class Observers:
 _session_log = Logger(namespace="vncmux.session")
 
 
-@implementer(ISessionObserver)
 def _security_of(session: Session) -> str:
     """What the security proxy negotiated with the VNC server, or that RFB passed through."""
     negotiation = getattr(session.backend, "security", None)
@@ -67,6 +66,7 @@ def _security_of(session: Session) -> str:
     return f"{negotiation.negotiated} to the VNC server, None to the browser"
 
 
+@implementer(ISessionObserver)
 class SessionLog:
     """
     One log event per refusal, session start and session end, with fields a log pipeline
