@@ -13,8 +13,9 @@ browser security type None, so a VNC password or client certificate never reache
 Both read through one incremental reader, so a message may arrive split anywhere. Nova's
 C{nova/console/securityproxy/rfb.py} does the same with blocking reads; vncmux differs where
 noted: it also speaks VncAuth (its records carry a password), accepts 3.7 servers and clients
-(and 3.3 clients), offers VeNCrypt's anonymous TLS sub-types only when no X509 one is offered,
-and never tells the browser more than "console authentication failed".
+(and 3.3 clients), uses VeNCrypt's anonymous TLS sub-types when it has no CA bundle to verify
+a certificate with, and tells the browser only one of two reasons (no allowed security type,
+authentication failed); the details go to the operator's log.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from vncmux.refusals import CONSOLE_AUTH_FAILED, CONSOLE_SECURITY, Refused
+from vncmux.rfb import SECURITY_NONE as NONE
+from vncmux.rfb import SECURITY_VNC_AUTH as VNC_AUTH
+from vncmux.rfb import VERSION_3_8, VERSION_LENGTH, parse_version
 
 __all__ = [
     "AUTH_SCHEMES",
@@ -39,9 +43,7 @@ __all__ = [
     "vnc_auth_response",
 ]
 
-#: Security types (rfbproto "Security Types").
-NONE = 1
-VNC_AUTH = 2
+#: Security types (rfbproto "Security Types") besides None and VncAuth.
 VENCRYPT = 19
 _TYPE_NAMES = {
     0: "Invalid",
@@ -76,9 +78,7 @@ _SUBTYPE_PREFERENCE = (X509_NONE, X509_VNC, TLS_NONE, TLS_VNC)
 #: Values of ``--auth-schemes`` (nova's ``[vnc] auth_schemes`` has none and vencrypt).
 AUTH_SCHEMES = ("none", "vncauth", "vencrypt")
 
-_VERSION_LENGTH = 12
 _VERSION_3_7 = b"RFB 003.007\n"
-_VERSION_3_8 = b"RFB 003.008\n"
 #: Longest failure reason read from a VNC server; longer ones are not read (nova: 256).
 _MAX_REASON = 1024
 _U32 = struct.Struct(">I")
@@ -106,19 +106,6 @@ def _type_name(security_type: int) -> str:
 
 def _subtype_name(subtype: int) -> str:
     return f"{subtype} ({_SUBTYPE_NAMES.get(subtype, 'unknown')})"
-
-
-def _parse_version(version: bytes) -> tuple[int, int] | None:
-    if (
-        len(version) != _VERSION_LENGTH
-        or version[:4] != b"RFB "
-        or version[7:8] != b"."
-        or version[11:] != b"\n"
-        or not version[4:7].isdigit()
-        or not version[8:11].isdigit()
-    ):
-        return None
-    return int(version[4:7]), int(version[8:11])
 
 
 def _reverse_bits(byte: int) -> int:
@@ -274,14 +261,14 @@ class ServerSecurity:
         self.tls_wanted = None
 
     def _handshake(self) -> Generator[int, bytes, None]:
-        version = _parse_version((yield _VERSION_LENGTH))
+        version = parse_version((yield VERSION_LENGTH))
         if version is None or version[0] != 3 or version[1] < 7:
             raise Refused(
                 CONSOLE_SECURITY,
                 f"security proxying needs RFB 3.7 or later, the VNC server speaks {version}",
             )
         speaks_3_8 = version[1] >= 8
-        self._out.append(_VERSION_3_8 if speaks_3_8 else _VERSION_3_7)
+        self._out.append(VERSION_3_8 if speaks_3_8 else _VERSION_3_7)
         count = (yield 1)[0]
         if count == 0:
             reason = yield from self._reason()
@@ -378,7 +365,7 @@ class BrowserSecurity:
         return self._reader.done
 
     def greeting(self) -> bytes:
-        return _VERSION_3_8
+        return VERSION_3_8
 
     def receive(self, data: bytes) -> bytes:
         try:
@@ -394,9 +381,9 @@ class BrowserSecurity:
         return out
 
     def _steps(self) -> Generator[int, bytes, None]:
-        raw = yield _VERSION_LENGTH
+        raw = yield VERSION_LENGTH
         self.handshake = raw
-        version = _parse_version(raw)
+        version = parse_version(raw)
         if version is None or version[0] != 3:
             reason = b"unsupported RFB version"
             raise RfbClientError(
