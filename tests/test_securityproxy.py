@@ -125,6 +125,25 @@ class SecurityProxyTests(SynchronousTestCase):
                     self.assertEqual(backend.received[sent_before:], messages)
                     self.assertEqual(len(h.console.supervisor.sessions), 1)
 
+    def test_closing_a_paused_vnc_side_reads_on(self) -> None:
+        """A VNC side paused by a full browser buffer is read again when the session
+        closes it (a TLS close waits for the server's close_notify), and what it sends then
+        is dropped, not sent to the browser or kept."""
+        h = self.harness(password=PASSWORD)
+        backend = self.authenticated(h)
+        h.send([frame(V38 + b"\x01" + CLIENT_INIT)])
+        (session,) = h.console.supervisor.sessions.values()
+        vnc_side = session.backend
+        h.transport.producer.pauseProducing()  # the browser's buffer is full
+        self.assertEqual(backend.transport.producerState, "paused")
+        h.client_closes_tcp()
+        self.assertTrue(backend.closing)
+        self.assertEqual(backend.transport.producerState, "producing")
+        frames_before = len(h.frames())
+        backend.protocol.dataReceived(b"late screen update")
+        self.assertEqual(len(h.frames()), frames_before)
+        self.assertEqual(vnc_side.greeting, b"")  # type: ignore[attr-defined]
+
     def test_3_3_browser(self) -> None:
         """An RFB 3.3 browser is told None and its ClientInit is relayed."""
         h = self.harness(password=PASSWORD)

@@ -82,6 +82,7 @@ class BackendProtocol(Protocol):
         #: tells the lifecycle to play the browser's side of the handshake).
         self.security = security
         self._tls = tls
+        self._closing = False
 
     def connectionMade(self) -> None:
         set_interactive(self.transport)
@@ -96,8 +97,10 @@ class BackendProtocol(Protocol):
             session.from_backend(data)
             return
         if self.greeted.called:
-            # Bytes already read when the pause came (a TLS record holds several chunks).
-            self.greeting += data
+            # Bytes already read when the pause came (a TLS record holds several chunks);
+            # after close() nothing is kept.
+            if not self._closing:
+                self.greeting += data
             return
         try:
             self._before_relay(data)
@@ -178,8 +181,15 @@ class BackendProtocol(Protocol):
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close once pending writes are flushed; TCP has no close code to carry."""
+        """
+        Close once pending writes are flushed; TCP has no close code to carry. Reading goes
+        on (what arrives is dropped) so that a paused connection still sees the peer's end:
+        over VeNCrypt's TLS the close waits for the server's close_notify.
+        """
         if self.transport is not None:
+            self.session = None
+            self._closing = True
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def abort(self) -> None:

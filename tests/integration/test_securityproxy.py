@@ -104,7 +104,7 @@ def make_pki(directory: Path, name: str) -> dict[str, str]:
 def vnc_servers(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """Xvnc with VncAuth, with X509None and with TLSNone, and the PKI of the X509 one."""
+    """Xvnc with VncAuth, X509None, TLSNone and X509Vnc, and the PKI of the X509 ones."""
     if shutil.which("Xvnc") is None:
         if os.environ.get("CI"):
             pytest.fail("Xvnc (tigervnc-standalone-server) is required under CI")
@@ -123,6 +123,14 @@ def vnc_servers(
         started.append(x509_none)
         tls_none = start_xvnc(workdir, security_types="TLSNone")
         started.append(tls_none)
+        x509_vnc = start_xvnc(
+            workdir,
+            password=PASSWORD,
+            security_types="X509Vnc",
+            extra_args=["-X509Cert", pki["server_cert"], "-X509Key", pki["server_key"]],
+        )
+        started.append(x509_vnc)
+        request.cls.x509_vnc = x509_vnc
         request.cls.vnc_auth = vnc_auth
         request.cls.x509_none = x509_none
         request.cls.tls_none = tls_none
@@ -162,6 +170,7 @@ class SecurityProxyTests(TestCase):
     vnc_auth: Xvnc
     x509_none: Xvnc
     tls_none: Xvnc
+    x509_vnc: Xvnc
     pki: dict[str, str]
     workdir: Path
 
@@ -209,6 +218,17 @@ class SecurityProxyTests(TestCase):
         store.add("good", "127.0.0.1", self.x509_none.port)
         _, server_init = await open_console(self, port)
         self.assertTrue(server_init.endswith(b"vncmux"))
+
+    @async_test
+    async def test_x509vnc(self) -> None:
+        """VeNCrypt X509Vnc: verified TLS, then VncAuth with the record's password inside."""
+        port, store = await self.proxy_for(
+            self.x509_vnc, auth_schemes=("vencrypt",), vencrypt_ca_certs=self.pki["ca"]
+        )
+        store.add("good", "127.0.0.1", self.x509_vnc.port, password=PASSWORD)
+        client, server_init = await open_console(self, port)
+        self.assertTrue(server_init.endswith(b"vncmux"))
+        self.assertNotIn(PASSWORD.encode(), client.received)
 
     @async_test
     async def test_x509none_untrusted_certificate(self) -> None:
