@@ -23,6 +23,8 @@ setup(
     package_data={"twisted.plugins": ["vncmux_plugin.py"], "vncmux": ["py.typed"]},
     install_requires=[
         "Twisted[tls]>=24.3",
+        # DES for VncAuth comes from cryptography.hazmat.decrepit (43 and later).
+        "cryptography>=43",
         "autobahn[twisted]>=24.4",
         "txredisapi>=1.4.10",
         "prometheus_client>=0.20",

@@ -267,8 +267,9 @@ class TokenTests(AdminTestCase):
     """POST /tokens and DELETE /tokens, as `vncmux token add/revoke`."""
 
     def test_issue(self) -> None:
-        """POST issues a token: the answer has the token, its id and the noVNC URL; the
-        store holds the record with the expiry and options asked for."""
+        """POST issues a token: the answer has the token, its id and the noVNC URL (never
+        the VNC password); the store holds the record with the expiry and options asked
+        for."""
         response = self.call(
             "POST",
             "/tokens",
@@ -283,6 +284,7 @@ class TokenTests(AdminTestCase):
             },
         )
         self.assertEqual(response.status, 201)
+        self.assertNotIn(b"vnc-pass-xyz", response.body)  # the answer never echoes it
         answer = response.json()
         token = answer["token"]
         self.assertGreaterEqual(len(token), 40)

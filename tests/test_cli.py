@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -395,6 +396,32 @@ class CliRedisTests(TestCase):
         code, out, err = yield self.cli("token", "show", token)
         self.assertEqual((code, out), (1, ""))
         self.assertIn("not found", err)
+
+    @inlineCallbacks
+    def test_add_with_vncpasswd_file(self) -> Any:
+        """--password-file takes a file written by TigerVNC's vncpasswd: the record holds
+        the password itself (the proxy needs it for VncAuth); show and the output never
+        print it."""
+        if shutil.which("vncpasswd") is None:
+            if os.environ.get("CI"):
+                self.fail("vncpasswd (tigervnc-tools) is required under CI")
+            self.skipTest("vncpasswd not installed")
+        secret = self.mktemp()
+        with open(secret, "wb") as f:
+            f.write(
+                subprocess.run(
+                    ["vncpasswd", "-f"], input=b"Tr0ub4dor\n", capture_output=True, check=True
+                ).stdout
+            )
+        code, out, err = yield self.cli(
+            "token", "add", "--host", "10.1.2.3", "--port", "5901", "--password-file", secret
+        )
+        self.assertEqual(code, 0, err)
+        token = _token(out)
+        self.assertEqual(self.redis.hget(token_key(hash_token(token)), "password"), "Tr0ub4do")
+        code, out, err = yield self.cli("token", "show", token)
+        self.assertNotIn("Tr0ub4do", out + err)
+        self.assertIs(json.loads(out)["has_password"], True)
 
     @inlineCallbacks
     def test_revoke_instance(self) -> Any:

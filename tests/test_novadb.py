@@ -199,6 +199,7 @@ novncproxy_host = 192.0.2.10
 novncproxy_port = 6081
 novncproxy_base_url = https://console.example.com:6081/vnc_lite.html
 auth_schemes = vencrypt,none
+vencrypt_ca_certs = /etc/pki/qemu/ca-cert.pem
 [console]
 allowed_origins = console.example.com, ::1
 [consoleauth]
@@ -291,9 +292,9 @@ class NovaConfigTests(SynchronousTestCase):
             )
         )
         notes = "\n".join(nova.not_applied())
-        for name in ("auth_schemes", "[spice]"):
-            self.assertIn(name, notes)
+        self.assertIn("[spice]", notes)
         self.assertNotIn("[serial_console]", notes)  # served: nothing to warn about
+        self.assertNotIn("auth_schemes", notes)  # the security proxy applies it
         self.assertEqual(read_nova_config(self.write("")).not_applied(), [])
 
     def test_malformed(self) -> None:
@@ -306,9 +307,9 @@ class NovaConfigTests(SynchronousTestCase):
 
     def test_options(self) -> None:
         """``--nova-config`` sets the token store, the listener, the origins, the web
-        directory and expiry enforcement; a not-applied option is logged without the
-        database password."""
-        path = self.write(NOVA_CONF)
+        directory, expiry enforcement and the security proxy's schemes and CA bundle; a
+        not-applied option is logged without the database password."""
+        path = self.write(NOVA_CONF + "[spice]\nenabled = true\n")
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         options = Options()
         options.parseOptions(["--nova-config", path, "--allowed-origin", "https://a.example"])
@@ -323,7 +324,10 @@ class NovaConfigTests(SynchronousTestCase):
         self.assertIn("https://console.example.com:*", options["allowed-origin"])
         self.assertTrue(options.settings().limits.enforce_expiry)
         lines = _log_lines(logged)
-        self.assertTrue(any("auth_schemes" in line for line in lines), lines)
+        self.assertTrue(any("[spice]" in line for line in lines), lines)
+        self.assertEqual(options["auth-schemes"], ("vencrypt", "none"))
+        self.assertEqual(options["vencrypt-ca-certs"], "/etc/pki/qemu/ca-cert.pem")
+        self.assertIsNone(options["vencrypt-client-cert"])
         self.assertFalse(any("db%pass" in line for line in lines), lines)
 
     def test_command_line_wins(self) -> None:

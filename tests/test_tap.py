@@ -108,6 +108,8 @@ class OptionsTests(SynchronousTestCase):
             ["--base-url", "data:text/html,x"],
             ["--base-url", "/vnc.html"],
             ["--tls-min-version", "1.1"],
+            ["--auth-schemes", "vencrypt,ra2"],
+            ["--auth-schemes", ","],
         ):
             with self.subTest(args=args):
                 self.assertRaises(UsageError, parse, *args)
@@ -266,6 +268,29 @@ class MakeServiceTests(SynchronousTestCase):
         after = [listener.tls.loaded.certificate for listener in listeners]  # type: ignore[union-attr]
         for old, current in zip(before, after, strict=True):
             self.assertNotEqual(old.serial_number, current.serial_number)
+
+    def test_security_proxy_options(self) -> None:
+        """--auth-schemes is a list (case and repeats folded); the VeNCrypt files reach the
+        settings; an unreadable CA bundle or a certificate without its key is a usage error."""
+        settings = parse("--auth-schemes", "VeNCrypt, none,vencrypt").settings()
+        self.assertEqual(settings.auth_schemes, ("vencrypt", "none"))
+        self.assertEqual(parse().settings().auth_schemes, ("none",))
+        tokens = self.mktemp()
+        with open(tokens, "w") as f:
+            f.write("demo: 127.0.0.1:5900\n")
+        for args in (
+            ["--vencrypt-ca-certs", "/nonexistent/ca.pem"],
+            ["--vencrypt-ca-certs", tokens, "--vencrypt-client-cert", tokens],
+            ["--vencrypt-ca-certs", tokens],  # not PEM
+        ):
+            with self.subTest(args=args):
+                error = self.assertRaises(
+                    UsageError,
+                    makeService,
+                    parse("--tokens", f"file:{tokens}", "--listen", "tcp:0", *args),
+                    MemoryReactorClock(),
+                )
+                self.assertIn("--vencrypt-*", str(error))
 
     def test_bad_token_source(self) -> None:
         """An unknown --tokens scheme is a usage error."""

@@ -146,7 +146,7 @@ class Gate:
     def _dial(self, address: str, record: TokenRecord, client_address: str) -> Deferred[Admission]:
         reservation = self._supervisor.reserve(record, client_address)
         started = self._clock.seconds()
-        dialing = self._dialer.dial(address, record.port)
+        dialing = self._dialer.dial(address, record.port, record)
         dialing.addBoth(self._timed, "backend_connect", started)
         if record.single_use:
             dialing.addCallback(self._claim, record)

@@ -25,6 +25,7 @@ from vncmux.handshake import IPNetwork
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import Refused
+from vncmux.rfbsecurity import decrypt_vncpasswd
 from vncmux.settings import DEFAULT_TOKENS
 from vncmux.tokens import (
     BadTarget,
@@ -180,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-sessions", type=_positive(int), help="concurrent sessions allowed")
     secret = add.add_mutually_exclusive_group()
     secret.add_argument("--password", help="VNC password of the server (visible in ps!)")
-    secret.add_argument("--password-file", help="read the VNC password from this file")
+    secret.add_argument(
+        "--password-file",
+        help="read the VNC password from this file: its first line, or a file written by"
+        " vncpasswd (8 or 16 bytes that are not text)",
+    )
 
     show = actions.add_parser("show", parents=[common], help="print a token's record as JSON")
     show.add_argument("token")
@@ -283,11 +288,31 @@ def execute(
 def _password(options: argparse.Namespace) -> str | None:
     if options.password_file:
         try:
-            with open(options.password_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
+            with open(options.password_file, "rb") as f:
+                return read_password_file(f.read(4096))
         except OSError as e:
             raise UsageError(f"cannot read --password-file: {e.strerror}") from None
     return options.password  # type: ignore[no-any-return]
+
+
+def read_password_file(data: bytes) -> str:
+    """
+    The VNC password in a file's bytes: a ``vncpasswd`` file (8 bytes, 16 with a view-only
+    password; obfuscated, so not text) is decrypted, anything else is a password on the
+    first line.
+    """
+    try:
+        first_line: str | None = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError:
+        first_line = None
+    if len(data) in (8, 16) and (first_line is None or not first_line.isprintable()):
+        try:
+            return decrypt_vncpasswd(data)
+        except ValueError as e:
+            raise UsageError(f"--password-file: {e}") from None
+    if first_line is None:
+        raise UsageError("--password-file is neither text nor a vncpasswd file")
+    return first_line
 
 
 @inlineCallbacks

@@ -58,6 +58,14 @@ class Observers:
 _session_log = Logger(namespace="vncmux.session")
 
 
+def _security_of(session: Session) -> str:
+    """What the security proxy negotiated with the VNC server, or that RFB passed through."""
+    negotiation = getattr(session.backend, "security", None)
+    if negotiation is None:
+        return "relayed"
+    return f"{negotiation.negotiated} to the VNC server, None to the browser"
+
+
 @implementer(ISessionObserver)
 class SessionLog:
     """
@@ -89,7 +97,7 @@ class SessionLog:
         record = session.record
         _session_log.info(
             "session {session_id} from {client_address} opened to {backend}"
-            " ({console_type} console, token {token_id})",
+            " ({console_type} console, token {token_id}, security {security})",
             vncmux_event="session_opened",
             console_type=record.console_type,
             session_id=session.id,
@@ -97,6 +105,7 @@ class SessionLog:
             backend=record.target,
             token_id=record.token_id,
             instance_uuid=record.instance_uuid,
+            security=_security_of(session),
         )
 
     def session_closed(self, session: Session, duration: float) -> None:

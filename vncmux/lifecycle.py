@@ -29,10 +29,12 @@ from vncmux.refusals import (
     CLIENT_UNRESPONSIVE,
     INTERNAL_ERROR,
     INTERNAL_FAILURE,
+    RFB_HANDSHAKE_FAILED,
     Ending,
     Refused,
 )
 from vncmux.relay import Session
+from vncmux.rfbsecurity import BrowserSecurity, RfbClientError
 
 if TYPE_CHECKING:
     from vncmux.consoles import InBandRefusal
@@ -51,6 +53,15 @@ class ConnectionInputs(Protocol):
 
     def admitted(self, admission: Admission) -> None:
         """The token is good and its console answered (a VNC server with its greeting)."""
+
+    def admitted_secured(self, admission: Admission) -> None:
+        """The token is good and vncmux has negotiated security with its VNC server."""
+
+    def client_secured(self) -> None:
+        """The browser took security type None from the security proxy."""
+
+    def security_failed(self, error: RfbClientError) -> None:
+        """The browser's RFB handshake with the security proxy cannot go on."""
 
     def not_admitted(self, refused: Refused) -> None:
         """The token store or the VNC server said no."""
@@ -141,6 +152,7 @@ class Connection:
         self.admission: Admission | None = None
         self.refused: Refused | None = None
         self.refuser: InBandRefusal | None = None
+        self.browser: BrowserSecurity | None = None
         self.session: Session | None = None
         self.timer: IDelayedCall | None = None
         #: Set after a bug: the machine's state can no longer be trusted, later events are
@@ -189,7 +201,10 @@ class Connection:
 
     def _admitted(self, admission: Admission) -> None:
         self.admitting = None
-        self.fire(lambda machine: machine.admitted(admission))
+        if admission.backend.security is None:
+            self.fire(lambda machine: machine.admitted(admission))
+        else:
+            self.fire(lambda machine: machine.admitted_secured(admission))
 
     def _not_admitted(self, failure: Failure) -> None:
         self.admitting = None
@@ -221,12 +236,51 @@ class Connection:
         admission.backend.on_lost = None
         admission.backend.close()
 
+    def fail_opening(self, detail: str) -> None:
+        """The upgrade of an admitted connection failed: everything it holds goes back."""
+        self.cancel_timer()
+        admission = self.admission
+        assert admission is not None
+        self.drop_held_admission()
+        self.reject(Refused(BAD_REQUEST, detail, admission.record.token_id))
+        self.slot.release()
+
+    def drop_held_admission(self) -> None:
+        admission, self.admission = self.admission, None
+        assert admission is not None
+        self.drop_admission(admission)
+
+    def start_browser_security(self) -> None:
+        """Play the VNC server's side of the handshake to the browser: security type None."""
+        browser = self.browser = BrowserSecurity()
+        self.client.write(browser.greeting())
+        self.client.relay_to(self._browser_security_data)
+
+    def _browser_security_data(self, data: bytes) -> None:
+        browser = self.browser
+        assert browser is not None
+        try:
+            answer = browser.receive(data)
+        except RfbClientError as error:
+            failed = error
+            self.fire(lambda machine: machine.security_failed(failed))
+            return
+        if answer:
+            self.client.write(answer)
+        if browser.done:
+            self.fire(lambda machine: machine.client_secured())
+
     def start_relay(self) -> None:
-        """Register each side as the other's producer, then let bytes flow both ways."""
+        """
+        Register each side as the other's producer, then let bytes flow both ways. After the
+        security proxy's handshake the relay is the same: the browser's handshake only goes
+        through the activity scanner, and what it sent after it (ClientInit) is relayed.
+        """
         admission, self.admission = self.admission, None
         assert admission is not None
         factory = self.factory
         backend = admission.backend
+        scanner = factory.kind.activity_scanner(factory.settings.idle_activity)
         session = self.session = Session(
             self.session_id,
             admission.record,
@@ -235,7 +289,7 @@ class Connection:
             backend,
             factory.clock.seconds(),
             factory.supervisor,
-            factory.kind.activity_scanner(factory.settings.idle_activity),
+            scanner,
             admission.reservation,
             self,
         )
@@ -248,6 +302,12 @@ class Connection:
             backend.transport,  # type: ignore[arg-type]
             factory.stats,
         )
+        browser, self.browser = self.browser, None
+        if browser is not None:
+            if scanner is not None:
+                scanner.feed(browser.handshake)
+            if browser.leftover:
+                session.from_client(browser.leftover)
 
     def end_session(self, session: Session, ending: Ending) -> None:
         """The L{SessionOwner} side: whoever ends the session goes through the machine."""
@@ -318,6 +378,8 @@ _builder = TypeMachineBuilder(ConnectionInputs, Connection)
 handshaking = _builder.state("handshaking")
 admitting = _builder.state("admitting")
 opening = _builder.state("opening")
+opening_secured = _builder.state("opening_secured")
+securing = _builder.state("securing")
 opening_refusal = _builder.state("opening_refusal")
 refusing = _builder.state("refusing")
 relaying = _builder.state("relaying")
@@ -375,6 +437,12 @@ def _admitted(machine: ConnectionInputs, conn: Connection, admission: Admission)
     conn.client.answer_upgrade()
 
 
+@admitting.upon(ConnectionInputs.admitted_secured).to(opening_secured)
+def _admitted_secured(machine: ConnectionInputs, conn: Connection, admission: Admission) -> None:
+    conn.hold_admission(admission)
+    conn.client.answer_upgrade()
+
+
 @admitting.upon(ConnectionInputs.not_admitted).to(opening_refusal)
 def _not_admitted(machine: ConnectionInputs, conn: Connection, refused: Refused) -> None:
     conn.refused = refused
@@ -420,11 +488,80 @@ def _start_relay(machine: ConnectionInputs, conn: Connection) -> None:
 def _upgrade_failed_after_admission(
     machine: ConnectionInputs, conn: Connection, detail: str
 ) -> None:
+    conn.fail_opening(detail)
+
+
+@opening_secured.upon(ConnectionInputs.upgraded).to(securing)
+def _start_browser_security(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.start_timer(conn.factory.settings.refusal_timeout)
+    conn.start_browser_security()
+
+
+@opening_secured.upon(ConnectionInputs.upgrade_failed).to(closed)
+def _secured_upgrade_failed(machine: ConnectionInputs, conn: Connection, detail: str) -> None:
+    conn.fail_opening(detail)
+
+
+# -- securing: the security proxy plays the VNC server's handshake to the browser ----------------
+
+
+@securing.upon(ConnectionInputs.client_secured).to(relaying)
+def _secured(machine: ConnectionInputs, conn: Connection) -> None:
     conn.cancel_timer()
-    admission, conn.admission = conn.admission, None
-    assert admission is not None
-    conn.drop_admission(admission)
-    conn.reject(Refused(BAD_REQUEST, detail, admission.record.token_id))
+    conn.slot.release()
+    conn.start_relay()
+
+
+@securing.upon(ConnectionInputs.security_failed).to(closing_client)
+def _security_failed(machine: ConnectionInputs, conn: Connection, error: RfbClientError) -> None:
+    conn.client.relay_to(None)
+    conn.client.write(error.answer)
+    conn.client.close(RFB_HANDSHAKE_FAILED.code, RFB_HANDSHAKE_FAILED.reason)
+    conn.reject(Refused(BAD_REQUEST, error.detail, conn.token_id))
+    conn.drop_held_admission()
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@securing.upon(ConnectionInputs.client_failed).to(closing_client)
+def _securing_client_failed(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.client.relay_to(None)
+    conn.client.close(ending.code, ending.reason)
+    conn.client.lose()
+    conn.drop_held_admission()
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@securing.upon(ConnectionInputs.end).to(closing_client)
+def _securing_client_closed(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.client.relay_to(None)
+    conn.drop_held_admission()
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@securing.upon(ConnectionInputs.backend_lost).to(closing_client)
+def _securing_backend_lost(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
+    conn.client.relay_to(None)
+    conn.drop_held_admission()
+    conn.client.close(ending.code, ending.reason)
+    conn.slot.release()
+    conn.start_timer(conn.factory.settings.close_timeout)
+
+
+@securing.upon(ConnectionInputs.client_lost).to(closed)
+def _securing_client_gone(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.cancel_timer()
+    conn.drop_held_admission()
+    conn.slot.release()
+
+
+@securing.upon(ConnectionInputs.timed_out).to(closed)
+def _securing_too_slow(machine: ConnectionInputs, conn: Connection) -> None:
+    conn.timer = None
+    conn.client.abort()
+    conn.drop_held_admission()
     conn.slot.release()
 
 
@@ -576,6 +713,11 @@ closed.upon(ConnectionInputs.timed_out).loop().returns(None)
 
 @closed.upon(ConnectionInputs.admitted).loop()
 def _admitted_too_late(machine: ConnectionInputs, conn: Connection, admission: Admission) -> None:
+    conn.drop_admission(admission)
+
+
+@closed.upon(ConnectionInputs.admitted_secured).loop()
+def _secured_too_late(machine: ConnectionInputs, conn: Connection, admission: Admission) -> None:
     conn.drop_admission(admission)
 
 

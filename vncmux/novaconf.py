@@ -36,7 +36,7 @@ class NovaConfig:
     novncproxy_base_url: str | None = None
     web: str | None = None
     enforce_session_timeout: bool = False
-    # Read so that the operator is told they are not applied yet (see L{not_applied}).
+    #: ``[vnc] auth_schemes`` and ``vencrypt_*``: the RFB security proxy's settings.
     auth_schemes: tuple[str, ...] = ("none",)
     vencrypt_client_key: str | None = None
     vencrypt_client_cert: str | None = None
@@ -81,13 +81,6 @@ class NovaConfig:
     def not_applied(self) -> list[str]:
         """The options set in the file that vncmux does not honour yet, with what happens."""
         notes = []
-        if any(scheme != "none" for scheme in self.auth_schemes):
-            notes.append(
-                "[vnc] auth_schemes = "
-                + ",".join(self.auth_schemes)
-                + ": the RFB security proxy (VeNCrypt to the compute host) is not built yet;"
-                " vncmux relays RFB unchanged"
-            )
         if self.spice_enabled:
             notes.append(
                 f"[spice] html5proxy_host/port ({self.html5proxy_host}:{self.html5proxy_port}):"

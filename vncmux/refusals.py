@@ -20,6 +20,11 @@ TOKEN_EXPIRED = Refusal(4403, "token expired")
 TOKEN_USED = Refusal(4403, "token already used")
 TOO_MANY_SESSIONS = Refusal(4429, "too many sessions")
 CONSOLE_UNREACHABLE = Refusal(4502, "console unreachable")
+#: The VNC server offers none of the security types ``--auth-schemes`` allows (or an RFB
+#: version too old for the security proxy).
+CONSOLE_SECURITY = Refusal(4502, "console offers no allowed security type")
+#: The security proxy's authentication with the VNC server failed (password, TLS).
+CONSOLE_AUTH_FAILED = Refusal(4502, "console authentication failed")
 #: A token's target resolves outside ``--allowed-backend`` (or to a link-local address).
 BACKEND_NOT_ALLOWED = Refusal(4403, "backend not allowed")
 #: Too many failed token lookups from this client address (``--max-failed-tokens``).
@@ -36,6 +41,8 @@ ALL_REFUSALS = (
     TOKEN_USED,
     TOO_MANY_SESSIONS,
     CONSOLE_UNREACHABLE,
+    CONSOLE_SECURITY,
+    CONSOLE_AUTH_FAILED,
     STORE_UNAVAILABLE,
     BACKEND_NOT_ALLOWED,
     TOO_MANY_FAILED,
@@ -77,5 +84,8 @@ TOKEN_EXPIRED_ENDING = Ending(4403, "token expired", "expired")
 TOKEN_REVOKED = Ending(4002, "token revoked", "revoked")
 SHUTDOWN = Ending(1001, "going away", "shutdown")
 TEXT_FRAME = Ending(1003, "binary frames only", "error")
+#: The browser's RFB handshake with the security proxy failed (a version or security type
+#: it does not offer).
+RFB_HANDSHAKE_FAILED = Ending(4400, "RFB handshake failed", "error")
 #: vncmux itself failed (logged with a traceback): never expected in operation.
 INTERNAL_FAILURE = Ending(1011, "internal error", "error")

@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["SECURITY_NONE", "SECURITY_VNC_AUTH", "ClientActivityScanner", "RefusingServer"]
+__all__ = [
+    "SECURITY_NONE",
+    "SECURITY_VNC_AUTH",
+    "VERSION_3_8",
+    "VERSION_LENGTH",
+    "ClientActivityScanner",
+    "RefusingServer",
+    "parse_version",
+]
 
-# The greeting of a 3.8 server, the newest version noVNC speaks.
-_PROTOCOL_VERSION_3_8 = b"RFB 003.008\n"
+#: The greeting of a 3.8 server, the newest version noVNC speaks.
+VERSION_3_8 = b"RFB 003.008\n"
 
-_VERSION_LENGTH = 12
+#: Length of an RFB ProtocolVersion message.
+VERSION_LENGTH = 12
 
 # Security types whose client side the scanner can follow (rfbproto "Security Types").
 SECURITY_NONE = 1
@@ -32,10 +41,10 @@ _S32 = struct.Struct(">i")
 _U32 = struct.Struct(">I")
 
 
-def _parse_version(version: bytes) -> tuple[int, int] | None:
+def parse_version(version: bytes) -> tuple[int, int] | None:
     """``(major, minor)`` of a 12-byte ``RFB xxx.yyy\\n`` ProtocolVersion, None if malformed."""
     if (
-        len(version) != _VERSION_LENGTH
+        len(version) != VERSION_LENGTH
         or version[:4] != b"RFB "
         or version[7] != 0x2E  # "."
         or version[11] != 0x0A  # "\n"
@@ -80,7 +89,7 @@ class RefusingServer:
 
     def greeting(self) -> bytes:
         """The server's ProtocolVersion, sent first."""
-        return _PROTOCOL_VERSION_3_8
+        return VERSION_3_8
 
     def receive(self, data: bytes) -> bytes | None:
         """
@@ -91,14 +100,14 @@ class RefusingServer:
         """
         if self._done:
             return None
-        buffer = self._buffer + data[: _VERSION_LENGTH - len(self._buffer)]
-        if len(buffer) < _VERSION_LENGTH:
+        buffer = self._buffer + data[: VERSION_LENGTH - len(self._buffer)]
+        if len(buffer) < VERSION_LENGTH:
             self._buffer = buffer
             return None
         self._buffer = b""
         self._done = True
         reason = _U32.pack(len(self._reason)) + self._reason
-        if _speaks_3_3(_parse_version(buffer)):
+        if _speaks_3_3(parse_version(buffer)):
             # 3.3: the server picks the security type; 0 means "invalid", then the reason.
             return b"\x00\x00\x00\x00" + reason
         # 3.7+ (and anything malformed, for which 3.8 is the best guess): zero security types.
@@ -260,13 +269,13 @@ class ClientActivityScanner:
         """Take the version (and the 3.7+ security type byte), then scan what follows."""
         pos = 0
         if self._phase == _VERSION:
-            head = self._head + data[: _VERSION_LENGTH - len(self._head)]
-            if len(head) < _VERSION_LENGTH:
+            head = self._head + data[: VERSION_LENGTH - len(self._head)]
+            if len(head) < VERSION_LENGTH:
                 self._head = head
                 return False
-            pos = _VERSION_LENGTH - len(self._head)
+            pos = VERSION_LENGTH - len(self._head)
             self._head = b""
-            version = _parse_version(head)
+            version = parse_version(head)
             if version is None or version[0] != 3:
                 return self._fall_back()
             if not _speaks_3_3(version):

@@ -26,9 +26,15 @@ from vncmux.consoles import CONSOLE_TYPES
 from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
 from vncmux.relay import RelayStats
+from vncmux.rfbsecurity import SecurityPolicy
 from vncmux.settings import Settings
 from vncmux.supervisor import Supervisor
-from vncmux.tls import DEFAULT_TLS_MIN_VERSION, ReloadableServerTLS, tls_listener
+from vncmux.tls import (
+    DEFAULT_TLS_MIN_VERSION,
+    ReloadableServerTLS,
+    load_vencrypt_tls,
+    tls_listener,
+)
 from vncmux.websocket import ConsoleFactory
 
 
@@ -56,6 +62,10 @@ def build_console(
     policy, the failed-attempt counts and the relay counters.
     """
     supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
+    security = security_policy(settings)
+    vencrypt = load_vencrypt_tls(
+        settings.vencrypt_ca_certs, settings.vencrypt_client_cert, settings.vencrypt_client_key
+    )
     policy = BackendPolicy.for_reactor(reactor, settings.allowed_backends, settings.connect_timeout)
     attempts = attempts_for(store, reactor, settings.max_failed_tokens)
     stats = RelayStats()
@@ -64,7 +74,13 @@ def build_console(
     for console_type, _ in settings.listeners:
         kind = CONSOLE_TYPES[console_type]
         dialer = BackendDialer(
-            reactor, reactor, settings.connect_timeout, supervisor.connections, kind.rfb_greeting
+            reactor,
+            reactor,
+            settings.connect_timeout,
+            supervisor.connections,
+            security,
+            vencrypt,
+            kind.rfb_greeting,
         )
         gate = gates[console_type] = Gate(
             store,
@@ -81,6 +97,19 @@ def build_console(
             settings, gate, supervisor, observers, reactor, reactor=reactor, kind=kind, stats=stats
         )
     return Console(factories["novnc"], supervisor, gates["novnc"], observers, policy, factories)
+
+
+def security_policy(settings: Settings) -> SecurityPolicy:
+    """
+    What the RFB security proxy may negotiate. With a CA bundle VeNCrypt must verify the
+    server's certificate (X509 sub-types, as nova); without one it can only encrypt
+    (anonymous TLS: TLSNone, TLSVnc).
+    """
+    return SecurityPolicy(
+        frozenset(settings.auth_schemes),
+        x509=settings.vencrypt_ca_certs is not None,
+        anonymous_tls=settings.vencrypt_ca_certs is None,
+    )
 
 
 class Listener(Service):

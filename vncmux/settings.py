@@ -43,6 +43,12 @@ class Settings:
     max_failed_tokens: int = DEFAULT_MAX_FAILED
     #: ``--tls-min-version`` of ``ssl:`` listeners.
     tls_min_version: str = DEFAULT_TLS_MIN_VERSION
+    #: ``--auth-schemes``: what the RFB security proxy may negotiate with VNC servers.
+    auth_schemes: tuple[str, ...] = ("none",)
+    #: nova's ``vencrypt_*``: CA bundle, client certificate and key for VeNCrypt's TLS.
+    vencrypt_ca_certs: str | None = None
+    vencrypt_client_cert: str | None = None
+    vencrypt_client_key: str | None = None
     idle_activity: str = "input"
     drain_timeout: float = 30.0
     limits: Limits = Limits()

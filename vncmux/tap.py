@@ -22,6 +22,7 @@ from vncmux.novaconf import log_not_applied, read_nova_config
 from vncmux.novadb import DEFAULT_RECHECK_INTERVAL, SOURCE_PREFIX
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
+from vncmux.rfbsecurity import AUTH_SCHEMES
 from vncmux.service import ProxyService, build_console
 from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Settings
 from vncmux.supervisor import Limits
@@ -58,6 +59,17 @@ def _tls_version(value: str) -> str:
     if value not in TLS_VERSIONS:
         raise ValueError(f"{value!r} is not one of {', '.join(TLS_VERSIONS)}")
     return value
+
+
+def _auth_schemes(value: str) -> tuple[str, ...]:
+    schemes = tuple(dict.fromkeys(s.strip().lower() for s in value.split(",") if s.strip()))
+    unknown = [s for s in schemes if s not in AUTH_SCHEMES]
+    if unknown or not schemes:
+        raise ValueError(f"{value!r}: schemes are {', '.join(AUTH_SCHEMES)}")
+    return schemes
+
+
+_auth_schemes.coerceDoc = "Comma-separated: none, vncauth, vencrypt."  # type: ignore[attr-defined]
 
 
 def _activity(value: str) -> str:
@@ -266,6 +278,36 @@ class Options(usage.Options):
             _tls_version,
         ],
         [
+            "auth-schemes",
+            None,
+            ("none",),
+            "Security the RFB security proxy may negotiate with VNC servers, in any order "
+            "(the server's order decides), as nova's [vnc] auth_schemes: 'none' alone relays "
+            "RFB untouched unless the token carries a password (then VncAuth); 'vencrypt' "
+            "adds VeNCrypt (X509None/X509Vnc with --vencrypt-ca-certs, else TLSNone/TLSVnc); "
+            "'vncauth' allows VncAuth. The browser is always offered security type None.",
+            _auth_schemes,
+        ],
+        [
+            "vencrypt-ca-certs",
+            None,
+            None,
+            "CA bundle (PEM) that VNC servers' VeNCrypt certificates must chain to (nova's "
+            "[vnc] vencrypt_ca_certs); the certificate's name is not checked, as in nova.",
+        ],
+        [
+            "vencrypt-client-cert",
+            None,
+            None,
+            "Client certificate (PEM) shown to VNC servers over VeNCrypt (vencrypt_client_cert).",
+        ],
+        [
+            "vencrypt-client-key",
+            None,
+            None,
+            "Private key (PEM, unencrypted) of --vencrypt-client-cert (vencrypt_client_key).",
+        ],
+        [
             "admin-token-file",
             None,
             None,
@@ -381,6 +423,15 @@ class Options(usage.Options):
             self["serial-listen"] = nova.serial_listen_endpoint()
         if "--web" not in given and nova.web:
             self["web"] = nova.web
+        if "--auth-schemes" not in given:
+            self["auth-schemes"] = nova.auth_schemes
+        for option, value in (
+            ("vencrypt-ca-certs", nova.vencrypt_ca_certs),
+            ("vencrypt-client-cert", nova.vencrypt_client_cert),
+            ("vencrypt-client-key", nova.vencrypt_client_key),
+        ):
+            if f"--{option}" not in given and value is not None:
+                self[option] = value
         if nova.enforce_session_timeout:
             self["enforce-expiry"] = 1
         self["allowed-origin"].extend(nova.origin_patterns())
@@ -405,6 +456,10 @@ class Options(usage.Options):
             max_failed_tokens=self["max-failed-tokens"],
             tls_min_version=self["tls-min-version"],
             idle_activity=self["idle-activity"],
+            auth_schemes=tuple(self["auth-schemes"]),
+            vencrypt_ca_certs=self["vencrypt-ca-certs"],
+            vencrypt_client_cert=self["vencrypt-client-cert"],
+            vencrypt_client_key=self["vencrypt-client-key"],
             drain_timeout=self["drain-timeout"],
             close_timeout=self["close-timeout"],
             limits=Limits(
@@ -479,7 +534,10 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
     except ValueError as e:
         raise usage.UsageError(f"--tokens: {e}") from None
     observers = Observers([SessionLog()])
-    console = build_console(settings, store, reactor, observers)
+    try:
+        console = build_console(settings, store, reactor, observers)
+    except ValueError as e:  # the VeNCrypt files
+        raise usage.UsageError(f"--vencrypt-*: {e}") from None
     service = ProxyService(settings, console, reactor)
     if IService.providedBy(store):
         service.add(store)

@@ -319,6 +319,7 @@ def start_xvnc(
     workdir: Path,
     *,
     password: str | None = None,
+    security_types: str | None = None,
     geometry: str = "640x400",
     desktop: str = "vncmux",
     extra_args: Sequence[str] = (),
@@ -327,7 +328,9 @@ def start_xvnc(
     """
     Start TigerVNC's C{Xvnc} serving RFB on a fresh loopback listener, with no authentication
     or, given C{password}, VNC authentication (password file made by C{vncpasswd -f} in
-    C{workdir}).
+    C{workdir}). C{security_types} replaces that choice (Xvnc's C{-SecurityTypes}, e.g.
+    C{X509None} with C{-X509Cert}/C{-X509Key} in C{extra_args}); the password file is still
+    made when C{password} is given.
 
     Xvnc takes the listening socket as its standard input (C{-inetd}) and picks a free X
     display itself, which it writes to a pipe once it is ready (C{-displayfd}); this returns
@@ -350,6 +353,8 @@ def start_xvnc(
         password_file.chmod(0o600)
         files.append(password_file)
         security = ["-SecurityTypes", "VncAuth", "-PasswordFile", str(password_file)]
+    if security_types is not None:
+        security[1] = security_types
 
     read_end, write_end = os.pipe()
     # Xvnc's -inetd moves its standard input to fd 3: keep the display pipe well above that.

@@ -17,7 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -226,3 +230,66 @@ __all__ = [
     "load_context",
     "tls_listener",
 ]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class AnonymousClientTLS:
+    """
+    TLS without certificates (anonymous Diffie-Hellman), what VeNCrypt's TLSNone and TLSVnc
+    sub-types use: it encrypts, but a man in the middle can read it. TLS 1.3 has no anonymous
+    cipher suites, and OpenSSL allows them only at security level 0.
+    """
+
+    def __init__(self) -> None:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(b"aNULL:!eNULL:@SECLEVEL=0")
+        self._context = context
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_connect_state()
+        return connection
+
+
+@dataclass(frozen=True, slots=True)
+class VencryptTLS:
+    """The TLS that vncmux's security proxy starts with VNC servers (VeNCrypt)."""
+
+    #: X509 sub-types: the server's certificate checked against the CA bundle (not its name,
+    #: as nova does not), our client certificate shown when given; None without a CA bundle.
+    x509: CertificateOptions | None
+    anonymous: AnonymousClientTLS
+
+
+def load_vencrypt_tls(
+    ca_certs: str | None, client_cert: str | None, client_key: str | None
+) -> VencryptTLS:
+    """Read nova's ``vencrypt_*`` files once, at start; L{TLSFilesError} says what is wrong."""
+    if (client_cert is None) != (client_key is None):
+        raise TLSFilesError("a VeNCrypt client certificate needs its key, and the other way round")
+    x509_options = None
+    if ca_certs is not None:
+        identity: dict[str, Any] = {}
+        if client_cert is not None and client_key is not None:
+            chain = _certificates(client_cert)
+            identity = {
+                "certificate": crypto.X509.from_cryptography(chain[0]),
+                "extraCertChain": [crypto.X509.from_cryptography(c) for c in chain[1:]],
+                "privateKey": crypto.PKey.from_cryptography_key(_private_key(client_key)),
+            }
+        x509_options = CertificateOptions(
+            verify=True,
+            caCerts=[crypto.X509.from_cryptography(c) for c in _certificates(ca_certs)],
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+            **identity,
+        )
+        try:
+            x509_options.getContext()
+        except SSL.Error as e:
+            raise TLSFilesError(
+                f"the key in {client_key} does not belong to the certificate in"
+                f" {client_cert} ({_openssl_reason(e)})"
+            ) from None
+    return VencryptTLS(x509_options, AnonymousClientTLS())

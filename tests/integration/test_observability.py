@@ -299,7 +299,10 @@ class AdminOverHttpTests(TestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        vnc, vnc_port = await listen_fake_vnc(self)
+        # A VNC server that wants VncAuth (it answers OK without waiting for the response):
+        # the security proxy uses the password, and still nothing logs it.
+        vnc_auth = GREETING + b"\x01\x02" + bytes(range(16)) + b"\x00\x00\x00\x00"
+        vnc, vnc_port = await listen_fake_vnc(self, greeting=vnc_auth, echo=False)
         store = MemoryTokenStore()
         obs = await observed_proxy(self, store)
 
@@ -311,6 +314,10 @@ class AdminOverHttpTests(TestCase):
 
         client = await connect_client(self, obs.proxy.port, path=f"/websockify?token={token}")
         await client.receive(len(GREETING))
+        client.send(GREETING)  # the proxy offers None, and the session starts
+        await client.receive(len(GREETING) + 2)
+        client.send(b"\x01")
+        await client.receive(len(GREETING) + 2 + 4)
         near_miss = token[:-1] + ("A" if token[-1] != "A" else "B")
         refused = await connect_client(self, obs.proxy.port, path=f"/?token={near_miss}")
         await refused.receive(len(GREETING))
