@@ -19,6 +19,7 @@ from vncmux.cli import DEFAULT_BASE_URL
 from vncmux.health import Liveness, Readiness, write_json
 from vncmux.interfaces import ITokenStore
 from vncmux.metrics import Metrics, MetricsPage, new_registry
+from vncmux.redisstore import RedisTokenStore
 from vncmux.service import Listener
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def build_observability(
         L{Metrics} observer to add to the session observers (it counts either way).
     @raise ValueError: the admin token file cannot be read or is empty.
     """
-    metrics = Metrics(supervisor.sessions, relay_stats)
+    reconnects = (lambda: store.reconnects) if isinstance(store, RedisTokenStore) else lambda: 0
+    metrics = Metrics(supervisor.sessions, relay_stats, reconnects)
     if endpoint is None:
         return None, metrics
     secret = read_admin_secret(admin_token_file) if admin_token_file else None

@@ -1,0 +1,223 @@
+"""
+Faults on real loopback sockets: the proxy loses nothing it should keep and keeps serving.
+
+Each test breaks one thing a real deployment loses (Redis, the VNC server, the client, the
+proxy process, file descriptors) and checks what a live session and a new one see, and that
+the proxy recovers by itself (docs/security.md, "Faults and live sessions").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.integration import test_fleet
+from tests.redis_server import start_redis
+from tests.support import (
+    GREETING,
+    ClientState,
+    Proxy,
+    async_test,
+    connect_client,
+    listen_fake_vnc,
+    listen_proxy,
+)
+from vncmux.metrics import Metrics
+from vncmux.redisstore import RedisConfig, RedisTokenStore
+from vncmux.tokens import MemoryTokenStore, TokenRecord, TokenStoreUnavailable, hash_token
+
+TOKEN = "fault-token"
+
+
+async def relaying(test: TestCase, port: int, token: str = TOKEN) -> ClientState:
+    """A session that relays: the greeting arrives, and a message comes back echoed."""
+    client = await connect_client(test, port, path=f"/websockify?token={token}")
+    test.assertEqual(await client.receive(len(GREETING)), GREETING)
+    await echoes(test, client)
+    return client
+
+
+async def refused(test: TestCase, port: int, token: str = TOKEN) -> tuple[int | None, str | None]:
+    """How a refused console closes: the proxy answers as a refusing VNC server, the client
+    sends its RFB version, the close frame carries the refusal's code and reason."""
+    client = await connect_client(test, port, path=f"/websockify?token={token}")
+    test.assertEqual(await client.receive(len(GREETING)), GREETING)
+    client.send(GREETING)
+    return await client.closed
+
+
+async def echoes(test: TestCase, client: ClientState, data: bytes = b"still here") -> None:
+    """C{data} goes through the proxy to the echoing VNC server and back."""
+    before = len(client.received)
+    client.send(data)
+    test.assertEqual((await client.receive(before + len(data)))[before:], data)
+
+
+class RedisStoppedTests(TestCase):
+    """Redis stops mid-run and comes back on the same port."""
+
+    timeout = 30
+
+    @async_test
+    async def test_redis_stopped_mid_run(self) -> None:
+        """Live sessions keep relaying while Redis is down; new ones get 4503 at once (not
+        after the store timeout); once Redis is back new sessions open again, from the same
+        proxy, without a restart."""
+        # appendonly: the record survives the restart, so the re-check of live sessions
+        # after re-subscribing finds it (a server without data would revoke them).
+        server = start_redis(self, ["--appendonly", "yes"])
+        store = RedisTokenStore(
+            RedisConfig.from_url(server.url()),
+            reactor,
+            reactor=reactor,
+            reconnect_policy=lambda attempt: 0.1,
+            resubscribe_policy=lambda attempt: 0.1,
+        )
+        store.startService()
+        self.addCleanup(store.stopService)
+        vnc, vnc_port = await listen_fake_vnc(self)
+        record = TokenRecord.issued(TOKEN, "127.0.0.1", vnc_port, reactor.seconds())
+        await store.issue(record, TOKEN)
+        proxy = await listen_proxy(self, store)
+        live = await relaying(self, proxy.port)
+
+        server.stop()
+        await echoes(self, live)
+        started = reactor.seconds()
+        self.assertEqual(await refused(self, proxy.port), (4503, "token store unavailable"))
+        self.assertLess(reactor.seconds() - started, 0.5)
+        await echoes(self, live, b"and still")
+
+        server.start()
+        await store.next_reconnection()
+        fresh = await relaying(self, proxy.port)
+        await echoes(self, live, b"after")
+        self.assertEqual(len(proxy.supervisor.sessions), 2)
+        self.assertFalse(fresh.closed.called)
+        self.flushLoggedErrors(TokenStoreUnavailable)
+
+
+async def counted_proxy(test: TestCase, vnc_port: int) -> tuple[Proxy, Metrics]:
+    """An in-process proxy whose token TOKEN opens the VNC server at C{vnc_port}, with the
+    metrics observer listening to its sessions."""
+    store = MemoryTokenStore()
+    store.add(TOKEN, "127.0.0.1", vnc_port)
+    proxy = await listen_proxy(test, store, close_timeout=2.0)
+    metrics = Metrics(proxy.supervisor.sessions, proxy.factory.stats)
+    proxy.observers.add(metrics)
+    return proxy, metrics
+
+
+async def assert_nothing_held_now(test: TestCase, proxy: Proxy) -> None:
+    """Once every socket of the proxy is closed, nothing is held: no session, reservation
+    or pending slot (without stopping the proxy, unlike the cleanup check)."""
+    await proxy.supervisor.connections.all_closed()
+    supervisor = proxy.supervisor
+    held = (len(supervisor.sessions), supervisor.reserved, supervisor.pending.total)
+    test.assertEqual(held, (0, 0, 0))
+
+
+class BackendKilledTests(TestCase):
+    """The VNC server dies mid-session: its socket is reset."""
+
+    timeout = 10
+
+    @async_test
+    async def test_backend_reset(self) -> None:
+        """The client gets close 1011 'backend error' at once; the session is counted as
+        closed by an error; the proxy holds nothing afterwards and keeps serving."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        proxy, metrics = await counted_proxy(self, vnc_port)
+        client = await relaying(self, proxy.port)
+
+        vnc.connections[0].transport.abortConnection()  # SO_LINGER 0: an RST, as a crash
+        self.assertEqual(await client.closed, (1011, "backend error"))
+        await assert_nothing_held_now(self, proxy)
+        self.assertEqual(metrics.closed["error"], 1)
+        await relaying(self, proxy.port)
+
+
+class ClientVanishedTests(TestCase):
+    """The browser goes away without a WebSocket close: its socket is reset or just closed."""
+
+    timeout = 10
+
+    async def _vanish(self, drop: str) -> None:
+        vnc, vnc_port = await listen_fake_vnc(self)
+        proxy, metrics = await counted_proxy(self, vnc_port)
+        client = await relaying(self, proxy.port)
+        assert client.client is not None
+        getattr(client.client.transport, drop)()
+        await vnc.connections[0].lost  # the proxy closed the VNC connection
+        self.assertEqual((await client.closed)[0], 1006)
+        await assert_nothing_held_now(self, proxy)
+        self.assertEqual(metrics.closed["client"], 1)
+        await relaying(self, proxy.port)
+
+    @async_test
+    async def test_client_reset(self) -> None:
+        """A client whose socket is reset (RST): the session ends, counted as closed by the
+        client; the VNC connection is closed; nothing is held."""
+        await self._vanish("abortConnection")
+
+    @async_test
+    async def test_client_dropped(self) -> None:
+        """A client that closes its TCP connection without a close frame: the same."""
+        await self._vanish("loseConnection")
+
+
+class ProxyKilledTests(TestCase):
+    """The proxy process is SIGKILLed (no drain, no last write-back) and started again."""
+
+    timeout = 60
+    cli = test_fleet.FleetRevocationTests.cli
+    add_token = test_fleet.FleetRevocationTests.add_token
+    start_proxy = test_fleet.FleetRevocationTests.start_proxy
+
+    @async_test
+    async def test_sigkill_and_restart(self) -> None:
+        """What the proxy wrote to Redis before it died stays there: the token record as
+        issued and the last_activity_at already written back; a new proxy process on the same
+        Redis serves the same token."""
+        self.redis = start_redis(self)
+        vnc, vnc_port = await listen_fake_vnc(self)
+        token = await self.add_token(vnc_port, "instance-a")
+        key = f"vncmux:token:{hash_token(token)}"
+        redis = self.redis.client()
+        self.addCleanup(redis.close)
+        issued = redis.hgetall(key)
+
+        port = self.start_proxy("--flush-interval", "0.2")
+        killed = self.proc
+        client = await relaying(self, port, token)
+        client.send(b"RFB 003.008\n\x01\x01")  # version, security None, ClientInit
+        client.send(b"\x05\x00\x00\x10\x00\x10")  # a PointerEvent: user input
+        typed_at = reactor.seconds()
+        stamp = await until_written(redis, key, "last_activity_at")
+        self.assertLess(abs(float(stamp) - typed_at), 2.0)
+
+        os.killpg(killed.pid, signal.SIGKILL)
+        self.assertEqual((await client.closed)[0], 1006)
+        await vnc.connections[0].lost  # the kernel closed the dead proxy's sockets
+        self.assertEqual(redis.hgetall(key), {**issued, "last_activity_at": stamp})
+        self.assertGreater(redis.ttl(key), 0)
+
+        port = self.start_proxy()
+        await relaying(self, port, token)
+        self.assertEqual(killed.wait(5), -signal.SIGKILL)
+
+
+async def until_written(redis: Any, key: str, field: str, tries: int = 50) -> str:
+    """The value of C{field} of the HASH C{key} once another process wrote it, read every
+    0.1 s at most C{tries} times (a process on its own gives no event to wait for)."""
+    for _ in range(tries):
+        value = redis.hget(key, field)
+        if value is not None:
+            return str(value)
+        await deferLater(reactor, 0.1)
+    raise AssertionError(f"{field} not written within {tries * 0.1:g} s")
