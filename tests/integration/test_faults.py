@@ -9,10 +9,13 @@ the proxy recovers by itself (docs/security.md, "Faults and live sessions").
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -29,6 +32,14 @@ from tests.support import (
 )
 from vncmux.metrics import Metrics
 from vncmux.redisstore import RedisConfig, RedisTokenStore
+from vncmux.testing import (
+    SYSTEMD_LISTEN_ENDPOINT,
+    loopback_listener,
+    port_of,
+    spawn_with_listener,
+    stop_process,
+    twistd_command,
+)
 from vncmux.tokens import MemoryTokenStore, TokenRecord, TokenStoreUnavailable, hash_token
 
 TOKEN = "fault-token"
@@ -99,6 +110,7 @@ class RedisStoppedTests(TestCase):
         await echoes(self, live, b"after")
         self.assertEqual(len(proxy.supervisor.sessions), 2)
         self.assertFalse(fresh.closed.called)
+        self.assertEqual(store.reconnects, 1)
         self.flushLoggedErrors(TokenStoreUnavailable)
 
 
@@ -221,3 +233,123 @@ async def until_written(redis: Any, key: str, field: str, tries: int = 50) -> st
             return str(value)
         await deferLater(reactor, 0.1)
     raise AssertionError(f"{field} not written within {tries * 0.1:g} s")
+
+
+#: RLIMIT_NOFILE of the proxy process under test: twistd starts with about 20 descriptors open,
+#: so some twenty sessions (two descriptors each) fill it.
+FD_LIMIT = 64
+
+
+class FdExhaustionTests(TestCase):
+    """The proxy runs out of file descriptors (EMFILE) with sessions open."""
+
+    timeout = 60
+
+    def start_proxy(self, vnc_port: int) -> subprocess.Popen[bytes]:
+        """`twistd -n vncmux` under `prlimit --nofile=FD_LIMIT`, on a listener of ours."""
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            self.fail("prlimit not found: apt-get install util-linux")
+        tokens = self.mktemp()
+        with open(tokens, "w") as f:
+            f.write(f"{TOKEN}: 127.0.0.1:{vnc_port}\n")
+        self.log_path = self.mktemp()
+        listener = loopback_listener()
+        self.addCleanup(listener.close)
+        with open(self.log_path, "wb") as log:
+            proc = spawn_with_listener(
+                [
+                    prlimit, f"--nofile={FD_LIMIT}",
+                    *twistd_command(), "-n", "--pidfile=", "vncmux",
+                    "--listen", SYSTEMD_LISTEN_ENDPOINT,
+                    "--tokens", f"file:{tokens}",
+                    "--metrics", "none",
+                    "--idle-timeout", "0",
+                    "--max-sessions-per-token", "0",
+                    "--max-failed-tokens", "0",
+                ],
+                listener,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.addCleanup(stop_process, proc)
+        self.port = port_of(listener)
+        return proc
+
+    async def attempt(self) -> tuple[str, ClientState]:
+        """One console: 'relaying' (the VNC server's greeting, then an echo), or how it was
+        refused: 'cut' (the TCP connection closed before any answer) or the close code."""
+        client = await connect_client(self, self.port, path=f"/websockify?token={TOKEN}")
+        client.opened.addErrback(lambda f: None)  # closed before open: seen in `closed`
+        if await received_or_closed(client, len(GREETING)):
+            client.send(GREETING)  # the echo, or the RFB answer a refusal waits for
+            if await received_or_closed(client, 2 * len(GREETING)):
+                return "relaying", client
+        code, _ = await client.closed
+        return ("cut" if code == 1006 and not client.received else str(code)), client
+
+    @async_test
+    async def test_emfile(self) -> None:
+        """At the descriptor limit new connections are refused cleanly (closed at once, or
+        refused with a close code), live sessions keep relaying, the process does not spin
+        (CPU time over a second of refused connections stays low), and once sessions end
+        new ones open again, without a restart."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        proc = self.start_proxy(vnc_port)
+        live: list[ClientState] = []
+        refusals: list[str] = []
+        for _ in range(FD_LIMIT):
+            outcome, client = await self.attempt()
+            if outcome != "relaying":
+                refusals.append(outcome)
+                break
+            live.append(client)
+        self.assertTrue(refusals, f"{len(live)} sessions and no descriptor shortage")
+        self.assertGreater(len(live), 5)
+
+        cpu_before = cpu_seconds(proc.pid)
+        measured_from = reactor.seconds()
+        for _ in range(5):
+            refusals.append((await self.attempt())[0])
+        await echoes(self, live[0])
+        await deferLater(reactor, max(0.0, 1.0 - (reactor.seconds() - measured_from)))
+        busy = cpu_seconds(proc.pid) - cpu_before
+        self.assertLess(busy, 0.5, f"{busy:.2f} s of CPU in a second at the limit")
+        self.assertLessEqual(set(refusals), {"cut", "4502", "4503"}, refusals)
+        self.assertIsNone(proc.poll())
+
+        for client in live[-3:]:
+            assert client.client is not None
+            client.client.sendClose(1000)
+            await client.closed
+        outcome, fresh = await self.attempt()
+        self.assertEqual(outcome, "relaying")
+        await echoes(self, live[0])
+        with open(self.log_path, "rb") as f:
+            self.assertIn(b"EMFILE", f.read())
+
+
+def received_or_closed(client: ClientState, count: int) -> Deferred[bool]:
+    """Fires C{True} once C{count} bytes arrived in all, C{False} if the connection closed
+    first (and leaves C{client.closed} to be awaited again)."""
+    done: Deferred[bool] = Deferred()
+
+    def settle(value: bool) -> None:
+        if not done.called:
+            done.callback(value)
+
+    client.receive(count).addCallback(lambda _: settle(True))
+
+    def closed(result: object) -> object:
+        settle(False)
+        return result
+
+    client.closed.addBoth(closed)
+    return done
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process C{pid} so far (Linux, /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
