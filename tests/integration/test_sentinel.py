@@ -1,0 +1,84 @@
+"""
+Redis high availability: ``redis+sentinel://`` against a real master, a replica and three
+Sentinels on loopback. The master stops mid-run; the Sentinels promote the replica.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.integration.test_faults import TOKEN, echoes, refused, relaying
+from tests.redis_server import SentinelCluster, start_sentinel_cluster
+from tests.support import async_test, listen_fake_vnc, listen_proxy
+from vncmux.metrics import new_registry
+from vncmux.observability import build_observability
+from vncmux.redisstore import RedisConfig, RedisTokenStore
+from vncmux.tokens import TokenRecord, TokenStoreUnavailable
+
+#: Bound on the promotion: the master is down after 0.4 s, an election and the promotion
+#: take a few seconds more, and the pool's backoff between attempts grows to about 2 s.
+FAILOVER_BOUND = 20.0
+
+
+async def until_ready(cluster: SentinelCluster, tries: int = 100) -> None:
+    """Wait until the Sentinels could fail over, checking every 0.1 s at most C{tries}
+    times (Sentinel publishes no event for 'I know my peers')."""
+    for _ in range(tries):
+        if cluster.ready():
+            return
+        await deferLater(reactor, 0.1)
+    raise AssertionError(f"the Sentinels did not find each other within {tries * 0.1:g} s")
+
+
+class SentinelFailoverTests(TestCase):
+    """The master fails; Sentinel promotes the replica; the proxy follows by itself."""
+
+    timeout = 60
+
+    @async_test
+    async def test_master_fails_over(self) -> None:
+        """Live sessions keep relaying through the failover; new sessions get 4503 at once
+        while no master answers, and open again once the replica is promoted, from the same
+        proxy; the log names the new master, and vncmux_token_store_reconnects_total
+        counts the reconnection."""
+        cluster = start_sentinel_cluster(self)
+        store = RedisTokenStore(RedisConfig.from_url(cluster.url()), reactor, reactor=reactor)
+        store.startService()
+        self.addCleanup(store.stopService)
+        vnc, vnc_port = await listen_fake_vnc(self)
+        record = TokenRecord.issued(TOKEN, "127.0.0.1", vnc_port, reactor.seconds())
+        await store.issue(record, TOKEN)
+        with cluster.master.client() as master:
+            self.assertEqual(master.execute_command("WAIT", 1, 5000), 1)  # on the replica too
+        proxy = await listen_proxy(self, store)
+        _, metrics = build_observability(
+            None, reactor, proxy.supervisor, store, proxy.factory.stats, lambda: True
+        )
+        registry = new_registry(metrics, process=False)
+        lines: list[str] = []
+        observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        await until_ready(cluster)
+        live = await relaying(self, proxy.port)
+
+        old, new = cluster.master.port, cluster.replica.port  # type: ignore[union-attr]
+        cluster.master.stop()
+        await echoes(self, live)
+        started = reactor.seconds()
+        self.assertEqual(await refused(self, proxy.port), (4503, "token store unavailable"))
+        self.assertLess(reactor.seconds() - started, 0.5)
+
+        await store.next_reconnection().addTimeout(FAILOVER_BOUND, reactor)
+        fresh = await relaying(self, proxy.port)
+        await echoes(self, live, b"after the failover")
+        self.assertFalse(fresh.closed.called or live.closed.called)
+        self.assertEqual(registry.get_sample_value("vncmux_token_store_reconnects_total"), 1)
+        moved = [line for line in lines if "(failover)" in line]
+        self.assertEqual(len(moved), 1, lines)
+        self.assertIn(f"127.0.0.1:{new}", moved[0])
+        self.assertIn(f"from 127.0.0.1:{old}", moved[0])
+        self.flushLoggedErrors(TokenStoreUnavailable)
