@@ -93,7 +93,8 @@ def build_observability(
     @param reactor: listens on C{endpoint}, and is the clock of ``/readyz`` and the admin API.
     @param supervisor: its live session table is read at scrape time; ``/readyz`` compares
         its reservations with ``--max-sessions``; the admin API ends sessions through it.
-    @param store: pinged by ``/readyz``; issues and revokes tokens when it is an ITokenAdmin.
+    @param store: pinged by ``/readyz``; issues and revokes tokens when it is an ITokenAdmin;
+        a Redis store's reconnections are counted (``vncmux_token_store_reconnects_total``).
     @param relay_stats: the console factory's L{RelayStats} (C{factory.stats}).
     @param listener_up: whether the console listener is listening (C{ProxyService.accepting}).
     @param admin_token_file: ``--admin-token-file``; C{None} leaves the admin API off.

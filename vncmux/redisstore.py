@@ -621,6 +621,9 @@ def _pool_factories() -> tuple[type, type]:
                 _keep_alive(conn.transport)
                 self.store._pool_connected(_peer_of(conn.transport))
 
+        # txredisapi calls delConnection when a pool connection is gone, and sets `stopped`
+        # on disconnect(); both undocumented, pinned by tests/integration/test_faults.py
+        # (RedisStoppedTests: 4503 at once) and every test that stops a store.
         def delConnection(self, conn: Any) -> None:
             super().delConnection(conn)  # type: ignore[misc]
             if not self.pool and not self.stopped:  # type: ignore[attr-defined]
