@@ -638,6 +638,56 @@ def _pool_factories() -> tuple[type, type]:
     return PoolFactory, SentinelPoolFactory
 
 
+@functools.cache
+def _sentinel_class() -> type:
+    """
+    txredisapi's Sentinel client, with master discovery bounded on the store's clock and
+    cancelled by C{disconnect()}. txredisapi's own C{discover_master} arms a timer on the
+    global reactor that only an answer naming a healthy master cancels: during a failover
+    (every Sentinel reports the master down) a store stopped meanwhile left it behind.
+    Relies on txredisapi's C{sentinels} (one lazy connection per Sentinel),
+    C{check_master_state} and C{discovery_timeout}, which both the pool's and the
+    subscriber's endpoints go through; pinned by the Sentinel tests in tests/test_tokens.py
+    and tests/integration/test_sentinel.py.
+    """
+    import txredisapi
+
+    class StoreSentinel(txredisapi.Sentinel):  # type: ignore[misc]
+        def __init__(self, *args: Any, clock: IReactorTime, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.clock = clock
+            self.discoveries: set[Deferred[tuple[str, int]]] = set()
+
+        def discover_master(self, service_name: str) -> Deferred[tuple[str, int]]:
+            found: Deferred[tuple[str, int]] = Deferred()
+
+            def answered(masters: object) -> None:
+                state = masters.get(service_name) if isinstance(masters, dict) else None
+                if not found.called and state and self.check_master_state(state):
+                    found.callback((state["ip"], int(state["port"])))
+
+            for sentinel in self.sentinels:
+                sentinel.sentinel_masters().addCallbacks(answered, lambda _: None)
+
+            def not_found(failure: Failure) -> Failure:
+                if failure.check(defer.TimeoutError):
+                    return Failure(
+                        txredisapi.MasterNotFoundError(f"No master found for {service_name}")
+                    )
+                return failure
+
+            self.discoveries.add(found)
+            found.addBoth(lambda result: (self.discoveries.discard(found), result)[1])
+            return found.addTimeout(self.discovery_timeout, self.clock).addErrback(not_found)
+
+        def disconnect(self) -> Deferred[Any]:
+            for discovery in list(self.discoveries):
+                discovery.cancel()
+            return super().disconnect()  # type: ignore[no-any-return]
+
+    return StoreSentinel
+
+
 def _peer_of(transport: Any) -> str:
     """``host:port`` of the Redis server at the other end of C{transport}."""
     try:
@@ -761,7 +811,6 @@ class RedisTokenStore(Service):
     # service
 
     def startService(self) -> None:
-        import txredisapi
 
         super().startService()
         self._pool_down = False
@@ -775,8 +824,9 @@ class RedisTokenStore(Service):
             poolsize=self._poolsize,
         )
         if config.sentinel_master:
-            self._sentinel = txredisapi.Sentinel(
+            self._sentinel = _sentinel_class()(
                 list(config.hosts),
+                clock=self._clock,
                 password=config.sentinel_password,
                 connectTimeout=config.connect_timeout,
                 replyTimeout=config.reply_timeout * _INNER_REPLY_FRACTION,

@@ -11,11 +11,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.integration.test_faults import TOKEN, echoes, refused, relaying
-from tests.redis_server import SentinelCluster, start_sentinel_cluster
+from tests.redis_server import SentinelCluster, start_redis, start_sentinel_cluster
 from tests.support import async_test, listen_fake_vnc, listen_proxy
 from vncmux.metrics import new_registry
 from vncmux.observability import build_observability
 from vncmux.redisstore import RedisConfig, RedisTokenStore
+from vncmux.testing import port_of, reserved_port
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
 
 #: Bound on the promotion: the master is down after 0.4 s, an election and the promotion
@@ -82,4 +83,41 @@ class SentinelFailoverTests(TestCase):
         self.assertEqual(len(moved), 1, lines)
         self.assertIn(f"127.0.0.1:{new}", moved[0])
         self.assertIn(f"from 127.0.0.1:{old}", moved[0])
+        self.flushLoggedErrors(TokenStoreUnavailable)
+
+
+class SentinelStopTests(TestCase):
+    """Stopping a store while no Sentinel names a healthy master leaves nothing behind."""
+
+    timeout = 30
+
+    @async_test
+    async def test_stop_during_discovery(self) -> None:
+        """While every Sentinel reports the master down, master discovery waits for its
+        deadline; stopping the store cancels it (trial fails the test on a timer left in
+        the reactor)."""
+        nothing = reserved_port()  # connections to it are refused: a dead master
+        self.addCleanup(nothing.close)
+        sentinel = start_redis(
+            self,
+            ["--sentinel"],
+            config=(
+                f"sentinel monitor mymaster 127.0.0.1 {port_of(nothing)} 1\n"
+                "sentinel down-after-milliseconds mymaster 100\n"
+            ),
+            ready_marker=b"+monitor master",
+        )
+        with sentinel.client() as client:
+            for _ in range(50):
+                if client.sentinel_master("mymaster")["is_sdown"]:
+                    break
+                await deferLater(reactor, 0.1)
+            else:
+                self.fail("Sentinel did not mark the master down within 5 s")
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster?connect_timeout=5"
+        store = RedisTokenStore(RedisConfig.from_url(url), reactor, reactor=reactor)
+        store.startService()  # the pool's connections ask Sentinel for the master at once
+        looking = store.ping()
+        await store.stopService()
+        await self.assertFailure(looking, TokenStoreUnavailable)
         self.flushLoggedErrors(TokenStoreUnavailable)
