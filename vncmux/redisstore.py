@@ -811,7 +811,6 @@ class RedisTokenStore(Service):
     # service
 
     def startService(self) -> None:
-
         super().startService()
         self._pool_down = False
         config = self.config

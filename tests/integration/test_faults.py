@@ -241,7 +241,14 @@ FD_LIMIT = 64
 
 
 class FdExhaustionTests(TestCase):
-    """The proxy runs out of file descriptors (EMFILE) with sessions open."""
+    """
+    The proxy runs out of file descriptors (EMFILE) with sessions open.
+
+    vncmux has no EMFILE code of its own: Twisted's listening port (twisted.internet.tcp,
+    C{_accept}) keeps a descriptor in reserve, and on EMFILE frees it, accepts every waiting
+    connection and closes it, then reserves it again, so the listener does not stay readable
+    and the reactor does not spin. This test pins that behaviour of the Twisted in use.
+    """
 
     timeout = 60
 
