@@ -273,7 +273,6 @@ class FdExhaustionTests(TestCase):
                     "--metrics", "none",
                     "--idle-timeout", "0",
                     "--max-sessions-per-token", "0",
-                    "--max-failed-tokens", "0",
                 ],
                 listener,
                 stdout=log,
