@@ -347,6 +347,89 @@ def start_redis(testcase: Any, extra_args: Sequence[str] = (), **options: Any) -
     return server
 
 
+class SentinelCluster:
+    """
+    A master, one replica and three Sentinels (quorum 2) on loopback, with short timeouts so
+    that a failover takes a few seconds: the master counts as down after C{down_after_ms}.
+    """
+
+    def __init__(self, binary: str, master_name: str, down_after_ms: int, failover_ms: int) -> None:
+        self.binary = binary
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.failover_ms = failover_ms
+        self.master = RedisServer(binary)
+        self.replica: RedisServer | None = None
+        self.sentinels: list[RedisServer] = []
+
+    def start(self) -> None:
+        """Start the master, then the replica, then the Sentinels."""
+        self.master.start()
+        self.replica = RedisServer(self.binary, ["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.replica.start()
+        name = self.master_name
+        config = (
+            f"sentinel monitor {name} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {name} {self.failover_ms}\n"
+        )
+        for _ in range(3):
+            sentinel = RedisServer(
+                self.binary, ["--sentinel"], config=config, ready_marker=b"+monitor master"
+            )
+            self.sentinels.append(sentinel)
+            sentinel.start()
+
+    def url(self) -> str:
+        """``redis+sentinel://`` naming the three Sentinels and the master."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.master_name}"
+
+    def ready(self) -> bool:
+        """Whether a failover can happen now: the replica is in sync, and every Sentinel
+        knows the replica and the two other Sentinels (they find each other through hello
+        messages every 2 s, so this takes a few seconds after the start)."""
+        assert self.replica is not None
+        with self.replica.client() as replica:
+            if replica.info("replication").get("master_link_status") != "up":
+                return False
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                name = self.master_name
+                if len(client.execute_command("SENTINEL", "REPLICAS", name)) < 1:
+                    return False
+                if len(client.execute_command("SENTINEL", "SENTINELS", name)) < 2:
+                    return False
+        return True
+
+    def cleanup(self) -> None:
+        """Stop every server started so far and remove their directories."""
+        replica = [self.replica] if self.replica is not None else []
+        for server in [*self.sentinels, *replica, self.master]:
+            server.cleanup()
+
+
+def start_sentinel_cluster(
+    testcase: Any,
+    master_name: str = "mymaster",
+    down_after_ms: int = 400,
+    failover_ms: int = 2000,
+) -> SentinelCluster:
+    """
+    Start a L{SentinelCluster} for one test and stop it in the test's cleanup (wait for
+    L{SentinelCluster.ready} before breaking it). Skipped without redis-server, failed under CI.
+    """
+    binary = find_redis_server()
+    if binary is None:
+        if os.environ.get("CI"):
+            testcase.fail(INSTALL_HINT)
+        raise SkipTest(INSTALL_HINT)
+    cluster = SentinelCluster(binary, master_name, down_after_ms, failover_ms)
+    testcase.addCleanup(cluster.cleanup)
+    cluster.start()
+    return cluster
+
+
 if __name__ == "__main__":  # manual check: python tests/redis_server.py
     binary = find_redis_server()
     if binary is None:

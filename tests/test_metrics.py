@@ -61,6 +61,7 @@ CONTRACT = {
     "vncmux_session_duration_seconds": ("histogram", set()),
     "vncmux_connect_seconds": ("histogram", {"stage"}),
     "vncmux_token_store_errors": ("counter", set()),
+    "vncmux_token_store_reconnects": ("counter", set()),
     "vncmux_failed_token_blocks": ("counter", set()),
     "vncmux_backpressure_pauses": ("counter", {"direction"}),
 }

@@ -9,7 +9,7 @@ C{/metrics} is scraped, on the reactor thread, so it can walk the live session t
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -106,11 +106,20 @@ class Metrics:
 
     @param sessions: the supervisor's live table (id to session), read at scrape time.
     @param relay_stats: the relay's pause counters, read at scrape time.
+    @param store_reconnects: how often the token store connected again after losing every
+        connection (L{vncmux.redisstore.RedisTokenStore.reconnects}), read at scrape time;
+        by default none (a token file never disconnects).
     """
 
-    def __init__(self, sessions: Mapping[str, Session], relay_stats: RelayStats) -> None:
+    def __init__(
+        self,
+        sessions: Mapping[str, Session],
+        relay_stats: RelayStats,
+        store_reconnects: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._sessions = sessions
         self._relay_stats = relay_stats
+        self._store_reconnects = store_reconnects
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.closed = dict.fromkeys(CLOSE_REASONS, 0)
         #: Bytes of sessions that already closed; live sessions are added at scrape time.
@@ -215,6 +224,12 @@ class Metrics:
             "vncmux_token_store_errors",
             "Token lookups refused with 4503 because the token store was down or too slow.",
             value=self.token_store_errors,
+        )
+        yield CounterMetricFamily(
+            "vncmux_token_store_reconnects",
+            "Times the token store connected again after losing every connection to Redis"
+            " (a restart, or a Sentinel failover to another master).",
+            value=self._store_reconnects(),
         )
         yield CounterMetricFamily(
             "vncmux_failed_token_blocks",

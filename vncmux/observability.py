@@ -19,6 +19,7 @@ from vncmux.cli import DEFAULT_BASE_URL
 from vncmux.health import Liveness, Readiness, write_json
 from vncmux.interfaces import ITokenStore
 from vncmux.metrics import Metrics, MetricsPage, new_registry
+from vncmux.redisstore import RedisTokenStore
 from vncmux.service import Listener
 
 if TYPE_CHECKING:
@@ -92,7 +93,8 @@ def build_observability(
     @param reactor: listens on C{endpoint}, and is the clock of ``/readyz`` and the admin API.
     @param supervisor: its live session table is read at scrape time; ``/readyz`` compares
         its reservations with ``--max-sessions``; the admin API ends sessions through it.
-    @param store: pinged by ``/readyz``; issues and revokes tokens when it is an ITokenAdmin.
+    @param store: pinged by ``/readyz``; issues and revokes tokens when it is an ITokenAdmin;
+        a Redis store's reconnections are counted (``vncmux_token_store_reconnects_total``).
     @param relay_stats: the console factory's L{RelayStats} (C{factory.stats}).
     @param listener_up: whether the console listener is listening (C{ProxyService.accepting}).
     @param admin_token_file: ``--admin-token-file``; C{None} leaves the admin API off.
@@ -103,7 +105,8 @@ def build_observability(
         L{Metrics} observer to add to the session observers (it counts either way).
     @raise ValueError: the admin token file cannot be read or is empty.
     """
-    metrics = Metrics(supervisor.sessions, relay_stats)
+    reconnects = (lambda: store.reconnects) if isinstance(store, RedisTokenStore) else lambda: 0
+    metrics = Metrics(supervisor.sessions, relay_stats, reconnects)
     if endpoint is None:
         return None, metrics
     secret = read_admin_secret(admin_token_file) if admin_token_file else None

@@ -619,7 +619,15 @@ def _pool_factories() -> tuple[type, type]:
             super().addConnection(conn)  # type: ignore[misc]
             if conn in self.pool:  # type: ignore[attr-defined]
                 _keep_alive(conn.transport)
-                self.store._pool_connected()
+                self.store._pool_connected(_peer_of(conn.transport))
+
+        # txredisapi calls delConnection when a pool connection is gone, and sets `stopped`
+        # on disconnect(); both undocumented, pinned by tests/integration/test_faults.py
+        # (RedisStoppedTests: 4503 at once) and every test that stops a store.
+        def delConnection(self, conn: Any) -> None:
+            super().delConnection(conn)  # type: ignore[misc]
+            if not self.pool and not self.stopped:  # type: ignore[attr-defined]
+                self.store._pool_lost()
 
     class PoolFactory(StorePoolFactory, txredisapi.RedisFactory):  # type: ignore[misc]
         protocol = PoolProtocol
@@ -628,6 +636,70 @@ def _pool_factories() -> tuple[type, type]:
         protocol = SentinelPoolProtocol
 
     return PoolFactory, SentinelPoolFactory
+
+
+@functools.cache
+def _sentinel_class() -> type:
+    """
+    txredisapi's Sentinel client, with master discovery bounded on the store's clock and
+    cancelled by C{disconnect()}. txredisapi's own C{discover_master} arms a timer on the
+    global reactor that only an answer naming a healthy master cancels: during a failover
+    (every Sentinel reports the master down) a store stopped meanwhile left it behind.
+    Relies on txredisapi's C{sentinels} (one lazy connection per Sentinel),
+    C{check_master_state} and C{discovery_timeout}, which both the pool's and the
+    subscriber's endpoints go through; pinned by the Sentinel tests in tests/test_tokens.py
+    and tests/integration/test_sentinel.py.
+    """
+    import txredisapi
+
+    class StoreSentinel(txredisapi.Sentinel):  # type: ignore[misc]
+        def __init__(self, *args: Any, clock: IReactorTime, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.clock = clock
+            self.discoveries: set[Deferred[tuple[str, int]]] = set()
+
+        def discover_master(self, service_name: str) -> Deferred[tuple[str, int]]:
+            found: Deferred[tuple[str, int]] = Deferred()
+
+            def answered(masters: object) -> None:
+                state = masters.get(service_name) if isinstance(masters, dict) else None
+                if not found.called and state and self.check_master_state(state):
+                    found.callback((state["ip"], int(state["port"])))
+
+            for sentinel in self.sentinels:
+                sentinel.sentinel_masters().addCallbacks(answered, lambda _: None)
+
+            def not_found(failure: Failure) -> Failure:
+                if failure.check(defer.TimeoutError):
+                    return Failure(
+                        txredisapi.MasterNotFoundError(f"No master found for {service_name}")
+                    )
+                return failure
+
+            self.discoveries.add(found)
+            found.addBoth(lambda result: (self.discoveries.discard(found), result)[1])
+            return found.addTimeout(self.discovery_timeout, self.clock).addErrback(not_found)
+
+        def disconnect(self) -> Deferred[Any]:
+            for discovery in list(self.discoveries):
+                discovery.cancel()
+            return super().disconnect()  # type: ignore[no-any-return]
+
+    return StoreSentinel
+
+
+def _peer_of(transport: Any) -> str:
+    """``host:port`` of the Redis server at the other end of C{transport}."""
+    try:
+        peer = transport.getPeer()
+        return format_target(peer.host, peer.port)
+    except (AttributeError, BadTarget):
+        return "an unknown address"
+
+
+class RedisNotConnected(Exception):
+    """Every connection of the pool is lost: a call fails at once rather than waiting for
+    the reconnection (a browser is better served by a quick 4503 than by a slow one)."""
 
 
 @implementer(IStreamClientEndpoint)
@@ -659,7 +731,9 @@ class RedisTokenStore(Service):
     C{clock}). Both connect through C{reactor}, by default C{clock} when that can connect.
     Every call fails with L{TokenStoreUnavailable} when Redis is down, slow (over
     C{reply_timeout} on C{clock}, from the call to the answer, waiting for a connection
-    included), refuses the password (the error says so) or answers garbage.
+    included), refuses the password (the error says so) or answers garbage. Once the pool has
+    lost every connection, calls fail at once until it has one again (C{reconnects} counts
+    those returns; the log names the address, so a Sentinel failover shows).
 
     Keys of expiring tokens live C{expired_grace} seconds past C{expires_at}, so a late user
     is told "token expired" rather than "invalid token".
@@ -715,6 +789,16 @@ class RedisTokenStore(Service):
         self._subscriber_trouble: str | None = None
         # Why the pool cannot connect (a refused AUTH, a bad database), until it can again.
         self._connection_problem: str | None = None
+        # Every pool connection was lost and none is back yet (not set while the pool makes
+        # its first connections, so the first calls wait for them as before).
+        self._pool_down = False
+        self._redis_address: str | None = None
+        self._reconnection_waiters: list[Deferred[None]] = []
+        # Re-subscribed while the pool had no connection: the watchers' re-check waits for it.
+        self._recheck_when_connected = False
+        #: How often the pool connected again after losing every connection (Redis restarted,
+        #: or a Sentinel failover to another master): ``vncmux_token_store_reconnects_total``.
+        self.reconnects = 0
 
     def __repr__(self) -> str:
         return f"<RedisTokenStore {self.config.redacted_url()}>"
@@ -727,9 +811,8 @@ class RedisTokenStore(Service):
     # service
 
     def startService(self) -> None:
-        import txredisapi
-
         super().startService()
+        self._pool_down = False
         config = self.config
         pool_factory, sentinel_pool_factory = _pool_factories()
         common: dict[str, Any] = dict(
@@ -740,8 +823,9 @@ class RedisTokenStore(Service):
             poolsize=self._poolsize,
         )
         if config.sentinel_master:
-            self._sentinel = txredisapi.Sentinel(
+            self._sentinel = _sentinel_class()(
                 list(config.hosts),
+                clock=self._clock,
                 password=config.sentinel_password,
                 connectTimeout=config.connect_timeout,
                 replyTimeout=config.reply_timeout * _INNER_REPLY_FRACTION,
@@ -926,7 +1010,8 @@ class RedisTokenStore(Service):
         Call C{on_revoke(message)} for every message on ``vncmux:revoke``, on a connection of
         its own that is re-established (with backoff) and re-subscribed after it is lost.
         Messages published while it was down are missed: C{on_reconnect()} is called after
-        every re-subscription so the caller can re-check its live sessions (L{lookup_hash}).
+        every re-subscription (once the pool has a connection again too, if it lost them all)
+        so the caller can re-check its live sessions (L{lookup_hash}).
 
         @return: a Deferred that fires once the subscription is active.
         """
@@ -943,6 +1028,13 @@ class RedisTokenStore(Service):
         """A Deferred that fires the next time the revocation subscription becomes active."""
         waiter: Deferred[None] = Deferred()
         self._subscription_waiters.append(waiter)
+        return waiter
+
+    def next_reconnection(self) -> Deferred[None]:
+        """A Deferred that fires the next time the pool connects again after losing every
+        connection (calls work again from then on)."""
+        waiter: Deferred[None] = Deferred()
+        self._reconnection_waiters.append(waiter)
         return waiter
 
     def next_subscription_loss(self) -> Deferred[None]:
@@ -966,6 +1058,8 @@ class RedisTokenStore(Service):
         """
         if self._pool is None:
             return fail(TokenStoreUnavailable("the Redis token store is not running"))
+        if self._pool_down:
+            return fail(RedisNotConnected()).addErrback(self._unavailable, what, subject)
         try:
             sent = command(self._pool)
         except Exception:
@@ -985,9 +1079,16 @@ class RedisTokenStore(Service):
     def _unavailable(self, failure: Failure, what: str, subject: str) -> None:
         import txredisapi
 
-        lost = (defer.TimeoutError, error.TimeoutError, txredisapi.ConnectionError)
+        lost = (
+            defer.TimeoutError,
+            error.TimeoutError,
+            txredisapi.ConnectionError,
+            RedisNotConnected,
+        )
         if self._connection_problem is not None and failure.check(*lost):
             why = self._connection_problem  # e.g. the refused password, not just "no answer"
+        elif failure.check(RedisNotConnected):
+            why = "no connection to Redis; reconnecting"
         elif failure.check(defer.TimeoutError, error.TimeoutError):
             why = f"no answer within {self.config.reply_timeout:g} s"
         elif failure.check(defer.CancelledError):
@@ -1102,10 +1203,37 @@ class RedisTokenStore(Service):
             self._log.warn("token store: {why}; retrying with backoff", why=text)
         self._connection_problem = text
 
-    def _pool_connected(self) -> None:
-        if self._connection_problem is not None:
-            self._log.info("token store: connected to Redis again")
+    def _pool_connected(self, address: str) -> None:
+        previous, self._redis_address = self._redis_address, address
+        was_down, self._pool_down = self._pool_down, False
+        if was_down and previous is not None and previous != address:
+            self._log.warn(
+                "token store: connected to Redis again, at {address}: the master moved from"
+                " {previous} (failover)",
+                address=address,
+                previous=previous,
+            )
+        elif was_down or self._connection_problem is not None:
+            self._log.info("token store: connected to Redis again at {address}", address=address)
         self._connection_problem = None
+        if was_down:
+            self.reconnects += 1
+            if self._recheck_when_connected:
+                self._recheck_when_connected = False
+                self._notify_reconnect_watchers()
+            waiters, self._reconnection_waiters = self._reconnection_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _pool_lost(self) -> None:
+        if self._pool_down or not self.running:
+            return
+        self._pool_down = True
+        self._log.warn(
+            "token store: lost every connection to Redis at {address}; calls fail at once"
+            " until it is back",
+            address=self._redis_address or "an unknown address",
+        )
 
     def _subscribed(self) -> None:
         self._subscribed_now = True
@@ -1114,11 +1242,18 @@ class RedisTokenStore(Service):
         self._subscriber_trouble = None
         if self._subscriptions > 1:
             self._log.info("revocations: subscribed again")
-            for on_reconnect in list(self._reconnect_watchers):
-                self._call_watcher(on_reconnect)
+            # The re-check reads records through the pool: while it has no connection every
+            # read would fail at once, so it runs when the pool is back instead.
+            self._recheck_when_connected = self._pool_down
+            if not self._pool_down:
+                self._notify_reconnect_watchers()
         waiters, self._subscription_waiters = self._subscription_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def _notify_reconnect_watchers(self) -> None:
+        for on_reconnect in list(self._reconnect_watchers):
+            self._call_watcher(on_reconnect)
 
     def _unsubscribed(self) -> None:
         if not self._subscribed_now:
