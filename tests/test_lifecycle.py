@@ -7,6 +7,8 @@ caps, keepalive answers and a client whose queue does not drain.
 
 from __future__ import annotations
 
+from automat import NoTransition
+from automat._core import Automaton
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -59,6 +61,22 @@ class LifecycleTests(HeldNothing, SynchronousTestCase):
     def test_machine_is_built(self) -> None:
         """The state machine builds (automat checks every transition has an output)."""
         self.assertTrue(callable(Lifecycle))
+
+    def test_indexed_transitions_agree_with_automat(self) -> None:
+        """The lifecycle's indexed transition lookup (installed over automat's linear scan)
+        answers exactly as automat's own lookup, for every state and every input: a change
+        in automat's internals fails here."""
+        automaton = Lifecycle.__automat_automaton__
+        self.assertIn("outputForInput", vars(automaton))  # the index is installed
+        for state in automaton.states():
+            for symbol in automaton.inputAlphabet():
+                try:
+                    expected = Automaton.outputForInput(automaton, state, symbol)
+                except NoTransition:
+                    self.assertRaises(NoTransition, automaton.outputForInput, state, symbol)
+                    continue
+                next_state, outputs = automaton.outputForInput(state, symbol)
+                self.assertEqual((next_state, list(outputs)), (expected[0], list(expected[1])))
 
     def test_upgrade_failed_after_admission(self) -> None:
         """The token was admitted and the console dialled, then the upgrade failed: HTTP
