@@ -19,14 +19,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable
 from typing import Any
 from unittest import SkipTest
 
-from tests.redis_server import STOP_TIMEOUT, drain_output, free_port, wait_ready
+from tests.redis_server import STOP_TIMEOUT, drain_output, free_port, notify_socket, wait_ready
 
 #: The password of the ``nova`` database user: tests check that it appears in no log line.
 NOVA_PASSWORD = "n0va-S3cret%pass"
@@ -116,13 +115,7 @@ class _Server:
         return self.url(name)
 
     def _start_on(self, port: int) -> bool:
-        notify_path = os.path.join(self.directory, "notify")
-        if os.path.exists(notify_path):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            notify.bind(notify_path)
-            os.chmod(notify_path, 0o777)  # the server may run as another user
+        with notify_socket(self.directory) as (notify_path, notify):
             process = subprocess.Popen(
                 self.command(port),
                 env=dict(os.environ, NOTIFY_SOCKET=notify_path),
@@ -143,8 +136,6 @@ class _Server:
             self._drain = drain_output(process, output, self.log_path)
             self.process = process
             return True
-        finally:
-            notify.close()
 
     # per database
 

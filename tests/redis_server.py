@@ -16,6 +16,7 @@ connections are still accepted by the kernel, nothing is read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from unittest import SkipTest
 
@@ -163,12 +164,7 @@ class RedisServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def _start_on(self, port: int) -> None:
-        notify_path = os.path.join(self.directory, "notify")
-        if os.path.exists(notify_path):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            notify.bind(notify_path)
+        with notify_socket(self.directory) as (notify_path, notify):
             config_args = []
             if self.config is not None:
                 config_path = os.path.join(self.directory, "redis.conf")
@@ -208,8 +204,6 @@ class RedisServer:
                     process.stdout.close()
                 raise
             self.process = process
-        finally:
-            notify.close()
 
     def _drain_output(
         self, process: subprocess.Popen[bytes], output: bytes
@@ -221,6 +215,24 @@ class RedisServer:
         if output is None:
             raise _PortTaken()
         return output
+
+
+@contextlib.contextmanager
+def notify_socket(directory: str) -> Iterator[tuple[str, socket.socket]]:
+    """
+    A fresh sd_notify datagram socket in C{directory}, for a server started with
+    NOTIFY_SOCKET pointing at it (readiness without polling); closed afterwards.
+    """
+    path = os.path.join(directory, "notify")
+    if os.path.exists(path):
+        os.unlink(path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        notify.bind(path)
+        os.chmod(path, 0o777)  # the server may run as another user
+        yield path, notify
+    finally:
+        notify.close()
 
 
 def drain_output(

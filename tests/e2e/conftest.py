@@ -58,6 +58,8 @@ from vncmux.testing import (
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
 
+    from vncmux.tokens import TokenRecord
+
 NOVNC_DIR = Path("/usr/share/novnc")
 # Debian packages that provide the commands the e2e tests run.
 SYSTEM_TOOLS = {
@@ -348,9 +350,33 @@ def expiry_case(e2e_run: E2ERun, consoles: Consoles, proxy: Proxy) -> Iterator[E
     if not proxy.follows_refusal_contract:
         yield ExpiryCase(proxy, secrets.token_urlsafe(16), consoles.plain)
         return
+    from vncmux.tokens import TokenRecord, hash_token
+
+    plain = consoles.plain
+    expired_token, good_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    now = time.time()
+    records = [
+        TokenRecord(
+            hash_token(token), LOOPBACK, plain.server.port, issued_at=now - 120, expires_at=at
+        )
+        for token, at in ((expired_token, now - 60), (good_token, now + 3600))
+    ]
+    with proxy_on_redis(e2e_run, records, "proxy-redis") as started:
+        yield ExpiryCase(
+            started,
+            expired_token,
+            Console("plain-via-redis", plain.server, good_token, plain.colour),
+        )
+
+
+@contextlib.contextmanager
+def proxy_on_redis(e2e_run: E2ERun, records: list[TokenRecord], name: str) -> Iterator[Proxy]:
+    """
+    vncmux on a Redis token store (a redis-server started here, failing the test under CI
+    when there is none) holding C{records}; its log is printed when it stops.
+    """
     from tests.redis_server import INSTALL_HINT, RedisServer, find_redis_server
     from vncmux.redisstore import token_key
-    from vncmux.tokens import TokenRecord, hash_token
 
     binary = find_redis_server()
     if binary is None:
@@ -363,30 +389,16 @@ def expiry_case(e2e_run: E2ERun, consoles: Consoles, proxy: Proxy) -> Iterator[E
         assert redis.process is not None
         e2e_run.processes.append(redis.process.pid)
         e2e_run.ports.append(redis.port)
-        plain = consoles.plain
-        expired_token, good_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-        now = time.time()
         client = redis.client()
-        for token, expires_at in ((expired_token, now - 60), (good_token, now + 3600)):
-            record = TokenRecord(
-                hash_token(token),
-                LOOPBACK,
-                plain.server.port,
-                issued_at=now - 120,
-                expires_at=expires_at,
-            )
+        for record in records:
             client.hset(token_key(record.token_hash), mapping=record.to_fields())
         client.close()
-        started = start_proxy(e2e_run, "vncmux", redis.url(), name="proxy-redis")
+        started = start_proxy(e2e_run, "vncmux", redis.url(), name=name)
         try:
-            yield ExpiryCase(
-                started,
-                expired_token,
-                Console("plain-via-redis", plain.server, good_token, plain.colour),
-            )
+            yield started
         finally:
             stop_process(started.process)
-            print(f"--- vncmux on redis log ---\n{started.log_text()}")
+            print(f"--- {name} log ---\n{started.log_text()}")
     finally:
         redis.cleanup()
 

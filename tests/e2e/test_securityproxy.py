@@ -6,7 +6,6 @@ no password prompt; no byte the browser receives holds the password.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.e2e.conftest import GEOMETRY, Console, Consoles, E2ERun, Proxy, start_proxy
+from tests.e2e.conftest import GEOMETRY, Console, Consoles, E2ERun, Proxy, proxy_on_redis
 from tests.e2e.helpers import LITE_CANVAS, lite_url, sockets, wait_for_pixel
-from vncmux.testing import LOOPBACK, stop_process
+from vncmux.testing import LOOPBACK
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Dialog, WebSocket
@@ -41,41 +40,19 @@ def secured_case(e2e_run: E2ERun, consoles: Consoles, proxy: Proxy) -> Iterator[
     the password console's address and its password."""
     if not proxy.follows_refusal_contract:
         pytest.skip(f"{proxy.kind} has no RFB security proxy")
-    from tests.redis_server import INSTALL_HINT, RedisServer, find_redis_server
-    from vncmux.redisstore import token_key
     from vncmux.tokens import TokenRecord, hash_token
 
-    binary = find_redis_server()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail(INSTALL_HINT, pytrace=False)
-        pytest.skip(INSTALL_HINT)
-    redis = RedisServer(binary)
-    try:
-        redis.start()
-        assert redis.process is not None
-        e2e_run.processes.append(redis.process.pid)
-        e2e_run.ports.append(redis.port)
-        console = consoles.secured
-        token = secrets.token_urlsafe(16)
-        record = TokenRecord(
-            hash_token(token),
-            LOOPBACK,
-            console.server.port,
-            issued_at=time.time(),
-            password=console.password,
-        )
-        client = redis.client()
-        client.hset(token_key(record.token_hash), mapping=record.to_fields())
-        client.close()
-        started = start_proxy(e2e_run, "vncmux", redis.url(), name="proxy-secured")
-        try:
-            yield SecuredCase(started, token, console)
-        finally:
-            stop_process(started.process)
-            print(f"--- vncmux with the security proxy, log ---\n{started.log_text()}")
-    finally:
-        redis.cleanup()
+    console = consoles.secured
+    token = secrets.token_urlsafe(16)
+    record = TokenRecord(
+        hash_token(token),
+        LOOPBACK,
+        console.server.port,
+        issued_at=time.time(),
+        password=console.password,
+    )
+    with proxy_on_redis(e2e_run, [record], "proxy-secured") as started:
+        yield SecuredCase(started, token, console)
 
 
 def test_password_console_opens_without_a_prompt(
