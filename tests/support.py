@@ -159,6 +159,23 @@ async def listen_proxy(
     return Proxy(port.getHost().port, service, console.factory, console.supervisor, observers)
 
 
+async def proxy_to_fake_vnc(
+    test: TestCase,
+    limits: Limits | None = None,
+    vnc: dict[str, Any] | None = None,
+    token_fields: dict[str, Any] | None = None,
+    **settings: object,
+) -> tuple[FakeVncFactory, Proxy]:
+    """A fake VNC server and a proxy whose memory store knows one token, C{good}, for it;
+    C{vnc} goes to the fake server, C{token_fields} to the record."""
+    from vncmux.tokens import MemoryTokenStore
+
+    server, port = await listen_fake_vnc(test, **(vnc or {}))
+    store = MemoryTokenStore()
+    store.add("good", "127.0.0.1", port, **(token_fields or {}))
+    return server, await listen_proxy(test, store, limits, **settings)
+
+
 def assert_nothing_held(test: TestCase, supervisor: Supervisor) -> None:
     """
     After the proxy stopped: no session, reservation, pending slot or socket is left. (A

@@ -27,6 +27,7 @@ from tests.support import (
     connect_client,
     listen_fake_vnc,
     listen_proxy,
+    proxy_to_fake_vnc,
 )
 from vncmux.refusals import TOKEN_REVOKED
 from vncmux.supervisor import Limits
@@ -242,10 +243,7 @@ class PingFloodTests(TestCase):
     timeout = 60
 
     async def _flood(self, token: str) -> None:
-        vnc, vnc_port = await listen_fake_vnc(self)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port)
-        proxy = await listen_proxy(self, store, refusal_timeout=4.0, close_timeout=2.0)
+        vnc, proxy = await proxy_to_fake_vnc(self, refusal_timeout=4.0, close_timeout=2.0)
         before = _rss_kib()
         pongs, elapsed = await deferToThread(_flood, proxy.port, upgrade(token), 200_000, 3.0)
         grown = _rss_kib() - before
@@ -277,10 +275,7 @@ class FailedUpgradeTests(TestCase):
         """A broken permessage-deflate offer (vncmux negotiates no extension) is ignored, as
         RFC 6455 lets a server ignore what it does not support: the console opens, and with
         one session per token allowed, the next attempt after it closed opens too."""
-        vnc, vnc_port = await listen_fake_vnc(self)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port, max_sessions=1)
-        proxy = await listen_proxy(self, store)
+        vnc, proxy = await proxy_to_fake_vnc(self, token_fields={"max_sessions": 1})
         for _ in range(2):
             client = await raw_client(self, proxy.port)
             bogus = "Sec-WebSocket-Extensions: permessage-deflate; bogus=1\r\n"
@@ -303,10 +298,7 @@ class PausedSideTests(TestCase):
         """The VNC server stops reading, the client's bytes pile up until the client is
         paused; revocation then closes the VNC connection after every accepted byte, long
         before the close timeout."""
-        vnc, vnc_port = await listen_fake_vnc(self, echo=False)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port)
-        proxy = await listen_proxy(self, store, close_timeout=60.0)
+        vnc, proxy = await proxy_to_fake_vnc(self, vnc={"echo": False}, close_timeout=60.0)
         client = await connect_client(self, proxy.port)
         await client.receive(len(GREETING))
         server = vnc.connections[0]
@@ -328,10 +320,7 @@ class PausedSideTests(TestCase):
     async def test_client_not_reading(self) -> None:
         """The client stops reading while the VNC server sends: after the end, the client
         still gets every byte the proxy read, then the close frame."""
-        vnc, vnc_port = await listen_fake_vnc(self, echo=False)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port)
-        proxy = await listen_proxy(self, store, close_timeout=60.0)
+        vnc, proxy = await proxy_to_fake_vnc(self, vnc={"echo": False}, close_timeout=60.0)
         client = await raw_client(self, proxy.port)
         client.transport.write(upgrade())  # type: ignore[union-attr]
         await client.seen(GREETING)
@@ -361,10 +350,7 @@ class InvalidCloseTests(TestCase):
     @async_test
     async def test_close_codes(self) -> None:
         """Codes 5000 and 65535: the client reads a 1002 close frame before the TCP close."""
-        vnc, vnc_port = await listen_fake_vnc(self)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port)
-        proxy = await listen_proxy(self, store)
+        vnc, proxy = await proxy_to_fake_vnc(self)
         for code in (5000, 65535):
             client = await raw_client(self, proxy.port)
             client.transport.write(upgrade())  # type: ignore[union-attr]

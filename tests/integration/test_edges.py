@@ -12,8 +12,8 @@ from tests.support import (
     GREETING,
     async_test,
     connect_client,
-    listen_fake_vnc,
     listen_proxy,
+    proxy_to_fake_vnc,
     raw_request,
 )
 from vncmux.handshake import parse_networks
@@ -88,12 +88,8 @@ class TrustedProxyTests(TestCase):
     async def test_forwarded_for(self) -> None:
         """An upgrade from a trusted peer with X-Forwarded-For (with a port) relays, and the
         session is counted under the forwarded address."""
-        vnc, vnc_port = await listen_fake_vnc(self)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port)
-        proxy = await listen_proxy(
-            self, store, trusted_proxies=parse_networks(["127.0.0.0/8"])
-        )
+        trusted = parse_networks(["127.0.0.0/8"])
+        vnc, proxy = await proxy_to_fake_vnc(self, trusted_proxies=trusted)
         client = await connect_client(
             self, proxy.port, headers={"X-Forwarded-For": "198.51.100.4, 203.0.113.9:5123"}
         )
@@ -108,10 +104,7 @@ class HeaderTests(TestCase):
     @async_test
     async def test_no_server_header(self) -> None:
         """No Server header on the upgrade answer."""
-        vnc, vnc_port = await listen_fake_vnc(self)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", vnc_port)
-        proxy = await listen_proxy(self, store)
+        vnc, proxy = await proxy_to_fake_vnc(self)
         request = (
             "GET /websockify?token=good HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -126,4 +119,3 @@ class HeaderTests(TestCase):
         self.assertTrue(head.startswith(b"http/1.1 101"))
         self.assertNotIn(b"server:", head)
         self.assertNotIn(b"autobahn", head)
-
