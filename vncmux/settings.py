@@ -23,6 +23,8 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     #: ``--serial-listen``: the serial console listener (console type ``serial``); None: off.
     serial_listen: str | None = None
+    #: ``--spice-listen``: the SPICE HTML5 listener (console type ``spice-html5``); None: off.
+    spice_listen: str | None = None
     tokens: str = DEFAULT_TOKENS
     web: str | None = None
     #: ``--web-timeout``: seconds a plain HTTP connection (the ``--web`` files) may stay open.
@@ -59,6 +61,8 @@ class Settings:
         listeners = [("novnc", self.listen)]
         if self.serial_listen is not None:
             listeners.append(("serial", self.serial_listen))
+        if self.spice_listen is not None:
+            listeners.append(("spice-html5", self.spice_listen))
         return tuple(listeners)
 
     @property
