@@ -244,23 +244,27 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([listener.port for listener in service.listeners.values()], [None, None])
 
     def test_spice_listener(self) -> None:
-        """--spice-listen adds the SPICE HTML5 listener: console type 'spice-html5', the
-        --web pages served (spice-html5's), and the default stays off ('none' too)."""
+        """--spice-listen adds the SPICE HTML5 listener: console type 'spice-html5', serving
+        the --spice-web directory (spice-html5's pages) while noVNC's listener serves --web;
+        the default stays off ('none' too)."""
         tokens = self.mktemp()
         open(tokens, "w").close()
         reactor = MemoryReactorClock()
-        web = os.path.abspath(self.mktemp())
-        os.makedirs(web)
+        novnc, spice = (os.path.abspath(self.mktemp()) for _ in range(2))
+        for directory in (novnc, spice):
+            os.makedirs(directory)
         options = parse(
             "--tokens", f"file:{tokens}", "--listen", "tcp:6999", "--spice-listen", "tcp:6982",
-            "--web", web,
+            "--web", novnc, "--spice-web", spice,
         )  # fmt: skip
         service = makeService(options, reactor)
         self.assertEqual(sorted(service.listeners), ["novnc", "spice-html5"])
         service.startService()
         factories = {port: factory for port, factory, *_ in reactor.tcpServers}
         self.assertEqual(factories[6982].kind.console_type, "spice-html5")
-        self.assertIsInstance(factories[6982].web.resource, WebRoot)
+        roots = {port: factories[port].web.resource for port in (6982, 6999)}
+        self.assertIsInstance(roots[6982], WebRoot)
+        self.assertEqual([roots[6982].path, roots[6999].path], [spice, novnc])
         self.successResultOf(service.stopService())
         for off in ((), ("--spice-listen", "none")):
             options = parse("--tokens", f"file:{tokens}", *off)

@@ -148,6 +148,13 @@ class Options(usage.Options):
         ],
         ["web", None, None, "Serve the noVNC files in this directory on the listener."],
         [
+            "spice-web",
+            None,
+            None,
+            "Serve the spice-html5 files in this directory on the SPICE listener (Debian:"
+            " /usr/share/spice-html5); default: --web.",
+        ],
+        [
             "web-timeout",
             None,
             60.0,
@@ -457,6 +464,7 @@ class Options(usage.Options):
             spice_listen=self["spice-listen"],
             tokens=self["tokens"],
             web=self["web"],
+            spice_web=self["spice-web"],
             web_timeout=self["web-timeout"],
             metrics=self["metrics"],
             connect_timeout=self["connect-timeout"],

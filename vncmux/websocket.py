@@ -431,7 +431,7 @@ class ConsoleFactory(WebSocketServerFactory):
         #: Shared by every listener of the process (the metrics read one set of counters).
         self.stats = stats if stats is not None else RelayStats()
         self.web = WebSite(
-            settings.web if kind.serves_web else None,
+            settings.web_root(kind.console_type) if kind.serves_web else None,
             clock,
             settings.web_timeout,
             settings.trusted_proxies,

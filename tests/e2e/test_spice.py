@@ -1,6 +1,6 @@
 """
 SPICE HTML5 end to end: Debian's spice-html5 page (``spice_auto.html``, served by vncmux's
-``--web``) in headless Chromium, through ``twistd vncmux``'s SPICE listener, to a real SPICE
+``--spice-web``) in headless Chromium, through ``twistd vncmux``'s SPICE listener, to a real SPICE
 server (Xorg with the spiceqxl driver, Debian's ``xserver-xspice``), with the token in nova's
 own table (``--tokens nova:sqlite:///...``), as nova-spicehtml5proxy's access URL has it.
 """
@@ -145,7 +145,7 @@ def spice_proxy(e2e_run: E2ERun, spice_server: Xspice) -> Iterator[SpiceProxy]:
                     "--tokens", f"nova:sqlite:///{database}",
                     "--listen", f"tcp:0:interface={LOOPBACK}",
                     "--spice-listen", SYSTEMD_LISTEN_ENDPOINT,
-                    "--web", str(SPICE_HTML5_DIR),
+                    "--spice-web", str(SPICE_HTML5_DIR),
                     "--metrics", "none",
                     "--max-sessions", "1",
                 ],
@@ -197,15 +197,14 @@ def test_spice_console_shows_its_desktop(browser: BrowserContext, spice_proxy: S
 
 def test_refusal_shown_by_spice_html5(browser: BrowserContext, spice_proxy: SpiceProxy) -> None:
     """An unknown token: spice-html5 reports the SPICE link error that vncmux answers with
-    (permission denied, 7) in its message area, and the close frame carries 4401."""
+    (permission denied, 7) in its message area, and vncmux logs the 4401 refusal. (The page
+    closes its WebSocket as soon as it has read the error, so the browser may report 1006
+    instead of the close frame that follows: the in-memory tests check that frame.)"""
+    logged = spice_proxy.log.stat().st_size
     page = open_spice_page(browser, spice_proxy.page_url(secrets.token_urlsafe(16)))
     try:
         wait_for_text(page, "#message-div", "reply link error 7")
-        page.wait_for_function(
-            "() => window.__e2eSockets.length > 0 && window.__e2eSockets[0].close !== null",
-            timeout=STAGE_TIMEOUT_MS,
-        )
-        (record,) = sockets(page)
-        assert (record["close"]["code"], record["close"]["reason"]) == (4401, "invalid token")
+        assert page.evaluate("() => window.__e2eSockets.length") == 1, sockets(page)
     finally:
         page.close()
+    assert "refused (4401 invalid token): unknown token" in spice_proxy.log_text(logged)
