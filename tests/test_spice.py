@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 
 from twisted.internet.address import IPv4Address
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.conformance.harness import (
@@ -218,6 +219,42 @@ class SpiceSessionTests(SynchronousTestCase):
         self.assertEqual(display.close_codes(), [1000])
         self.assertEqual(inputs.close_codes(), [])
         self.assertEqual(h.console.supervisor.reserved, 1)
+
+    def test_second_main_channel_is_a_second_session(self) -> None:
+        """A main channel that joined a live session of its token (another tab) is a new
+        SPICE session: once its link shows it, it counts against the limits on its own; the
+        SPICE server then drops the older client, whose channels end with their session,
+        while the new session and the channels it opens go on."""
+        h = self.harness(max_sessions_per_token=2)
+        (old_main, old_server), (old_display, _), *_ = self.open_session(h)
+        supervisor = h.console.supervisor
+        new_main = Channel(h)
+        new_main.open(MAIN)
+        self.assertEqual((supervisor.reserved, len(supervisor.sessions)), (2, 2))
+        old_server.protocol.connectionLost(None)  # the server dropped the older client
+        self.assertEqual(old_main.close_codes(), [1000])
+        self.assertEqual(old_display.close_codes(), [1000])
+        self.assertEqual(new_main.close_codes(), [])
+        new_display = Channel(h)
+        new_display.open(DISPLAY)
+        self.assertEqual(new_display.close_codes(), [])
+        self.assertEqual((supervisor.reserved, len(supervisor.sessions)), (1, 1))
+
+    def test_second_main_channel_over_the_limit(self) -> None:
+        """Over the token's limit, that main channel is closed with 4429 and its SPICE
+        connection aborted (the link message being relayed is dropped); the first session
+        goes on, and the refusal is logged with its reason."""
+        h = self.harness(max_sessions_per_token=1)
+        (main, _), (display, _), *_ = self.open_session(h)
+        second = Channel(h)
+        server = second.open(MAIN)
+        self.assertEqual(second.close_codes(), [4429])
+        assert server.transport is not None
+        self.assertTrue(server.transport.disconnected, "aborted, not closed after a flush")
+        self.assertEqual([main.close_codes(), display.close_codes()], [[], []])
+        self.assertEqual(h.console.supervisor.reserved, 1)
+        logged = [formatEvent(e) for e in h.log.events]
+        self.assertTrue(any("second SPICE session on the token" in line for line in logged), logged)
 
     def test_idle_time_from_the_inputs_channel(self) -> None:
         """Display traffic keeps no session alive; a key press on the inputs channel does,

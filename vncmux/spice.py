@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from vncmux.refusals import Ending, Refused
 from vncmux.supervisor import Reservation, Supervisor
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ VERSION_MINOR = 2
 LINK_HEADER = struct.Struct("<4sIII")
 #: The start of SpiceLinkMess: connection_id, channel_type, channel_id, num_common_caps.
 LINK_MESS = struct.Struct("<IBBI")
+CHANNEL_MAIN = 1
 CHANNEL_INPUTS = 3
 COMMON_CAP_AUTH_SELECTION = 1
 COMMON_CAP_MINI_HEADER = 3
@@ -64,9 +66,11 @@ class InputsActivity:
     them: every spice-server since 0.12 accepts them) are counted by type.
     """
 
-    __slots__ = ("_buffer", "_need", "_state", "_header", "_skip")
+    __slots__ = ("_buffer", "_need", "_state", "_header", "_skip", "channel_type")
 
     def __init__(self) -> None:
+        #: The SPICE channel type of the link message, once it has been read.
+        self.channel_type: int | None = None
         self._buffer = b""
         self._state = "header"
         self._need = LINK_HEADER.size
@@ -119,6 +123,7 @@ class InputsActivity:
         if len(mess) < LINK_MESS.size + 8:
             return False
         _, channel_type, _, num_common = LINK_MESS.unpack_from(mess)
+        self.channel_type = channel_type
         if channel_type != CHANNEL_INPUTS:
             return False
         (caps_offset,) = struct.unpack_from("<I", mess, LINK_MESS.size + 4)
@@ -166,22 +171,41 @@ class ChannelReservation(Reservation):
         self.session = session
 
 
-class StampSession:
-    """A joined channel's activity scanner: input found on it is its SPICE session's."""
+class JoinedChannel:
+    """
+    The activity scanner of a connection that joined a live SPICE session: input found on
+    it is its session's. Its link message says which channel it is; a main channel is a new
+    SPICE session on the same token (another browser tab), which L{SpiceSessions} handles.
+    """
 
-    __slots__ = ("_scanner", "_session", "_registry")
+    __slots__ = ("_scanner", "_link", "_channel", "_session", "_sessions", "_linked")
 
     def __init__(
-        self, scanner: ActivityScanner | None, session: Session, registry: Supervisor
+        self, scanner: ActivityScanner | None, channel: Session, sessions: SpiceSessions
     ) -> None:
         self._scanner = scanner
-        self._session = session
-        self._registry = registry
+        #: Reads the link message; with C{--idle-activity any} (no scanner) a parser of its
+        #: own, and every client byte counts.
+        self._link = scanner if isinstance(scanner, InputsActivity) else InputsActivity()
+        self._channel = channel
+        reservation = channel.reservation
+        assert isinstance(reservation, ChannelReservation)
+        self._session = reservation.session
+        self._sessions = sessions
+        self._linked = False
 
     def feed(self, data: bytes) -> bool:
-        found = self._scanner.feed(data) if self._scanner is not None else bool(data)
+        link = self._link
+        found = link.feed(data)
+        if self._scanner is None:
+            found = bool(data)
+        if not self._linked and link.channel_type is not None:
+            self._linked = True
+            if link.channel_type == CHANNEL_MAIN:
+                self._sessions.new_session(self._channel, self._scanner)
+                return found
         if found:
-            self._session.last_activity_at = self._registry.now
+            self._session.last_activity_at = self._sessions.now
         return found
 
 
@@ -223,7 +247,36 @@ class SpiceSessions:
             channel.end(session.ending)
             return
         self._channels[session.id].append(channel)
-        channel.scanner = StampSession(channel.scanner, session, self._supervisor)
+        channel.scanner = JoinedChannel(channel.scanner, channel, self)
+
+    def new_session(self, channel: Session, scanner: ActivityScanner | None) -> None:
+        """
+        A main channel joined a live session of its token: it is a new SPICE session (the
+        SPICE server drops the older client for it), counted against the limits on its own.
+        Over a limit, it ends with 4429, its SPICE connection cut at once.
+        """
+        reservation = channel.reservation
+        assert isinstance(reservation, ChannelReservation)
+        self._channels[reservation.session.id].remove(channel)
+        try:
+            channel.reservation = self._supervisor.reserve(channel.record, channel.client_address)
+        except Refused as refused:
+            self._supervisor.observer.session_rejected(
+                channel.id,
+                channel.client_address,
+                refused.refusal,
+                f"second SPICE session on the token: {refused.detail}",
+                channel.record.token_id,
+            )
+            channel.end(Ending(refused.refusal.code, refused.refusal.reason, "error"))
+            # Aborted, not only closed: the link message being relayed is dropped, so nothing
+            # of a refused session reaches the server.
+            channel.backend.abort()  # type: ignore[attr-defined]
+            return
+        channel.scanner = scanner
+        self._by_token[channel.record.token_hash] = channel
+        self._channels[channel.id] = []
+        self._supervisor.session_started(channel)
 
     def session_ended(self, channel: Session) -> None:
         reservation = channel.reservation

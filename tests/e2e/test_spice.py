@@ -49,6 +49,7 @@ SPICE_HTML5_DIR = Path("/usr/share/spice-html5")
 SPICEQXL_DRIVER = Path("/usr/lib/xorg/modules/drivers/spiceqxl_drv.so")
 SPICE_CANVAS = "#spice-screen canvas"
 COLOUR: Rgb = (0x30, 0xA0, 0x50)
+NEXT_COLOUR: Rgb = (0xC0, 0x40, 0x90)
 PROBE = (600, 300)
 #: spice_auto.html keeps its connection to itself: remember the page's sockets, so that the
 #: test can close the main channel first (spice-server can wedge when another channel of a
@@ -97,15 +98,20 @@ def spice_server(e2e_run: E2ERun) -> Iterator[Xspice]:
     e2e_run.ports.append(server.port)
     e2e_run.x_files += server.x_files()
     try:
-        subprocess.run(
-            ["xsetroot", "-solid", rgb_hex(COLOUR)],
-            env=server.env(),
-            check=True,
-            timeout=STAGE_TIMEOUT_S,
-        )
+        _paint(server, COLOUR)
         yield server
     finally:
         server.stop()
+
+
+def _paint(server: Xspice, colour: Rgb) -> None:
+    """Fill the SPICE server's desktop with C{colour}."""
+    subprocess.run(
+        ["xsetroot", "-solid", rgb_hex(colour)],
+        env=server.env(),
+        check=True,
+        timeout=STAGE_TIMEOUT_S,
+    )
 
 
 @dataclass
@@ -193,6 +199,35 @@ def test_spice_console_shows_its_desktop(browser: BrowserContext, spice_proxy: S
         assert codes == {1000}, sockets(page)
     finally:
         page.close()
+
+
+def test_second_tab_over_the_limit_leaves_the_first(
+    browser: BrowserContext, spice_proxy: SpiceProxy, spice_server: Xspice
+) -> None:
+    """A second tab with the same token opens a second SPICE session (its main channel),
+    which the limit of one session refuses: the first tab stays connected (the SPICE server
+    did not drop its client for the second) and still shows what the desktop draws next."""
+    first = open_spice_page(browser, spice_proxy.page_url(spice_proxy.token))
+    second = None
+    try:
+        wait_for_pixel(first, SPICE_CANVAS, PROBE, COLOUR)
+        logged = spice_proxy.log.stat().st_size
+        second = open_spice_page(browser, spice_proxy.page_url(spice_proxy.token))
+        second.wait_for_function(
+            "() => window.__e2eSockets.length > 0 && window.__e2eSockets[0].close !== null",
+            timeout=STAGE_TIMEOUT_MS,
+        )
+        assert len(sockets(second)) == 1, sockets(second)
+        assert "second SPICE session on the token" in spice_proxy.log_text(logged)
+        _paint(spice_server, NEXT_COLOUR)
+        wait_for_pixel(first, SPICE_CANVAS, PROBE, NEXT_COLOUR)
+        assert all(s["close"] is None for s in sockets(first)), sockets(first)
+        first.evaluate("() => window.__spiceSockets[0].close(1000)")
+    finally:
+        _paint(spice_server, COLOUR)
+        for page in (first, second):
+            if page is not None:
+                page.close()
 
 
 def test_refusal_shown_by_spice_html5(browser: BrowserContext, spice_proxy: SpiceProxy) -> None:
