@@ -82,6 +82,15 @@ class InputsActivityTests(SynchronousTestCase):
         self.assertFalse(scanner.feed(struct.pack("<QHII", 1, ACK, 0, 0)))
         self.assertTrue(scanner.feed(struct.pack("<QHII", 2, KEY_DOWN, 4, 0) + bytes(4)))
 
+    def test_oversized_link_is_not_buffered(self) -> None:
+        """A link header announcing a huge link message (a hostile client) ends the parsing:
+        nothing of the stream is held, nothing counts as input."""
+        scanner = SPICE_HTML5.activity_scanner("input")
+        assert scanner is not None
+        self.assertFalse(scanner.feed(struct.pack("<4sIII", b"REDQ", 2, 2, 1 << 31)))
+        self.assertFalse(scanner.feed(bytes(100_000)))
+        self.assertEqual(scanner._buffer, b"")  # type: ignore[attr-defined]
+
     def test_other_channels(self) -> None:
         """On main or display nothing the client sends is input (its display init has the
         same type number as a key press: only the inputs channel is parsed)."""

@@ -8,7 +8,9 @@ major, minor, size; then ``SpiceLinkMess``: connection_id, channel_type, channel
 
 - L{SpiceSessions}: the first connection of a token takes the reservation (it counts against
   the limits) and is the SPICE session in the supervisor's table; later connections of the
-  same token, while it lives, join it without a reservation and end when it ends.
+  same token, while it lives, join it without a reservation and end when it ends. A joined
+  connection whose link message opens a main channel (another browser tab) is a second SPICE
+  session, with a reservation of its own (or 4429).
 - L{InputsActivity}: idle time comes from the inputs channel's keyboard and mouse messages,
   stamped on the SPICE session; the other channels are not parsed past their link message.
 - L{LinkRefusal}: a refused client is answered as a SPICE server refusing the link
@@ -36,6 +38,9 @@ VERSION_MAJOR = 2
 VERSION_MINOR = 2
 #: SpiceLinkHeader: magic, major_version, minor_version, size (little endian).
 LINK_HEADER = struct.Struct("<4sIII")
+#: A link message is a few dozen bytes (its capability words); a bigger size is not buffered
+#: (the server refuses it anyway), so a client cannot make the scanner hold its stream.
+MAX_LINK_SIZE = 4096
 #: The start of SpiceLinkMess: connection_id, channel_type, channel_id, num_common_caps.
 LINK_MESS = struct.Struct("<IBBI")
 CHANNEL_MAIN = 1
@@ -102,7 +107,7 @@ class InputsActivity:
             offset += self._need
             if self._state == "header":
                 magic, _, _, size = LINK_HEADER.unpack(chunk)
-                if magic != MAGIC:
+                if magic != MAGIC or size > MAX_LINK_SIZE:
                     self._state = "other"
                     return found
                 self._state, self._need = "link", size
@@ -257,7 +262,7 @@ class SpiceSessions:
         """
         reservation = channel.reservation
         assert isinstance(reservation, ChannelReservation)
-        self._channels[reservation.session.id].remove(channel)
+        self._leave(reservation.session, channel)
         try:
             channel.reservation = self._supervisor.reserve(channel.record, channel.client_address)
         except Refused as refused:
@@ -281,9 +286,7 @@ class SpiceSessions:
     def session_ended(self, channel: Session) -> None:
         reservation = channel.reservation
         if isinstance(reservation, ChannelReservation):
-            joined = self._channels.get(reservation.session.id)
-            if joined is not None and channel in joined:
-                joined.remove(channel)
+            self._leave(reservation.session, channel)
             return
         if self._by_token.get(channel.record.token_hash) is channel:
             del self._by_token[channel.record.token_hash]
@@ -293,6 +296,8 @@ class SpiceSessions:
         for joined_channel in self._channels.pop(channel.id, []):
             joined_channel.end(ending)
 
-    def channels(self, session_id: str) -> int:
-        """How many channels have joined the SPICE session C{session_id} (besides main)."""
-        return len(self._channels.get(session_id, ()))
+    def _leave(self, session: Session, channel: Session) -> None:
+        """C{channel} no longer ends with C{session} (which may have ended already)."""
+        joined = self._channels.get(session.id, [])
+        if channel in joined:
+            joined.remove(channel)
