@@ -288,12 +288,15 @@ class NovaConfigTests(SynchronousTestCase):
         """Options vncmux does not honour yet are named, so the operator is told."""
         nova = read_nova_config(
             self.write(
-                NOVA_CONF + "[spice]\nenabled = true\n[serial_console]\nenabled = true\n[DEFAULT]\n"
+                NOVA_CONF
+                + "[spice]\nenabled = true\n[serial_console]\nenabled = true\n"
+                + "[DEFAULT]\nssl_only = true\n"
             )
         )
         notes = "\n".join(nova.not_applied())
-        self.assertIn("[spice]", notes)
-        self.assertNotIn("[serial_console]", notes)  # served: nothing to warn about
+        self.assertIn("[DEFAULT]", notes)
+        self.assertNotIn("[spice]", notes)  # served: nothing to warn about
+        self.assertNotIn("[serial_console]", notes)
         self.assertNotIn("auth_schemes", notes)  # the security proxy applies it
         self.assertEqual(read_nova_config(self.write("")).not_applied(), [])
 
@@ -306,10 +309,15 @@ class NovaConfigTests(SynchronousTestCase):
         self.assertIn("novncproxy_port", str(caught.exception))
 
     def test_options(self) -> None:
-        """``--nova-config`` sets the token store, the listener, the origins, the web
-        directory, expiry enforcement and the security proxy's schemes and CA bundle; a
-        not-applied option is logged without the database password."""
-        path = self.write(NOVA_CONF + "[spice]\nenabled = true\n")
+        """``--nova-config`` sets the token store, the listeners (SPICE HTML5 on [spice]
+        html5proxy_host/port when enabled), the origins, the web directory, expiry
+        enforcement and the security proxy's schemes and CA bundle; a not-applied option is
+        logged without the database password."""
+        path = self.write(
+            NOVA_CONF
+            + "[spice]\nenabled = true\nhtml5proxy_host = 192.0.2.11\nhtml5proxy_port = 6092\n"
+            + "[DEFAULT]\nssl_only = true\n"
+        )
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         options = Options()
         options.parseOptions(["--nova-config", path, "--allowed-origin", "https://a.example"])
@@ -324,7 +332,8 @@ class NovaConfigTests(SynchronousTestCase):
         self.assertIn("https://console.example.com:*", options["allowed-origin"])
         self.assertTrue(options.settings().limits.enforce_expiry)
         lines = _log_lines(logged)
-        self.assertTrue(any("[spice]" in line for line in lines), lines)
+        self.assertTrue(any("[DEFAULT] ssl_only" in line for line in lines), lines)
+        self.assertEqual(options["spice-listen"], "tcp:6092:interface=192.0.2.11")
         self.assertEqual(options["auth-schemes"], ("vencrypt", "none"))
         self.assertEqual(options["vencrypt-ca-certs"], "/etc/pki/qemu/ca-cert.pem")
         self.assertIsNone(options["vencrypt-client-cert"])

@@ -17,6 +17,7 @@ from vncmux.hangup import ReloadOnHangup
 from vncmux.service import Listener, ProxyService
 from vncmux.supervisor import Limits, Supervisor
 from vncmux.tap import REPEATABLE, Options, makeService
+from vncmux.web import WebRoot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_INI = os.path.join(ROOT, "etc", "vncmux.ini")
@@ -241,6 +242,33 @@ class MakeServiceTests(SynchronousTestCase):
         )
         self.successResultOf(service.stopService())
         self.assertEqual([listener.port for listener in service.listeners.values()], [None, None])
+
+    def test_spice_listener(self) -> None:
+        """--spice-listen adds the SPICE HTML5 listener: console type 'spice-html5', serving
+        the --spice-web directory (spice-html5's pages) while noVNC's listener serves --web;
+        the default stays off ('none' too)."""
+        tokens = self.mktemp()
+        open(tokens, "w").close()
+        reactor = MemoryReactorClock()
+        novnc, spice = (os.path.abspath(self.mktemp()) for _ in range(2))
+        for directory in (novnc, spice):
+            os.makedirs(directory)
+        options = parse(
+            "--tokens", f"file:{tokens}", "--listen", "tcp:6999", "--spice-listen", "tcp:6982",
+            "--web", novnc, "--spice-web", spice,
+        )  # fmt: skip
+        service = makeService(options, reactor)
+        self.assertEqual(sorted(service.listeners), ["novnc", "spice-html5"])
+        service.startService()
+        factories = {port: factory for port, factory, *_ in reactor.tcpServers}
+        self.assertEqual(factories[6982].kind.console_type, "spice-html5")
+        roots = {port: factories[port].web.resource for port in (6982, 6999)}
+        self.assertIsInstance(roots[6982], WebRoot)
+        self.assertEqual([roots[6982].path, roots[6999].path], [spice, novnc])
+        self.successResultOf(service.stopService())
+        for off in ((), ("--spice-listen", "none")):
+            options = parse("--tokens", f"file:{tokens}", *off)
+            self.assertEqual(options.settings().listeners, (("novnc", options["listen"]),))
 
     def test_hangup_reloads_tls(self) -> None:
         """The SIGHUP service reloads the ssl: listener's certificate (the console listener

@@ -7,6 +7,7 @@ never chooses a host or port: the target comes from the token store only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -24,8 +25,15 @@ from vncmux.refusals import (
     TOO_MANY_FAILED,
     Refused,
 )
-from vncmux.supervisor import Reservation, Supervisor
+from vncmux.supervisor import Reservation
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
+
+
+class Places(Protocol):
+    """Where a session takes its place under the limits: the supervisor, or a listener
+    whose sessions are several connections (L{vncmux.spice.SpiceSessions})."""
+
+    def reserve(self, record: TokenRecord, client_address: str) -> Reservation: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +57,7 @@ class Gate:
         self,
         store: ITokenStore,
         dialer: BackendDialer,
-        supervisor: Supervisor,
+        supervisor: Places,
         clock: IReactorTime,
         observer: ISessionObserver,
         store_timeout: float,

@@ -11,18 +11,32 @@ whose answer depends on the type, and nothing else branches on the type:
   plays a refusing VNC server; a serial client has nothing but the close code and reason;
 - what counts as activity for the idle timeout: RFB keyboard, pointer and clipboard
   messages, or, on a serial console, any byte the client types;
-- whether the listener serves web pages (``--web``): nova-serialproxy serves none.
+- whether the listener serves web pages (``--web``): nova-serialproxy serves none;
+- whether one console session is several connections: a SPICE session's channels share its
+  token and its place under the limits (L{vncmux.spice.SpiceSessions}).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vncmux.rfb import ClientActivityScanner, RefusingServer
+from vncmux.spice import InputsActivity, LinkRefusal, SpiceSessions
 
-__all__ = ["CONSOLE_TYPES", "NOVNC", "SERIAL", "ActivityScanner", "ConsoleKind", "InBandRefusal"]
+if TYPE_CHECKING:
+    from vncmux.supervisor import Supervisor
+
+__all__ = [
+    "CONSOLE_TYPES",
+    "NOVNC",
+    "SERIAL",
+    "SPICE_HTML5",
+    "ActivityScanner",
+    "ConsoleKind",
+    "InBandRefusal",
+]
 
 
 class ActivityScanner(Protocol):
@@ -62,6 +76,9 @@ class ConsoleKind:
     _input_scanner: Callable[[], ActivityScanner]
     #: Builds the in-band refusal from the user-facing reason; None: close code only.
     _in_band_refusal: Callable[[str], InBandRefusal] | None
+    #: Builds the listener's registry of sessions made of several connections; None: one
+    #: connection is one session, and the supervisor is the registry.
+    _grouped_sessions: Callable[[Supervisor], SpiceSessions] | None = None
 
     def activity_scanner(self, idle_activity: str) -> ActivityScanner | None:
         """The scanner for a new session; None (``--idle-activity any``): every byte either
@@ -71,6 +88,13 @@ class ConsoleKind:
     def refusal(self, reason: str) -> InBandRefusal | None:
         """How to tell a refused client C{reason} before the close frame, if at all."""
         return self._in_band_refusal(reason) if self._in_band_refusal is not None else None
+
+    def sessions(self, supervisor: Supervisor) -> Supervisor | SpiceSessions:
+        """The listener's places under the limits (the gate's C{reserve}) and the relay's
+        registry of sessions."""
+        if self._grouped_sessions is None:
+            return supervisor
+        return self._grouped_sessions(supervisor)
 
 
 NOVNC = ConsoleKind(
@@ -89,5 +113,14 @@ SERIAL = ConsoleKind(
     _in_band_refusal=None,
 )
 
+SPICE_HTML5 = ConsoleKind(
+    console_type="spice-html5",
+    rfb_greeting=False,
+    serves_web=True,
+    _input_scanner=InputsActivity,
+    _in_band_refusal=LinkRefusal,
+    _grouped_sessions=SpiceSessions,
+)
+
 #: The console types vncmux serves, by nova's name.
-CONSOLE_TYPES = {kind.console_type: kind for kind in (NOVNC, SERIAL)}
+CONSOLE_TYPES = {kind.console_type: kind for kind in (NOVNC, SERIAL, SPICE_HTML5)}

@@ -288,7 +288,7 @@ class Connection:
             self.client,  # type: ignore[arg-type]
             backend,
             factory.clock.seconds(),
-            factory.supervisor,
+            factory.sessions,
             scanner,
             admission.reservation,
             self,
@@ -347,7 +347,9 @@ class Connection:
         if refuser is None:
             self.fire(lambda machine: machine.refusal_answered(b""))
             return
-        self.client.write(refuser.greeting())
+        greeting = refuser.greeting()
+        if greeting:
+            self.client.write(greeting)
         self.client.relay_to(self._refusal_data)
 
     def _refusal_data(self, data: bytes) -> None:

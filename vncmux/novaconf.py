@@ -58,6 +58,10 @@ class NovaConfig:
         """``[vnc] novncproxy_host/port`` as a Twisted endpoint string."""
         return _tcp_endpoint(self.novncproxy_host, self.novncproxy_port)
 
+    def spice_listen_endpoint(self) -> str:
+        """``[spice] html5proxy_host/port`` as a Twisted endpoint string."""
+        return _tcp_endpoint(self.html5proxy_host, self.html5proxy_port)
+
     def serial_listen_endpoint(self) -> str:
         """``[serial_console] serialproxy_host/port`` as a Twisted endpoint string."""
         return _tcp_endpoint(self.serialproxy_host, self.serialproxy_port)
@@ -81,11 +85,6 @@ class NovaConfig:
     def not_applied(self) -> list[str]:
         """The options set in the file that vncmux does not honour yet, with what happens."""
         notes = []
-        if self.spice_enabled:
-            notes.append(
-                f"[spice] html5proxy_host/port ({self.html5proxy_host}:{self.html5proxy_port}):"
-                " SPICE HTML5 consoles are not served yet"
-            )
         if self.ssl_only or self.cert or self.key:
             notes.append(
                 "[DEFAULT] ssl_only/cert/key: give vncmux an ssl: endpoint with --listen"

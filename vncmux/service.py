@@ -82,10 +82,11 @@ def build_console(
             vencrypt,
             kind.rfb_greeting,
         )
+        sessions = kind.sessions(supervisor)
         gate = gates[console_type] = Gate(
             store,
             dialer,
-            supervisor,
+            sessions,
             reactor,
             observers,
             settings.store_timeout,
@@ -94,7 +95,15 @@ def build_console(
             console_type,
         )
         factories[console_type] = ConsoleFactory(
-            settings, gate, supervisor, observers, reactor, reactor=reactor, kind=kind, stats=stats
+            settings,
+            gate,
+            supervisor,
+            observers,
+            reactor,
+            reactor=reactor,
+            kind=kind,
+            stats=stats,
+            sessions=sessions,
         )
     return Console(factories["novnc"], supervisor, gates["novnc"], observers, policy, factories)
 

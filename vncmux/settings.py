@@ -23,8 +23,12 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     #: ``--serial-listen``: the serial console listener (console type ``serial``); None: off.
     serial_listen: str | None = None
+    #: ``--spice-listen``: the SPICE HTML5 listener (console type ``spice-html5``); None: off.
+    spice_listen: str | None = None
     tokens: str = DEFAULT_TOKENS
     web: str | None = None
+    #: ``--spice-web``: the SPICE listener's pages (spice-html5); None: C{web}.
+    spice_web: str | None = None
     #: ``--web-timeout``: seconds a plain HTTP connection (the ``--web`` files) may stay open.
     web_timeout: float = 60.0
     metrics: str | None = DEFAULT_METRICS
@@ -59,7 +63,16 @@ class Settings:
         listeners = [("novnc", self.listen)]
         if self.serial_listen is not None:
             listeners.append(("serial", self.serial_listen))
+        if self.spice_listen is not None:
+            listeners.append(("spice-html5", self.spice_listen))
         return tuple(listeners)
+
+    def web_root(self, console_type: str) -> str | None:
+        """The directory a listener of C{console_type} serves (when its type serves pages):
+        nova's two web proxies serve different pages, noVNC's and spice-html5's."""
+        if console_type == "spice-html5" and self.spice_web is not None:
+            return self.spice_web
+        return self.web
 
     @property
     def handshake_timeout(self) -> float:

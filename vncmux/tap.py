@@ -113,6 +113,14 @@ class Options(usage.Options):
             " [serial_console]; 'none' turns it off.",
         ],
         [
+            "spice-listen",
+            None,
+            None,
+            "Endpoint string of the SPICE HTML5 listener (nova-spicehtml5proxy's clients,"
+            " tokens of console type 'spice-html5'; serves --web); off unless given or"
+            " --nova-config enables [spice]; 'none' turns it off.",
+        ],
+        [
             "tokens",
             None,
             DEFAULT_TOKENS,
@@ -126,7 +134,8 @@ class Options(usage.Options):
             None,
             "nova.conf to take the token database ([database] connection), the listeners "
             "([vnc] novncproxy_host/port unless --listen; [serial_console] serialproxy_host/"
-            "port when [serial_console] enabled, unless --serial-listen) and [console] "
+            "port when [serial_console] enabled, unless --serial-listen; [spice] "
+            "html5proxy_host/port when [spice] enabled, unless --spice-listen) and [console] "
             "allowed_origins from.",
         ],
         [
@@ -138,6 +147,13 @@ class Options(usage.Options):
             _positive_float,
         ],
         ["web", None, None, "Serve the noVNC files in this directory on the listener."],
+        [
+            "spice-web",
+            None,
+            None,
+            "Serve the spice-html5 files in this directory on the SPICE listener (Debian:"
+            " /usr/share/spice-html5); default: --web.",
+        ],
         [
             "web-timeout",
             None,
@@ -403,8 +419,9 @@ class Options(usage.Options):
             self["metrics"] = None
         if self["nova-config"]:
             self._apply_nova_config(self["nova-config"])
-        if self["serial-listen"] in ("none", ""):
-            self["serial-listen"] = None
+        for option in ("serial-listen", "spice-listen"):
+            if self[option] in ("none", ""):
+                self[option] = None
 
     def _apply_nova_config(self, path: str) -> None:
         """nova.conf fills in what the command line and --config leave unset."""
@@ -421,6 +438,8 @@ class Options(usage.Options):
             self["listen"] = nova.listen_endpoint()
         if "--serial-listen" not in given and nova.serial_console_enabled:
             self["serial-listen"] = nova.serial_listen_endpoint()
+        if "--spice-listen" not in given and nova.spice_enabled:
+            self["spice-listen"] = nova.spice_listen_endpoint()
         if "--web" not in given and nova.web:
             self["web"] = nova.web
         if "--auth-schemes" not in given:
@@ -442,8 +461,10 @@ class Options(usage.Options):
         return Settings(
             listen=self["listen"],
             serial_listen=self["serial-listen"],
+            spice_listen=self["spice-listen"],
             tokens=self["tokens"],
             web=self["web"],
+            spice_web=self["spice-web"],
             web_timeout=self["web-timeout"],
             metrics=self["metrics"],
             connect_timeout=self["connect-timeout"],

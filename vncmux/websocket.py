@@ -47,7 +47,7 @@ from vncmux.refusals import (
     Ending,
     Refused,
 )
-from vncmux.relay import RelayStats, send_now, set_interactive
+from vncmux.relay import RelayStats, SessionRegistry, send_now, set_interactive
 from vncmux.web import WebChannel, WebSite, http_response
 
 if TYPE_CHECKING:
@@ -416,6 +416,7 @@ class ConsoleFactory(WebSocketServerFactory):
         reactor: object = None,
         kind: ConsoleKind = NOVNC,
         stats: RelayStats | None = None,
+        sessions: SessionRegistry | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
         #: The console type this listener serves, and how it differs from the others.
@@ -423,12 +424,14 @@ class ConsoleFactory(WebSocketServerFactory):
         self.settings = settings
         self.gate = gate
         self.supervisor = supervisor
+        #: The relay's registry: the supervisor, or the listener's grouped sessions.
+        self.sessions: SessionRegistry = sessions if sessions is not None else supervisor
         self.observer = observer
         self.clock = clock
         #: Shared by every listener of the process (the metrics read one set of counters).
         self.stats = stats if stats is not None else RelayStats()
         self.web = WebSite(
-            settings.web if kind.serves_web else None,
+            settings.web_root(kind.console_type) if kind.serves_web else None,
             clock,
             settings.web_timeout,
             settings.trusted_proxies,
