@@ -20,7 +20,10 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["vncmux", "twisted.plugins"],
-    package_data={"twisted.plugins": ["vncmux_plugin.py"], "vncmux": ["py.typed"]},
+    package_data={
+        "twisted.plugins": ["vncmux_plugin.py"],
+        "vncmux": ["py.typed", "pages/*.html"],
+    },
     install_requires=[
         "Twisted[tls]>=24.3",
         # DES for VncAuth comes from cryptography.hazmat.decrepit (43 and later).

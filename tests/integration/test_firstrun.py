@@ -1,0 +1,152 @@
+"""A first run on real sockets: vncmux's page over noVNC's core, and ``make demo`` end to end."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.support import async_test, listen_proxy, parse_response, raw_request
+from vncmux.firstrun import NOVNC_PLACES, choose_web
+from vncmux.testing import descendants, spawn, stop_process
+from vncmux.tokens import MemoryTokenStore
+from vncmux.web import CORE_PAGE
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT = 15.0
+GREETING = b"RFB 003.008\n"
+
+
+def get(target: str) -> bytes:
+    """A plain GET of C{target} that closes the connection after the answer."""
+    return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+
+
+class CorePageTests(TestCase):
+    """A --web directory with noVNC's core and no page (the npm package) gets vncmux's page."""
+
+    @async_test
+    async def test_page_over_core(self) -> None:
+        """/, vnc.html and vnc_lite.html are vncmux's page, which imports ./core/rfb.js;
+        the core's files are served as they are; a page opened with ?token= sets the
+        token cookie as noVNC's own pages do."""
+        npm = Path(self.mktemp()) / "novnc"
+        (npm / "core").mkdir(parents=True)
+        (npm / "core" / "rfb.js").write_text("export default class RFB {}\n")
+        proxy = await listen_proxy(self, MemoryTokenStore(), web=str(npm))
+        page = Path(CORE_PAGE).read_bytes()
+        self.assertIn(b'import RFB from "./core/rfb.js"', page)
+        for target in ("/", "/vnc.html", "/vnc_lite.html?path=websockify%3Ftoken%3Dt"):
+            answer = parse_response(await raw_request(proxy.port, get(target)))
+            self.assertEqual((answer.status, answer.body), (200, page), target)
+            self.assertIn("text/html", answer.headers["content-type"])
+        core = parse_response(await raw_request(proxy.port, get("/core/rfb.js")))
+        self.assertEqual(core.body, b"export default class RFB {}\n")
+        classic = parse_response(await raw_request(proxy.port, get("/vnc_lite.html?token=abc")))
+        self.assertIn("token=abc", classic.headers["set-cookie"])
+
+
+def _need(test: SynchronousTestCase) -> None:
+    """Skip (fail under CI) without Xvnc or a noVNC to serve."""
+    missing = []
+    if shutil.which("Xvnc") is None:
+        missing.append("Xvnc (tigervnc-standalone-server)")
+    if choose_web(None, True, NOVNC_PLACES).path is None:
+        missing.append("noVNC (novnc)")
+    if missing:
+        message = f"make demo needs {', '.join(missing)}"
+        if os.environ.get("CI"):
+            test.fail(message)
+        test.skipTest(message)
+
+
+class DemoTests(SynchronousTestCase):
+    """``make demo`` (scripts/demo.py): from nothing to a console URL, and back to nothing."""
+
+    def test_demo_serves_a_console_and_stops_on_ctrl_c(self) -> None:
+        """The printed URL's page is served and its token opens a WebSocket that relays the
+        real Xvnc's RFB greeting; SIGINT stops the proxy and Xvnc and removes the token file
+        and the X server's lock files."""
+        _need(self)
+        demo = spawn(
+            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.addCleanup(stop_process, demo)
+        said = self._read_until(demo, "demo: Ctrl-C stops the demo")
+        url = urlsplit(said["demo: open"])
+        display = int(said["demo: Xvnc display"].split()[0].lstrip(":"))
+        tokens = Path(said["demo: token file"])
+        port = url.port
+        assert port is not None
+        children = descendants(demo.pid)
+        self.assertTrue(children)
+
+        page = _exchange(port, get(f"{url.path}?{url.query}"))
+        self.assertTrue(page.startswith(b"HTTP/1.1 200 "), page[:80])
+        ws_path = "/" + unquote(url.query.removeprefix("path="))
+        self.assertEqual(_rfb_greeting(port, ws_path), GREETING)
+
+        os.kill(demo.pid, signal.SIGINT)
+        self.assertEqual(demo.wait(WAIT), 0)
+        self.assertEqual([pid for pid in children if Path(f"/proc/{pid}").exists()], [])
+        self.assertFalse(tokens.parent.exists())
+        for leftover in (f"/tmp/.X{display}-lock", f"/tmp/.X11-unix/X{display}"):
+            self.assertFalse(os.path.exists(leftover), leftover)
+
+    def _read_until(self, proc: subprocess.Popen[bytes], last: str) -> dict[str, str]:
+        """The demo's ``demo: KEY VALUE`` lines up to C{last}, by key (bounded wait)."""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + WAIT
+        output = b""
+        while last.encode() not in output:
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([proc.stdout], [], [], max(remaining, 0))
+            chunk = os.read(proc.stdout.fileno(), 65536) if readable else b""
+            if not chunk:
+                self.fail(f"no {last!r} within {WAIT} s:\n{output.decode(errors='replace')}")
+            output += chunk
+        said = {}
+        for line in output.decode().splitlines():
+            for key in ("demo: open", "demo: Xvnc display", "demo: token file"):
+                if line.startswith(key + " "):
+                    said[key] = line[len(key) + 1 :]
+        return said
+
+
+def _exchange(port: int, request: bytes, until: bytes = b"") -> bytes:
+    """Send C{request}; everything answered until the peer closes (or C{until} arrived)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+        conn.sendall(request)
+        answer = b""
+        while not (until and until in answer):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _rfb_greeting(port: int, path: str) -> bytes:
+    """The payload of the first binary message on a WebSocket opened at C{path}."""
+    upgrade = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+    ).encode()
+    answer = _exchange(port, upgrade, until=GREETING)
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert frames[0] == 0x82 and frames[1] == len(GREETING), frames[:2]
+    return frames[2 : 2 + len(GREETING)]
