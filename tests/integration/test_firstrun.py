@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.blocking_ws import exchange, has_payload, read_until, split_upgrade, upgrade_request
 from tests.support import async_test, listen_proxy, parse_response, raw_request
 from vncmux.firstrun import NOVNC_PLACES, choose_web
 from vncmux.testing import descendants, spawn, stop_process
@@ -93,10 +94,13 @@ class DemoTests(SynchronousTestCase):
         children = descendants(demo.pid)
         self.assertTrue(children)
 
-        page = _exchange(port, get(f"{url.path}?{url.query}"))
+        page = exchange(port, get(f"{url.path}?{url.query}"))
         self.assertTrue(page.startswith(b"HTTP/1.1 200 "), page[:80])
         ws_path = "/" + unquote(url.query.removeprefix("path="))
-        self.assertEqual(_rfb_greeting(port, ws_path), GREETING)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+            client.sendall(upgrade_request(port, ws_path))
+            answer = read_until(client, has_payload(len(GREETING)))
+        self.assertEqual(split_upgrade(answer)[1][: len(GREETING)], GREETING)
 
         os.kill(demo.pid, signal.SIGINT)
         self.assertEqual(demo.wait(WAIT), 0)
@@ -123,30 +127,3 @@ class DemoTests(SynchronousTestCase):
                 if line.startswith(key + " "):
                     said[key] = line[len(key) + 1 :]
         return said
-
-
-def _exchange(port: int, request: bytes, until: bytes = b"") -> bytes:
-    """Send C{request}; everything answered until the peer closes (or C{until} arrived)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
-        conn.sendall(request)
-        answer = b""
-        while not (until and until in answer):
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
-
-
-def _rfb_greeting(port: int, path: str) -> bytes:
-    """The payload of the first binary message on a WebSocket opened at C{path}."""
-    upgrade = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
-    ).encode()
-    answer = _exchange(port, upgrade, until=GREETING)
-    head, _, frames = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert frames[0] == 0x82 and frames[1] == len(GREETING), frames[:2]
-    return frames[2 : 2 + len(GREETING)]
