@@ -98,7 +98,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
 def test_distributions_hold_the_product(installed: Installed) -> None:
     """The wheel holds the package, its page over noVNC's core and the plugin file, but no
     __init__.py under twisted/ (it would hide Twisted's own plugins) and no tests; the sdist
-    has the sources the wheel was built from."""
+    is the whole project (the wheel was built from it), tests and docs included."""
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     for needed in ("vncmux/tap.py", "vncmux/pages/core.html", "twisted/plugins/vncmux_plugin.py"):
         assert needed in names
@@ -106,7 +106,11 @@ def test_distributions_hold_the_product(installed: Installed) -> None:
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
     with tarfile.open(installed.sdist) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {"setup.py", "README.md", "vncmux/pages/core.html"} <= members
+    assert {
+        "setup.py", "Makefile", "README.md", "vncmux/pages/core.html", "docs/quickstart.md",
+        "etc/tokens", "scripts/demo.py", "tests/support.py", "tests/e2e/pages/classic_core.html",
+    } <= members  # fmt: skip
+    assert not [name for name in members if "__pycache__" in name or "node_modules" in name]
 
 
 def test_installed_commands(installed: Installed) -> None:
