@@ -61,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["xsetroot", "-solid", "#2060c0"], env=xvnc.env(), timeout=5)
         tokens = workdir / "tokens"
         url = _issue_token(tokens, xvnc.port, f"http://{LOOPBACK}:{port}/vnc_lite.html")
-        proxy = spawn_vncmux(["--tokens", f"file:{tokens}", "--metrics", "none"], listener)
+        # Ctrl-C closes open consoles at once (1001) instead of letting them drain, and
+        # waits for their browsers' answer well within stop_process's patience.
+        proxy = spawn_vncmux(
+            ["--tokens", f"file:{tokens}", "--metrics", "none",
+             "--drain-timeout", "0", "--close-timeout", "2"],
+            listener,
+        )  # fmt: skip
         listener.close()
         print(f"demo: Xvnc display {xvnc.display_name} on {LOOPBACK}:{xvnc.port}", flush=True)
         print(f"demo: token file {tokens}", flush=True)
@@ -76,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
             signal.signal(signum, signal.SIG_IGN)
         listener.close()
+        stopped = []
         if proxy is not None:
-            stop_process(proxy)
+            stopped.append(f"twistd exit status {stop_process(proxy)}")
         if xvnc is not None:
             xvnc.stop()
+            stopped.append(f"Xvnc exit status {xvnc.process.returncode}")
         shutil.rmtree(workdir, ignore_errors=True)
-        print("demo: stopped", flush=True)
+        print(f"demo: stopped ({', '.join(stopped)})", flush=True)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.blocking_ws import exchange, has_payload, read_until, split_upgrade, upgrade_request
+from tests.conformance.wsframes import CLOSE, close_payload, frame, parse_server_frames
 from tests.support import async_test, listen_proxy, parse_response, raw_request
 from vncmux.firstrun import NOVNC_PLACES, choose_web
 from vncmux.testing import descendants, spawn, stop_process
@@ -75,8 +76,8 @@ class DemoTests(SynchronousTestCase):
 
     def test_demo_serves_a_console_and_stops_on_ctrl_c(self) -> None:
         """The printed URL's page is served and its token opens a WebSocket that relays the
-        real Xvnc's RFB greeting; SIGINT stops the proxy and Xvnc and removes the token file
-        and the X server's lock files."""
+        real Xvnc's RFB greeting; SIGINT closes that console with 1001, stops the proxy and
+        Xvnc (no SIGKILL needed) and removes the token file and the X server's files."""
         _need(self)
         demo = spawn(
             [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", "0"],
@@ -100,10 +101,16 @@ class DemoTests(SynchronousTestCase):
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
             client.sendall(upgrade_request(port, ws_path))
             answer = read_until(client, has_payload(len(GREETING)))
-        self.assertEqual(split_upgrade(answer)[1][: len(GREETING)], GREETING)
+            self.assertEqual(split_upgrade(answer)[1], GREETING)
 
-        os.kill(demo.pid, signal.SIGINT)
-        self.assertEqual(demo.wait(WAIT), 0)
+            os.kill(demo.pid, signal.SIGINT)  # with the console still open
+            answer += read_until(client, lambda more: _close_code(answer + more) is not None)
+            self.assertEqual(_close_code(answer), 1001)
+            client.sendall(frame(close_payload(1001), CLOSE))  # as a browser answers it
+            self.assertEqual(demo.wait(WAIT), 0)
+        said = self._read_until(demo, "demo: stopped")
+        # twistd ends itself with the SIGTERM it shut down on (-15); -9 would mean killed.
+        self.assertEqual(said["demo: stopped"], "(twistd exit status -15, Xvnc exit status 0)")
         self.assertEqual([pid for pid in children if Path(f"/proc/{pid}").exists()], [])
         self.assertFalse(tokens.parent.exists())
         for leftover in (f"/tmp/.X{display}-lock", f"/tmp/.X11-unix/X{display}"):
@@ -123,7 +130,16 @@ class DemoTests(SynchronousTestCase):
             output += chunk
         said = {}
         for line in output.decode().splitlines():
-            for key in ("demo: open", "demo: Xvnc display", "demo: token file"):
+            for key in ("demo: open", "demo: Xvnc display", "demo: token file", "demo: stopped"):
                 if line.startswith(key + " "):
                     said[key] = line[len(key) + 1 :]
         return said
+
+
+def _close_code(answer: bytes) -> int | None:
+    """The code of the close frame after the upgrade's answer, if one arrived whole."""
+    try:
+        frames = parse_server_frames(answer.partition(b"\r\n\r\n")[2])
+    except AssertionError:  # a frame not complete yet
+        return None
+    return next((f.close_code for f in frames if f.opcode == CLOSE), None)
