@@ -69,25 +69,27 @@ class TokenCommandTests(SynchronousTestCase):
 
     def test_token_file(self) -> None:
         """A token file is named as given; a page other than the default is passed along."""
-        command = token_command("file:/tmp/t", None, "http://127.0.0.1:7000/vnc_lite.html")
+        command = token_command("file:/tmp/t", "http://127.0.0.1:7000/vnc_lite.html")
         assert command is not None
         self.assertIn("token add --tokens file:/tmp/t --host HOST --port PORT", command)
         self.assertTrue(command.endswith("--base-url http://127.0.0.1:7000/vnc_lite.html"))
-        self.assertNotIn("--base-url", token_command("file:/tmp/t", None, None) or "")
+        self.assertNotIn("--base-url", token_command("file:/tmp/t", None) or "")
 
     def test_redis_password_never_shown(self) -> None:
-        """A Redis URL's password is replaced by ***; with --config the file is named
-        instead of the store."""
-        command = token_command("redis://:s3cret@127.0.0.1:6379/0", None, None) or ""
+        """A Redis URL's password is replaced by *** (the line says so) and a Sentinel
+        password left out; a URL without secrets is given as it is."""
+        command = token_command("redis://:s3cret@127.0.0.1:6379/0", None) or ""
         self.assertNotIn("s3cret", command)
-        self.assertIn("redis://:***@127.0.0.1:6379/0", command)
-        configured = token_command("redis://:s3cret@h/0", "/etc/vncmux.ini", None) or ""
-        self.assertIn("--config /etc/vncmux.ini --host", configured)
-        self.assertNotIn("s3cret", configured)
+        self.assertIn("--tokens redis://:***@127.0.0.1:6379/0 --host", command)
+        self.assertTrue(command.endswith("(*** is the store's password)"))
+        sentinel = "redis+sentinel://127.0.0.1:26379/main?sentinel_password=t0psecret"
+        self.assertNotIn("t0psecret", token_command(sentinel, None) or "")
+        plain = token_command("redis://127.0.0.1:6379/2?format=websockify", None) or ""
+        self.assertIn("--tokens redis://127.0.0.1:6379/2?format=websockify --host", plain)
 
     def test_nova_issues_its_own(self) -> None:
         """With nova's database there is no command: nova issues the tokens."""
-        self.assertIsNone(token_command("nova:mysql+pymysql://nova@db/nova", None, None))
+        self.assertIsNone(token_command("nova:mysql+pymysql://nova@db/nova", None))
 
 
 class StartupLogTests(SynchronousTestCase):

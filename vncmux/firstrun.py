@@ -86,28 +86,34 @@ def _core_note(path: str) -> str:
     return " under vncmux's own page (noVNC's core, no vnc.html)" if is_novnc_core(path) else ""
 
 
-def token_command(tokens: str, config_file: str | None, base_url: str | None) -> str | None:
+def token_command(tokens: str, base_url: str | None) -> str | None:
     """
     The command that adds a token this proxy accepts, or C{None} when tokens come from
-    nova's database (nova issues them). A Redis password is shown as ``***``, never in
-    full: fill it in, or use ``--config``.
+    nova's database (nova issues them). A URL with a Redis or Sentinel password is shown
+    without its secrets (the password as ``***``).
     """
-    if tokens.startswith(SOURCE_PREFIX) and config_file is None:
+    if tokens.startswith(SOURCE_PREFIX):
         return None
-    words = [_vncmux_script(), "token", "add"]
-    if config_file is not None:
-        words += ["--config", config_file]
-    else:
-        shown = tokens
-        if "://" in tokens and not tokens.startswith("file:"):
-            redis = RedisConfig.from_url(tokens)
-            if redis.password is not None:
-                shown = redis.redacted_url()
-        words += ["--tokens", shown]
-    words += ["--host", "HOST", "--port", "PORT"]
+    shown = tokens
+    if "://" in tokens and not tokens.startswith("file:"):
+        redis = RedisConfig.from_url(tokens)
+        if redis.password is not None or redis.sentinel_password is not None:
+            shown = redis.redacted_url()
+    words = [
+        _vncmux_script(),
+        "token",
+        "add",
+        "--tokens",
+        shown,
+        "--host",
+        "HOST",
+        "--port",
+        "PORT",
+    ]
     if base_url is not None:
         words += ["--base-url", base_url]
-    return " ".join(words)
+    command = " ".join(words)
+    return f"{command} (*** is the store's password)" if shown != tokens else command
 
 
 def _vncmux_script() -> str:
@@ -148,13 +154,11 @@ class StartupHints(Service):
         metrics: Listener | None,
         web: WebChoice,
         tokens: str,
-        config_file: str | None,
     ) -> None:
         self._console = console
         self._metrics = metrics
         self._web = web
         self._tokens = tokens
-        self._config_file = config_file
 
     def startService(self) -> None:
         super().startService()
@@ -175,9 +179,7 @@ class StartupHints(Service):
         page = f"{console_url}{NOVNC_PAGE}"
         if self._web.path is not None:
             self._log.info("noVNC page: {url}", url=access_url(page, "TOKEN"))
-        command = token_command(
-            self._tokens, self._config_file, None if page == DEFAULT_BASE_URL else page
-        )
+        command = token_command(self._tokens, None if page == DEFAULT_BASE_URL else page)
         if command is None:
             self._log.info("tokens: issued by nova (openstack console url show SERVER)")
         else:

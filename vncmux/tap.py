@@ -584,6 +584,6 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
     service.add(ReloadOnHangup(reactor, [listener.reload for listener in listeners]))
     service.add(
-        StartupHints(service.listener, metrics_service, web, settings.tokens, config["config"])
+        StartupHints(service.listener, metrics_service, web, settings.tokens)
     )
     return service
