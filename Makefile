@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps novnc-npm
+DEMO_PORT ?= 6080
+
+.PHONY: run demo test lint bench system-deps novnc-npm
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -13,6 +15,10 @@ $(STAMP): setup.py
 
 run: $(STAMP)
 	$(VENV)/bin/twistd -n vncmux
+
+# A local Xvnc desktop behind vncmux; prints the URL to open. Ctrl-C stops everything.
+demo: $(STAMP)
+	$(PY) scripts/demo.py --port $(DEMO_PORT)
 
 system-deps:
 	bash scripts/install-system-deps

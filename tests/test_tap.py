@@ -13,6 +13,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.redis_server import make_tls_files
+from vncmux.firstrun import StartupHints
 from vncmux.hangup import ReloadOnHangup
 from vncmux.service import Listener, ProxyService
 from vncmux.supervisor import Limits, Supervisor
@@ -207,7 +208,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(parse("--tokens", f"file:{tokens}", "--listen", "tcp:6999"), reactor)
         self.assertIsInstance(service, ProxyService)
         kinds = {type(child) for child in service}
-        self.assertEqual(kinds, {Listener, Supervisor, ReloadOnHangup})
+        self.assertEqual(kinds, {Listener, Supervisor, ReloadOnHangup, StartupHints})
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 6999)
         self.successResultOf(service.listener.listening())

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import resource
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import IService
@@ -16,6 +17,7 @@ from vncmux.backendpolicy import parse_backend_networks
 from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
+from vncmux.firstrun import NOVNC_PLACES, NovncPlace, StartupHints, choose_web
 from vncmux.handshake import parse_networks, parse_origin_pattern
 from vncmux.hangup import ReloadOnHangup
 from vncmux.novaconf import log_not_applied, read_nova_config
@@ -146,7 +148,14 @@ class Options(usage.Options):
             "still exist (a deleted instance's consoles close with 4002).",
             _positive_float,
         ],
-        ["web", None, None, "Serve the noVNC files in this directory on the listener."],
+        [
+            "web",
+            None,
+            None,
+            "Serve the noVNC files in this directory on the listener; 'none' serves nothing."
+            " Default: ./node_modules/@novnc/novnc (npm, under vncmux's own page), else"
+            " /usr/share/novnc (Debian), whichever holds noVNC.",
+        ],
         [
             "spice-web",
             None,
@@ -342,8 +351,12 @@ class Options(usage.Options):
         ["enforce-expiry", None, "Close a session when its token's expires_at passes."],
     ]
 
+    #: Where to look for noVNC without --web (tests point it elsewhere).
+    novnc_places: Sequence[NovncPlace] = NOVNC_PLACES
+
     def __init__(self) -> None:
         super().__init__()
+        self.find_web = False
         self["allowed-origin"] = []
         self["trusted-proxy"] = []
         self["allowed-backend"] = []
@@ -422,6 +435,10 @@ class Options(usage.Options):
         for option in ("serial-listen", "spice-listen"):
             if self[option] in ("none", ""):
                 self[option] = None
+        #: Neither --web nor nova.conf named a directory: makeService looks for noVNC.
+        self.find_web = self["web"] is None
+        if self["web"] in ("none", ""):
+            self["web"] = None
 
     def _apply_nova_config(self, path: str) -> None:
         """nova.conf fills in what the command line and --config leave unset."""
@@ -543,7 +560,8 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         reactor = global_reactor
     raise_open_files_limit()
     tune_allocator()
-    settings = config.settings()
+    web = choose_web(config["web"], config.find_web, config.novnc_places)
+    settings = replace(config.settings(), web=web.path)
     try:
         store = open_token_store(
             settings.tokens,
@@ -586,4 +604,7 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         listeners.append(metrics_service)
         service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
     service.add(ReloadOnHangup(reactor, [listener.reload for listener in listeners]))
+    service.add(
+        StartupHints(service.listener, metrics_service, web, settings.tokens)
+    )
     return service

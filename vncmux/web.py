@@ -33,6 +33,18 @@ _COOKIE_SAFE = re.compile(r"[A-Za-z0-9!#$%&'()*+\-./:<=>?@\[\]^_`{|}~]+")
 _PATH_SAFE = re.compile(r"[A-Za-z0-9._~/-]*")
 #: noVNC's default WebSocket path (its ``path`` setting), relative to the site's root.
 NOVNC_DEFAULT_PATH = "websockify"
+#: The page access URLs open: noVNC's lite client, or vncmux's own page over noVNC's core.
+NOVNC_PAGE = "vnc_lite.html"
+#: vncmux's page over noVNC's core, for a ``--web`` directory with the core and no page:
+#: the npm package @novnc/novnc ships only ``core/`` and ``vendor/``.
+CORE_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pages", "core.html")
+
+
+def is_novnc_core(path: str) -> bool:
+    """Whether C{path} holds noVNC's core without noVNC's pages (the npm package)."""
+    return not os.path.isfile(os.path.join(path, "vnc.html")) and os.path.isfile(
+        os.path.join(path, "core", "rfb.js")
+    )
 
 
 def http_response(status: int, body: bytes, headers: dict[str, str]) -> bytes:
@@ -51,7 +63,8 @@ def http_response(status: int, body: bytes, headers: dict[str, str]) -> bytes:
 class WebRoot(File):
     """
     The files below ``--web``: C{/} is noVNC's C{vnc.html}, a directory without one is a
-    404 (no listing), and a symlink that leads out of the root is a 404 too.
+    404 (no listing), and a symlink that leads out of the root is a 404 too. Over noVNC's
+    core alone, C{/}, C{vnc.html} and C{vnc_lite.html} are vncmux's own page (L{CORE_PAGE}).
     """
 
     contentTypes = {
@@ -76,6 +89,12 @@ class WebRoot(File):
         web_root.root = real
         web_root.indexNames = ["vnc.html"]
         web_root.trusted_proxies = trusted_proxies
+        if is_novnc_core(real):
+            page = cls(CORE_PAGE, defaultType="text/html")
+            page.root = os.path.dirname(CORE_PAGE)
+            page.trusted_proxies = trusted_proxies
+            for name in (b"", b"vnc.html", NOVNC_PAGE.encode()):
+                web_root.putChild(name, page)
         return web_root
 
     def createSimilarFile(self, path: str) -> Resource:

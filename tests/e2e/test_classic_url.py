@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.conftest import GEOMETRY, Consoles, E2ERun, Proxy, start_proxy
 from tests.e2e.helpers import (
     LITE_CANVAS,
+    lite_url,
     sockets,
     wait_for_close,
     wait_for_pixel,
@@ -105,3 +106,17 @@ def test_classic_url_without_the_cookie_is_refused(
     record = wait_for_close(page)
     assert record["close"]["code"] == 4400, record
     assert record["close"]["reason"] == "bad request", record
+
+
+def test_vncmux_page_over_npm_core(
+    open_page: OpenPage, npm_core_proxy: Proxy, consoles: Consoles
+) -> None:
+    """Over noVNC's core without a page (the npm package), vncmux serves its own page as
+    vnc_lite.html: an access URL draws the console and names its desktop, and an unknown
+    token shows the refusal's reason."""
+    console = consoles.plain
+    page = open_page(lite_url(npm_core_proxy.base_url, console.token))
+    wait_for_pixel(page, LITE_CANVAS, PROBE, console.colour)
+    wait_for_text(page, "#status", "Connected to ")
+    refused = open_page(lite_url(npm_core_proxy.base_url, consoles.unknown_token))
+    wait_for_text(refused, "#status", "Refused: invalid token")

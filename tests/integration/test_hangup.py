@@ -33,7 +33,7 @@ class HangupTests(SynchronousTestCase):
             f.write("demo: 127.0.0.1:5900\n")
         listener = loopback_listener()
         proc = spawn_vncmux(
-            ["--tokens", f"file:{tokens}", "--metrics", "none"],
+            ["--tokens", f"file:{tokens}", "--metrics", "none", "--web", "none"],
             listener,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
