@@ -18,7 +18,7 @@ from tests.conformance.harness import (
     TcpLikeTransport,
     upgrade_request,
 )
-from tests.conformance.wsframes import PING, PONG, frame
+from tests.conformance.wsframes import CLOSE, PING, PONG, close_payload, frame
 from vncmux.lifecycle import Lifecycle
 from vncmux.refusals import IDLE_TIMEOUT
 from vncmux.settings import Settings
@@ -131,6 +131,31 @@ class LifecycleTests(HeldNothing, SynchronousTestCase):
         h.advance(h.settings.close_timeout + 0.1)
         self.assertTrue(h.transport.disconnected)
         self.assertNothingHeld()
+
+
+class CloseReplyTests(SynchronousTestCase):
+    """The client's answer to the proxy's close frame never drops what is still queued."""
+
+    def test_answer_while_our_close_is_queued(self) -> None:
+        """A refused client that closes as soon as it reads the RFB failure (noVNC does)
+        sends its close frame while the proxy's 4401 close frame may still wait in the
+        socket's buffer: the proxy closes after flushing it, it does not abort."""
+        h = harness(self)
+        h.open_refused("unknown")
+        h.send([frame(b"RFB 003.008\n")])
+        self.assertEqual([f.close_code for f in h.close_frames()], [4401])
+        h.send([frame(close_payload(1000), CLOSE)])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertFalse(h.transport.disconnected, "aborted: the queued close frame is lost")
+
+    def test_answer_to_an_ended_session(self) -> None:
+        """The same after a session ended with 4000: the answer closes, it does not abort."""
+        h = harness(self)
+        h.open()
+        next(iter(h.console.supervisor.sessions.values())).end(IDLE_TIMEOUT)
+        h.send([frame(close_payload(4000), CLOSE)])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertFalse(h.transport.disconnected)
 
 
 class PendingLimitTests(HeldNothing, SynchronousTestCase):

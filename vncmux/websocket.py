@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from vncmux.supervisor import Supervisor
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSING = WebSocketProtocol.STATE_CLOSING
 CONNECTION_DONE = Failure(ConnectionDone())
 _UPGRADE_HEADER = re.compile(rb"\r\nupgrade\s*:", re.IGNORECASE)
 _MAX_REQUEST_HEAD = 16 * 1024
@@ -306,6 +307,12 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if invalid is not None:
             self._fire(lambda machine: machine.client_failed(invalid))
             return True
+        if self.state == _CLOSING:
+            # The answer to the proxy's own close frame, which may still wait in the
+            # socket's buffer: autobahn would abort the connection and lose it.
+            self.wasClean = True
+            self.lose()
+            return True
         answered = super().onCloseFrame(code, reasonRaw)
         self._fire(lambda machine: machine.end(CLIENT_CLOSED))
         return answered
@@ -399,6 +406,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if self.state == _OPEN:
             encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
             self.sendCloseFrame(code, encoded)
+            send_now(self.transport, len(encoded) + 4)
 
 
 class ConsoleFactory(WebSocketServerFactory):
