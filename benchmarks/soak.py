@@ -208,7 +208,9 @@ class Soak:
             if status != 201:
                 return f"error: admin POST /tokens answered {status}"
             token = json.loads(body)["token"]
-        generation = backend.generation
+        # A backend that is down now may be back before this session's refusal is judged:
+        # a session that starts during an outage counts as hit by the kill.
+        generation = -1 if backend.down else backend.generation
         conn: WsConn | None = None
         try:
             conn = await connect("127.0.0.1", self.port, token)
