@@ -3,7 +3,10 @@ A fast fake VNC server for the benchmarks: one process, one mode, one listening 
 
 Every connection gets ``RFB 003.008\\n`` at once, then a minimal RFB 3.8 handshake
 (security type None, ClientInit, ServerInit) so that a proxy that watches the RFB stream
-sees a well-formed session. After the handshake the mode decides:
+sees a well-formed session. With ``--vencrypt`` the only security type offered is VeNCrypt
+(0.2, sub-type TLSNone): the connection goes over anonymous TLS 1.2, as a VNC server's
+does for vncmux's RFB security proxy, so its TLS leg can be measured. After the handshake
+the mode decides:
 
 - ``echo``: every byte from the client is written back unchanged;
 - ``sink``: client messages are parsed by length and discarded; each KeyEvent is answered
@@ -22,12 +25,19 @@ import asyncio
 import resource
 import signal
 import socket
+import ssl
 import struct
 import sys
 
 GREETING = b"RFB 003.008\n"
 SECURITY_TYPES = b"\x01\x01"  # one type offered: None
 SECURITY_OK = b"\x00\x00\x00\x00"
+VENCRYPT_TYPES = b"\x01\x13"  # one type offered: VeNCrypt (19)
+VENCRYPT_VERSION = b"\x00\x02"
+TLS_NONE = 257
+# VeNCrypt 0.2 accepted, then one sub-type offered: TLSNone
+VENCRYPT_SUBTYPES = b"\x00\x01" + struct.pack(">I", TLS_NONE)
+VENCRYPT_SUBTYPE_OK = b"\x01"  # the U8 that QEMU, TigerVNC and gtk-vnc send (and vncmux reads)
 NAME = b"vncmux-bench"
 # width, height, pixel format (32 bpp, depth 24, little endian, true colour), name
 SERVER_INIT = (
@@ -49,18 +59,40 @@ _SHARED = bytearray(256 * 1024)
 _SHARED_VIEW = memoryview(_SHARED)
 
 _V_VERSION, _V_SECTYPE, _V_CLIENTINIT, _V_RUNNING = range(4)
+_V_VENCRYPT_VERSION, _V_SUBTYPE, _V_TLS = range(4, 7)
+# Bytes the client sends in each handshake state.
+_STATE_NEED = {
+    _V_VERSION: 12,
+    _V_SECTYPE: 1,
+    _V_CLIENTINIT: 1,
+    _V_VENCRYPT_VERSION: 2,
+    _V_SUBTYPE: 4,
+}
+
+
+def anonymous_tls_context() -> ssl.SSLContext:
+    """
+    Server side of VeNCrypt's TLSNone: no certificate, anonymous (EC)DH suites, which need
+    TLS 1.2 (1.3 has none) and OpenSSL's security level 0, as vncmux's client side wants.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("aNULL:!eNULL:@SECLEVEL=0")
+    return context
 
 
 class Counters:
     """Totals for one backend process (printed on exit)."""
 
-    __slots__ = ("accepted", "bytes_in", "bytes_out", "protocol_errors")
+    __slots__ = ("accepted", "bytes_in", "bytes_out", "protocol_errors", "tls_cipher")
 
     def __init__(self) -> None:
         self.accepted = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.protocol_errors = 0
+        #: The cipher suite of the latest VeNCrypt TLS handshake, to report which was measured.
+        self.tls_cipher = ""
 
 
 class RfbBackend(asyncio.BufferedProtocol):
@@ -74,10 +106,14 @@ class RfbBackend(asyncio.BufferedProtocol):
         "_paused",
         "_skip",
         "_state",
+        "_tls",
+        "_tls_task",
         "_transport",
     )
 
-    def __init__(self, mode: str, blast_bytes: int, counters: Counters) -> None:
+    def __init__(
+        self, mode: str, blast_bytes: int, counters: Counters, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._mode = mode
         self._blast_left = blast_bytes
         self._counters = counters
@@ -85,6 +121,8 @@ class RfbBackend(asyncio.BufferedProtocol):
         self._paused = False
         self._skip = 0
         self._state = _V_VERSION
+        self._tls = tls
+        self._tls_task: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,7 +150,10 @@ class RfbBackend(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         while i < n and self._state != _V_RUNNING:
-            need = 12 if self._state == _V_VERSION else 1
+            if self._state == _V_TLS:  # vncmux waits for our U8 before its ClientHello
+                self._protocol_error()
+                return
+            need = _STATE_NEED[self._state]
             take = min(need - len(hdr), n - i)
             hdr += data[i : i + take]
             i += take
@@ -122,14 +163,33 @@ class RfbBackend(asyncio.BufferedProtocol):
                 if not hdr.startswith(b"RFB 003."):
                     self._protocol_error()
                     return
-                transport.write(SECURITY_TYPES)
+                transport.write(SECURITY_TYPES if self._tls is None else VENCRYPT_TYPES)
                 self._state = _V_SECTYPE
             elif self._state == _V_SECTYPE:
-                if hdr[0] != 1:
+                if hdr[0] != (1 if self._tls is None else 19):
                     self._protocol_error()
                     return
-                transport.write(SECURITY_OK)
-                self._state = _V_CLIENTINIT
+                if self._tls is None:
+                    transport.write(SECURITY_OK)
+                    self._state = _V_CLIENTINIT
+                else:
+                    transport.write(VENCRYPT_VERSION)
+                    self._state = _V_VENCRYPT_VERSION
+            elif self._state == _V_VENCRYPT_VERSION:
+                if hdr != VENCRYPT_VERSION:
+                    self._protocol_error()
+                    return
+                transport.write(VENCRYPT_SUBTYPES)
+                self._state = _V_SUBTYPE
+            elif self._state == _V_SUBTYPE:
+                if struct.unpack(">I", hdr)[0] != TLS_NONE:
+                    self._protocol_error()
+                    return
+                transport.write(VENCRYPT_SUBTYPE_OK)
+                # The ClientHello must reach the TLS layer, not this parser.
+                transport.pause_reading()
+                self._state = _V_TLS
+                self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
             else:
                 transport.write(SERVER_INIT)
                 self._state = _V_RUNNING
@@ -138,6 +198,26 @@ class RfbBackend(asyncio.BufferedProtocol):
             hdr.clear()
         if i < n:
             self._running(data[i:])
+
+    async def _start_tls(self) -> None:
+        """Upgrade to TLS as the server; inside it the SecurityResult and the rest go on."""
+        transport, tls = self._transport, self._tls
+        assert transport is not None and tls is not None
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                transport, self, tls, server_side=True
+            )
+        except (OSError, ssl.SSLError, ConnectionError):
+            self._protocol_error()
+            return
+        if secure is None:  # the client left during the handshake
+            return
+        assert isinstance(secure, asyncio.Transport)
+        tls_object = secure.get_extra_info("ssl_object")
+        self._counters.tls_cipher = f"{tls_object.version()} {tls_object.cipher()[0]}"
+        self._transport = secure
+        secure.write(SECURITY_OK)
+        self._state = _V_CLIENTINIT
 
     def _running(self, data: memoryview) -> None:
         mode = self._mode
@@ -222,12 +302,15 @@ def raise_nofile() -> int:
     return hard
 
 
-async def serve(host: str, port: int, mode: str, blast_bytes: int) -> Counters:
+async def serve(
+    host: str, port: int, mode: str, blast_bytes: int, vencrypt: bool = False
+) -> Counters:
     """Listen until SIGTERM or SIGINT; return the counters."""
     loop = asyncio.get_running_loop()
     counters = Counters()
+    tls = anonymous_tls_context() if vencrypt else None
     server = await loop.create_server(
-        lambda: RfbBackend(mode, blast_bytes, counters),
+        lambda: RfbBackend(mode, blast_bytes, counters, tls),
         host,
         port,
         backlog=1024,
@@ -250,14 +333,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--mode", choices=("echo", "sink", "blast"), required=True)
     parser.add_argument("--blast-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument(
+        "--vencrypt",
+        action="store_true",
+        help="offer only VeNCrypt TLSNone: the session runs over anonymous TLS 1.2",
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         parser.error("the benchmark backend only listens on loopback")
     raise_nofile()
-    counters = asyncio.run(serve(args.host, args.port, args.mode, args.blast_bytes))
+    counters = asyncio.run(serve(args.host, args.port, args.mode, args.blast_bytes, args.vencrypt))
+    tls = f" tls={counters.tls_cipher!r}" if args.vencrypt else ""
     print(
         f"accepted={counters.accepted} in={counters.bytes_in} out={counters.bytes_out} "
-        f"protocol_errors={counters.protocol_errors}",
+        f"protocol_errors={counters.protocol_errors}{tls}",
         file=sys.stderr,
     )
     return 0

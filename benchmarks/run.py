@@ -211,9 +211,12 @@ class Backend:
         return f"{self.mode}{self.index}"
 
 
-def start_backend(reg: Registry, logs: Path, mode: str, index: int, blast: int) -> Backend:
-    """Start one backend and read the port it printed."""
+def start_backend(
+    reg: Registry, logs: Path, mode: str, index: int, blast: int, extra: Sequence[str] = ()
+) -> Backend:
+    """Start one backend (``extra``: more backend.py options) and read the port it printed."""
     argv = [python(), str(HERE / "backend.py"), "--mode", mode, "--blast-bytes", str(blast)]
+    argv += extra
     proc = reg.start(
         f"backend-{mode}{index}", argv, logs / f"backend-{mode}{index}.log", stdout=subprocess.PIPE
     )
@@ -1036,6 +1039,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vncmux-arg", action="append", default=[], help="extra vncmux option")
     p.add_argument("--websockify-arg", action="append", default=[], help="extra websockify option")
     p.add_argument(
+        "--backend-arg",
+        action="append",
+        default=[],
+        help="extra backend.py option, e.g. --vencrypt (VeNCrypt TLSNone: needs --only vncmux"
+        " with --vncmux-arg=--auth-schemes=vencrypt; websockify speaks no VeNCrypt)",
+    )
+    p.add_argument(
         "--verify-cpu",
         action="store_true",
         help="also sample every proxy process every 10 ms and report both CPU figures",
@@ -1119,7 +1129,10 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args, kinds)
     try:
         backends = {
-            mode: [start_backend(reg, logs, mode, i, args.bulk_bytes) for i in range(args.backends)]
+            mode: [
+                start_backend(reg, logs, mode, i, args.bulk_bytes, args.backend_arg)
+                for i in range(args.backends)
+            ]
             for mode in ("echo", "sink", "blast")
         }
         with tempfile.NamedTemporaryFile(

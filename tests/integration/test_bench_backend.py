@@ -1,0 +1,75 @@
+"""
+The benchmark backend's VeNCrypt mode (``benchmarks/backend.py --vencrypt``) through the real
+proxy: vncmux must negotiate TLSNone with it and relay the session over the TLS leg, since
+``benchmarks/run.py --backend-arg=--vencrypt`` measures that leg's throughput.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.support import GREETING, async_test, connect_client, listen_proxy
+from vncmux.tokens import MemoryTokenStore
+
+BACKEND = Path(__file__).resolve().parents[2] / "benchmarks" / "backend.py"
+OK = b"\x00\x00\x00\x00"
+
+
+class VencryptBackendTests(TestCase):
+    """backend.py --vencrypt --mode echo behind vncmux with --auth-schemes=vencrypt."""
+
+    def start_backend(self) -> tuple[subprocess.Popen[bytes], int]:
+        backend = subprocess.Popen(
+            [sys.executable, str(BACKEND), "--mode", "echo", "--vencrypt"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: backend.poll() is None and backend.kill())
+        assert backend.stdout is not None
+        line = backend.stdout.readline().decode()
+        self.assertTrue(line.startswith("PORT "), line)
+        return backend, int(line.split()[1])
+
+    @async_test
+    async def test_echo_over_tlsnone(self) -> None:
+        """The browser gets None, vncmux negotiates VeNCrypt TLSNone with the backend, bytes
+        after the handshake come back unchanged, and the backend saw a TLS 1.2 session."""
+        backend, backend_port = self.start_backend()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        store = MemoryTokenStore()
+        store.add("good", "127.0.0.1", backend_port)
+        proxy = await listen_proxy(self, store, auth_schemes=("vencrypt",))
+        client = await connect_client(self, proxy.port)
+        await client.opened
+        self.assertEqual(await client.receive(12), GREETING)
+        client.send(GREETING)
+        self.assertEqual((await client.receive(14))[12:], b"\x01\x01", "the browser gets None")
+        client.send(b"\x01")
+        self.assertEqual((await client.receive(18))[14:], OK)
+        client.send(b"\x01")  # ClientInit
+        server_init = (await client.receive(18 + 24 + 12))[18:]
+        self.assertTrue(server_init.endswith(b"vncmux-bench"))
+        payload = bytes(range(256)) * 64
+        client.send(payload)
+        echoed = (await client.receive(18 + 36 + len(payload)))[18 + 36 :]
+        self.assertEqual(echoed, payload)
+        opened = [e for e in events if e.get("vncmux_event") == "session_opened"]
+        self.assertEqual(
+            [e["security"] for e in opened],
+            ["VeNCrypt TLSNone to the VNC server, None to the browser"],
+        )
+        assert client.client is not None
+        client.client.sendClose()
+        await client.closed
+        backend.terminate()
+        _, err = backend.communicate(timeout=5)
+        self.assertIn("tls='TLSv1.2 ", err.decode())
+        self.assertIn("protocol_errors=0", err.decode())
