@@ -70,14 +70,19 @@ _STATE_NEED = {
 }
 
 
-def anonymous_tls_context() -> ssl.SSLContext:
+def anonymous_tls_context(dh_params: str | None = None) -> ssl.SSLContext:
     """
     Server side of VeNCrypt's TLSNone: no certificate, anonymous (EC)DH suites, which need
     TLS 1.2 (1.3 has none) and OpenSSL's security level 0, as vncmux's client side wants.
+    Without ``dh_params`` only anonymous ECDH is possible: AECDH-AES256-SHA, which TigerVNC's
+    Xvnc picks too against vncmux's offer. With them anonymous DH with AES-GCM, likely what
+    QEMU's VeNCrypt server (anonymous DH only) negotiates; not checked against QEMU.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("aNULL:!eNULL:@SECLEVEL=0")
+    if dh_params is not None:
+        context.load_dh_params(dh_params)
     return context
 
 
@@ -303,12 +308,11 @@ def raise_nofile() -> int:
 
 
 async def serve(
-    host: str, port: int, mode: str, blast_bytes: int, vencrypt: bool = False
+    host: str, port: int, mode: str, blast_bytes: int, tls: ssl.SSLContext | None = None
 ) -> Counters:
-    """Listen until SIGTERM or SIGINT; return the counters."""
+    """Listen until SIGTERM or SIGINT (``tls``: offer VeNCrypt TLSNone); return the counters."""
     loop = asyncio.get_running_loop()
     counters = Counters()
-    tls = anonymous_tls_context() if vencrypt else None
     server = await loop.create_server(
         lambda: RfbBackend(mode, blast_bytes, counters, tls),
         host,
@@ -338,15 +342,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="offer only VeNCrypt TLSNone: the session runs over anonymous TLS 1.2",
     )
+    parser.add_argument(
+        "--vencrypt-dh-params",
+        metavar="PEM",
+        help="DH parameters for --vencrypt (e.g. from `openssl genpkey -genparam -algorithm DH"
+        " -pkeyopt group:ffdhe2048`): anonymous DH with AES-GCM instead of ECDH with AES-CBC",
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         parser.error("the benchmark backend only listens on loopback")
+    if args.vencrypt_dh_params and not args.vencrypt:
+        parser.error("--vencrypt-dh-params needs --vencrypt")
     raise_nofile()
-    counters = asyncio.run(serve(args.host, args.port, args.mode, args.blast_bytes, args.vencrypt))
-    tls = f" tls={counters.tls_cipher!r}" if args.vencrypt else ""
+    tls = anonymous_tls_context(args.vencrypt_dh_params) if args.vencrypt else None
+    counters = asyncio.run(serve(args.host, args.port, args.mode, args.blast_bytes, tls))
+    tls_note = f" tls={counters.tls_cipher!r}" if args.vencrypt else ""
     print(
         f"accepted={counters.accepted} in={counters.bytes_in} out={counters.bytes_out} "
-        f"protocol_errors={counters.protocol_errors}{tls}",
+        f"protocol_errors={counters.protocol_errors}{tls_note}",
         file=sys.stderr,
     )
     return 0
