@@ -372,6 +372,8 @@ class Connection:
             if session.ending is None:
                 self.client.relay_to(None)
                 session.finish(INTERNAL_FAILURE)
+            else:
+                session.let_go()
             session.backend.abort()  # type: ignore[attr-defined]
         self.client.abort()
 

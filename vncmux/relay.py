@@ -238,8 +238,17 @@ class Session:
         """
         self.ending = ending
         consumers, self._consumers = self._consumers, None
-        if consumers is not None:
-            for consumer in consumers:
-                consumer.unregisterProducer()
+        try:
+            for consumer in consumers or ():
+                # A lost transport holds no producer that could keep it open, and Twisted's
+                # TLS transport cannot even unregister one once it is lost.
+                if getattr(consumer, "connected", True):
+                    consumer.unregisterProducer()
+        finally:
+            self.let_go()
+
+    def let_go(self) -> None:
+        """Give the place under the limits back and leave the table (once: both are
+        idempotent), whatever else failed while ending."""
         self.reservation.release()
         self._registry.session_ended(self)

@@ -68,6 +68,29 @@ class VencryptBackendTests(TestCase):
             "TLSv1.2 ADH-AES256-GCM-SHA384", "--vencrypt-dh-params", str(path)
         )
 
+    @async_test
+    async def test_vnc_server_gone_over_tls(self) -> None:
+        """The VNC server dies while the session relays over the TLS leg: the browser gets
+        the backend's close code and the session, its place and its sockets are all given
+        back (Twisted's TLS transport cannot unregister a producer once it is lost)."""
+        backend, backend_port = self.start_backend()
+        store = MemoryTokenStore()
+        store.add("good", "127.0.0.1", backend_port)
+        proxy = await listen_proxy(self, store, auth_schemes=("vencrypt",))
+        client = await connect_client(self, proxy.port)
+        await client.receive(12)
+        client.send(GREETING)
+        await client.receive(14)
+        client.send(b"\x01")
+        await client.receive(18)
+        self.assertEqual(len(proxy.supervisor.sessions), 1)
+        backend.kill()
+        backend.wait(5)
+        code, _ = await client.closed
+        self.assertIn(code, (1000, 1011))
+        self.assertEqual(proxy.supervisor.sessions, {})
+        self.assertEqual(proxy.supervisor.reserved, 0)
+
     async def echo_through_vncmux(self, tls: str, *backend_args: str) -> None:
         """One session through vncmux to backend.py --vencrypt, then the backend's TLS."""
         backend, backend_port = self.start_backend(*backend_args)
