@@ -380,16 +380,22 @@ async def listen_tunnel(test: TestCase, path: str, console_port: int) -> TunnelF
 class TunnelTests(TestCase):
     """internal_access_path through a real tunnel endpoint to a fake VNC server."""
 
-    @async_test
-    async def test_tunnel(self) -> None:
-        """The greeting comes through the tunnel and bytes are relayed both ways."""
+    async def through_tunnel(self, served_path: str):  # type: ignore[no-untyped-def]
+        """A fake VNC server behind a tunnel endpoint that opens C{served_path}, and a client
+        of a proxy whose token names the path /vnc/instance-1 through that endpoint."""
         vnc, vnc_port = await listen_fake_vnc(self)
-        tunnel = await listen_tunnel(self, "/vnc/instance-1", vnc_port)
+        tunnel = await listen_tunnel(self, served_path, vnc_port)
         store = MemoryTokenStore()
         store.add("good", "127.0.0.1", tunnel.port, internal_access_path="/vnc/instance-1")
         proxy = await listen_proxy(self, store)
         client = await connect_client(self, proxy.port)
         await client.opened
+        return vnc, tunnel, client
+
+    @async_test
+    async def test_tunnel(self) -> None:
+        """The greeting comes through the tunnel and bytes are relayed both ways."""
+        vnc, tunnel, client = await self.through_tunnel("/vnc/instance-1")
         self.assertEqual(await client.receive(12), V38)
         client.send(b"hello")
         self.assertEqual(await client.receive(17), V38 + b"hello")
@@ -398,13 +404,7 @@ class TunnelTests(TestCase):
     @async_test
     async def test_tunnel_refuses(self) -> None:
         """A 403 from the tunnel endpoint: the browser reads 'console unreachable' (4502)."""
-        vnc, vnc_port = await listen_fake_vnc(self)
-        tunnel = await listen_tunnel(self, "/vnc/other", vnc_port)
-        store = MemoryTokenStore()
-        store.add("good", "127.0.0.1", tunnel.port, internal_access_path="/vnc/instance-1")
-        proxy = await listen_proxy(self, store)
-        client = await connect_client(self, proxy.port)
-        await client.opened
+        vnc, tunnel, client = await self.through_tunnel("/vnc/other")
         await client.receive(12)
         client.send(V38)
         self.assertEqual(await client.closed, (4502, "console unreachable"))
