@@ -134,6 +134,25 @@ class Connection:
 
     _log = Logger()
 
+    # One per connection, for the whole of it: no per-instance dict.
+    __slots__ = (
+        "session_id",
+        "client",
+        "factory",
+        "slot",
+        "client_address",
+        "token_id",
+        "admitting",
+        "admission",
+        "refused",
+        "refuser",
+        "browser",
+        "session",
+        "timer",
+        "abandoned",
+        "machine",
+    )
+
     def __init__(
         self,
         session_id: str,
