@@ -13,15 +13,22 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeNameResolver
 from tests.support import Response
 from tests.webtesting import fetch, http_site, open_session
-from vncmux.admin import FAILURE_INTERVAL, FAILURE_LIMIT, admin_resources, read_admin_secret
+from vncmux.admin import (
+    FAILURE_INTERVAL,
+    FAILURE_LIMIT,
+    LocalSessions,
+    admin_resources,
+    read_admin_secret,
+)
 from vncmux.backendpolicy import BackendPolicy, parse_backend_networks, system_resolver
 from vncmux.events import Observers
 from vncmux.health import Readiness
-from vncmux.interfaces import ITokenStore
+from vncmux.interfaces import ISessionDirectory, ITokenStore
 from vncmux.metrics import Metrics
 from vncmux.observability import build_http_root
 from vncmux.relay import RelayStats
@@ -84,7 +91,7 @@ class AdminTestCase(SynchronousTestCase):
         )
         admin = admin_resources(
             SECRET,
-            self.supervisor,
+            LocalSessions(self.supervisor),
             store,
             self.clock,
             "https://console.example/vnc.html",
@@ -193,6 +200,10 @@ class AuthTests(AdminTestCase):
 
 class SessionTests(AdminTestCase):
     """GET /sessions and DELETE /sessions/<id>."""
+
+    def test_local_sessions_is_a_directory(self) -> None:
+        """The admin API's view of this process provides the directory interface."""
+        self.assertTrue(verifyObject(ISessionDirectory, LocalSessions(self.supervisor)))
 
     def test_list(self) -> None:
         """Live sessions are listed oldest first with what an operator needs, never a token."""

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.webtesting import fetch, http_site, open_session, send
-from vncmux.admin import admin_resources
+from vncmux.admin import LocalSessions, admin_resources
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.events import Observers
 from vncmux.health import Readiness
@@ -355,7 +355,11 @@ class HealthTests(SynchronousTestCase):
         self.store.add(token, "10.0.0.5", 5901)
         policy = BackendPolicy(resolve=lambda host: fail(OSError(host)), clock=self.s.clock)
         admin = admin_resources(
-            b"s3cret", self.s.supervisor, self.store, self.s.clock, backend_policy=policy
+            b"s3cret",
+            LocalSessions(self.s.supervisor),
+            self.store,
+            self.s.clock,
+            backend_policy=policy,
         )
         site = http_site(build_http_root(self.s.metrics, self.readiness, admin), self.s.clock)
         site.doStart()

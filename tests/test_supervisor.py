@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 
 from tests.fakes import ClosingOwner, FakePeer
 from vncmux.events import Observers
-from vncmux.interfaces import ISessionBackchannel
+from vncmux.interfaces import ISessionBackchannel, ISharedLimits
 from vncmux.refusals import (
     CLIENT_UNRESPONSIVE,
     IDLE_TIMEOUT,
@@ -18,6 +18,7 @@ from vncmux.refusals import (
     SHUTDOWN,
     TOKEN_EXPIRED_ENDING,
     TOKEN_REVOKED,
+    TOO_MANY_SESSIONS,
     Refused,
 )
 from vncmux.relay import Session
@@ -256,6 +257,81 @@ class LimitTests(SupervisorTestCase):
         self.open(record(3))
         self.open(record(4))
         self.assertRaises(Refused, self.supervisor.reserve, record(5), "c")
+
+
+@implementer(ISharedLimits)
+class FakeSharedLimit:
+    """A shared limit that answers when the test says: the workers' parent or Redis."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[object]] = []
+        self.held = 0
+
+    def claim(self, record: TokenRecord, client_address: str) -> Deferred[object]:
+        self.asked.append(Deferred())
+        return self.asked[-1]
+
+    def grant(self) -> None:
+        """Answer the oldest open claim with a place."""
+        self.held += 1
+        self.asked.pop(0).callback(self._give_back)
+
+    def refuse(self) -> None:
+        self.asked.pop(0).errback(Refused(TOO_MANY_SESSIONS, "the fleet is full"))
+
+    def _give_back(self) -> None:
+        self.held -= 1
+
+
+class SharedLimitTests(SupervisorTestCase):
+    """take_place counts a session under every shared limit and gives back all or nothing."""
+
+    def shared(self, count: int = 2) -> list[FakeSharedLimit]:
+        self.make(max_sessions=5)
+        limits = [FakeSharedLimit() for _ in range(count)]
+        self.supervisor.shared_limits = tuple(limits)
+        return limits
+
+    def test_granted_by_every_limit_in_turn(self) -> None:
+        """The reservation comes once both limits granted; release gives all places back."""
+        first, second = self.shared()
+        placing = self.supervisor.take_place(record(), "c")
+        self.assertEqual((len(first.asked), len(second.asked)), (1, 0))
+        first.grant()
+        self.assertNoResult(placing)
+        second.grant()
+        reservation = self.successResultOf(placing)
+        self.assertEqual((self.supervisor.reserved, first.held, second.held), (1, 1, 1))
+        reservation.release()
+        reservation.release()
+        self.assertEqual((self.supervisor.reserved, first.held, second.held), (0, 0, 0))
+
+    def test_refused_by_a_shared_limit(self) -> None:
+        """A refusal fails with its reason and gives back the places taken so far."""
+        first, second = self.shared()
+        placing = self.supervisor.take_place(record(), "c")
+        first.grant()
+        second.refuse()
+        self.assertEqual(self.failureResultOf(placing, Refused).value.detail, "the fleet is full")
+        self.assertEqual((self.supervisor.reserved, first.held), (0, 0))
+
+    def test_local_limit_asks_no_shared_limit(self) -> None:
+        """Over this process's own limit, no shared limit is asked."""
+        (limit,) = self.shared(1)
+        self.supervisor.limits = Limits(max_sessions=0, max_sessions_per_token=1)
+        self.supervisor.reserve(record(), "c")
+        self.failureResultOf(self.supervisor.take_place(record(), "c"), Refused)
+        self.assertEqual(limit.asked, [])
+
+    def test_cancelled_while_asking_gives_back_late_places(self) -> None:
+        """A client gone while a shared limit answers: the late place is given back."""
+        (limit,) = self.shared(1)
+        placing = self.supervisor.take_place(record(), "c")
+        placing.cancel()
+        self.failureResultOf(placing)
+        self.assertEqual(self.supervisor.reserved, 0)
+        limit.grant()
+        self.assertEqual(limit.held, 0)
 
 
 class RevocationTests(SupervisorTestCase):

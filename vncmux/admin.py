@@ -26,21 +26,22 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.cli import DEFAULT_BASE_URL, access_url, check_base_url, new_token
 from vncmux.health import answer_later, write_json
-from vncmux.interfaces import ITokenAdmin
+from vncmux.interfaces import ISessionDirectory, ITokenAdmin
 from vncmux.refusals import TOKEN_REVOKED, Refused
 from vncmux.tokens import (
     BadTarget,
@@ -186,6 +187,28 @@ def session_json(session: Session) -> dict[str, Any]:
     }
 
 
+@implementer(ISessionDirectory)
+class LocalSessions:
+    """The sessions of this process: the supervisor's table."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def list_sessions(self) -> Deferred[list[dict[str, Any]]]:
+        sessions = sorted(self._supervisor.sessions.values(), key=lambda s: s.started_at)
+        return succeed([session_json(s) for s in sessions])
+
+    def get_session(self, session_id: str) -> Deferred[dict[str, Any] | None]:
+        session = self._supervisor.sessions.get(session_id)
+        return succeed(None if session is None else session_json(session))
+
+    def end_session(self, session_id: str) -> Deferred[bool]:
+        return succeed(self._supervisor.end(session_id, TOKEN_REVOKED))
+
+    def revoked(self, message: str) -> Deferred[int]:
+        return succeed(self._supervisor.revoked(message))
+
+
 @dataclass
 class _Failures:
     count: int
@@ -303,20 +326,20 @@ def _client(request: Request) -> str:
 class SessionsPage(Guarded):
     """``GET /sessions`` and, through its children, ``DELETE /sessions/<id>``."""
 
-    def __init__(self, auth: AdminAuth, supervisor: Supervisor) -> None:
+    def __init__(self, auth: AdminAuth, sessions: ISessionDirectory) -> None:
         super().__init__(auth)
-        self._supervisor = supervisor
+        self._sessions = sessions
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         """``/sessions/<id>``; ``/sessions/`` is the list itself."""
         if path == b"":
             return self
-        return OneSession(self._auth, self._supervisor, path.decode("ascii", "replace"))
+        return OneSession(self._auth, self._sessions, path.decode("ascii", "replace"))
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
         """The live sessions, oldest first."""
-        sessions = sorted(self._supervisor.sessions.values(), key=lambda s: s.started_at)
-        return write_json(request, 200, [session_json(s) for s in sessions])
+        listing = self._sessions.list_sessions()
+        return answer_later(request, listing.addCallback(lambda sessions: (200, sessions)))
 
 
 class OneSession(Guarded):
@@ -324,29 +347,38 @@ class OneSession(Guarded):
 
     isLeaf = True
 
-    def __init__(self, auth: AdminAuth, supervisor: Supervisor, session_id: str) -> None:
+    def __init__(self, auth: AdminAuth, sessions: ISessionDirectory, session_id: str) -> None:
         super().__init__(auth)
-        self._supervisor = supervisor
+        self._sessions = sessions
         self._session_id = session_id
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
         """One session as JSON, or 404."""
-        session = self._supervisor.sessions.get(self._session_id)
-        if session is None:
-            return write_json(request, 404, {"error": "no such session"})
-        return write_json(request, 200, session_json(session))
 
-    def render_DELETE(self, request: Request) -> bytes:
+        def found(session: dict[str, Any] | None) -> tuple[int, object]:
+            if session is None:
+                return 404, {"error": "no such session"}
+            return 200, session
+
+        getting = self._sessions.get_session(self._session_id)
+        return answer_later(request, getting.addCallback(found))
+
+    def render_DELETE(self, request: Request) -> int:
         """End the session; 404 when it is not live (any more)."""
-        if not self._supervisor.end(self._session_id, TOKEN_REVOKED):
-            return write_json(request, 404, {"error": "no such session"})
-        _log.info(
-            "admin: session {session_id} ended by {client}",
-            vncmux_event="admin_session_ended",
-            session_id=self._session_id,
-            client=_client(request),
-        )
-        return write_json(request, 200, {"ended": self._session_id})
+
+        def ended(was_live: bool) -> tuple[int, object]:
+            if not was_live:
+                return 404, {"error": "no such session"}
+            _log.info(
+                "admin: session {session_id} ended by {client}",
+                vncmux_event="admin_session_ended",
+                session_id=self._session_id,
+                client=_client(request),
+            )
+            return 200, {"ended": self._session_id}
+
+        ending = self._sessions.end_session(self._session_id)
+        return answer_later(request, ending.addCallback(ended))
 
 
 class TokensPage(Guarded):
@@ -356,14 +388,14 @@ class TokensPage(Guarded):
         self,
         auth: AdminAuth,
         admin: ITokenAdmin | None,
-        supervisor: Supervisor,
+        sessions: ISessionDirectory,
         clock: IReactorTime,
         backend_policy: BackendPolicy,
         base_url: str = DEFAULT_BASE_URL,
     ) -> None:
         super().__init__(auth)
         self._admin = admin
-        self._supervisor = supervisor
+        self._sessions = sessions
         self._clock = clock
         self._backend_policy = backend_policy
         self._base_url = base_url
@@ -428,12 +460,10 @@ class TokensPage(Guarded):
         instance = values[0].decode("utf-8", "replace") if values else ""
         if not instance:
             return write_json(request, 400, {"error": "DELETE /tokens needs ?instance_uuid="})
-        # This process's sessions end first: the store's own announcement may reach them
-        # before its answer does, and the count below must still include them.
-        ended = self._supervisor.revoked(f"instance:{instance}")
-        revoking = maybeDeferred(self._admin.revoke_instance, instance)
+        revoking = self._end_then(f"instance:{instance}", self._admin.revoke_instance, instance)
 
-        def revoked(count: int) -> tuple[int, object]:
+        def revoked(outcome: tuple[int, int]) -> tuple[int, object]:
+            ended, count = outcome
             _log.info(
                 "admin: {count} tokens of instance {instance_uuid} revoked",
                 vncmux_event="admin_instance_revoked",
@@ -447,15 +477,30 @@ class TokensPage(Guarded):
 
         return answer_later(request, revoking.addCallbacks(revoked, _store_failure))
 
+    def _end_then(
+        self, message: str, revoke: Callable[[str], object], argument: str
+    ) -> Deferred[tuple[int, Any]]:
+        """
+        End the sessions of C{message} first, then C{revoke(argument)} in the store: the
+        store's own announcement may reach them before its answer does, and the count of
+        sessions ended must still include them. Fires with (sessions ended, store's answer).
+        """
+
+        def then(ended: int) -> Deferred[tuple[int, Any]]:
+            revoking = maybeDeferred(revoke, argument)
+            return revoking.addCallback(lambda answer: (ended, answer))
+
+        return self._sessions.revoked(message).addCallback(then)
+
     def revoke(self, request: Request, token: str) -> bytes | int:
         """Revoke one token and end this process's sessions of it."""
         if self._admin is None:
             return _no_admin(request)
         token_hash = hash_token(token)
-        ended = self._supervisor.revoked(token_hash)  # first: see render_DELETE above
-        revoking = maybeDeferred(self._admin.revoke, token_hash)
+        revoking = self._end_then(token_hash, self._admin.revoke, token_hash)
 
-        def revoked(found: bool) -> tuple[int, object]:
+        def revoked(outcome: tuple[int, bool]) -> tuple[int, object]:
+            ended, found = outcome
             _log.info(
                 "admin: token {token_id} revoked ({found})",
                 vncmux_event="admin_token_revoked",
@@ -508,7 +553,7 @@ def _store_failure(failure: Failure) -> tuple[int, object]:
 
 def admin_resources(
     secret: bytes,
-    supervisor: Supervisor,
+    sessions: ISessionDirectory,
     store: object,
     clock: IReactorTime,
     base_url: str = DEFAULT_BASE_URL,
@@ -525,8 +570,8 @@ def admin_resources(
     admin = ITokenAdmin(store, None)
     auth = AdminAuth(secret, failures or FailedSecrets(clock))
     return {
-        b"sessions": SessionsPage(auth, supervisor),
-        b"tokens": TokensPage(auth, admin, supervisor, clock, backend_policy, base_url),
+        b"sessions": SessionsPage(auth, sessions),
+        b"tokens": TokensPage(auth, admin, sessions, clock, backend_policy, base_url),
     }
 
 
@@ -537,6 +582,7 @@ __all__ = [
     "AdminAuth",
     "BadRequest",
     "FailedSecrets",
+    "LocalSessions",
     "OneSession",
     "OneToken",
     "SessionsPage",

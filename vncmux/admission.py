@@ -33,7 +33,7 @@ class Places(Protocol):
     """Where a session takes its place under the limits: the supervisor, or a listener
     whose sessions are several connections (L{vncmux.spice.SpiceSessions})."""
 
-    def reserve(self, record: TokenRecord, client_address: str) -> Reservation: ...
+    def take_place(self, record: TokenRecord, client_address: str) -> Deferred[Reservation]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +152,12 @@ class Gate:
         return checking.addErrback(named)
 
     def _dial(self, address: str, record: TokenRecord, client_address: str) -> Deferred[Admission]:
-        reservation = self._supervisor.reserve(record, client_address)
+        placing = self._supervisor.take_place(record, client_address)
+        return placing.addCallback(self._dial_in_place, address, record)
+
+    def _dial_in_place(
+        self, reservation: Reservation, address: str, record: TokenRecord
+    ) -> Deferred[Admission]:
         started = self._clock.seconds()
         dialing = self._dialer.dial(address, record.port, record)
         dialing.addBoth(self._timed, "backend_connect", started)

@@ -90,7 +90,7 @@ class ConsoleKind:
         return self._in_band_refusal(reason) if self._in_band_refusal is not None else None
 
     def sessions(self, supervisor: Supervisor) -> Supervisor | SpiceSessions:
-        """The listener's places under the limits (the gate's C{reserve}) and the relay's
+        """The listener's places under the limits (the gate's C{take_place}) and the relay's
         registry of sessions."""
         if self._grouped_sessions is None:
             return supervisor

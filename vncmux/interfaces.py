@@ -90,6 +90,52 @@ class ISessionBackchannel(Interface):
         """
 
 
+class ISharedLimits(Interface):
+    """
+    Session limits counted beyond this process: by the parent of the workers (every worker's
+    sessions), or by the fleet in Redis (every instance's). The supervisor checks its own
+    counters first; a session then takes a place with each shared limit in turn.
+    """
+
+    def claim(record, client_address: str):  # type: ignore[no-untyped-def]
+        """
+        Count one more session of C{record}'s token from C{client_address}.
+
+        @return: a Deferred firing with a callable of no arguments that gives the place
+            back (called once), or failing with L{vncmux.refusals.Refused} (too many
+            sessions). It is never cancelled: an answer that comes too late is given back.
+        """
+
+
+class ISessionDirectory(Interface):
+    """
+    The live sessions the admin API sees and ends: this process's (L{vncmux.admin.
+    LocalSessions}), every worker's, or the whole fleet's. Sessions are JSON-ready dicts
+    (L{vncmux.admin.session_json}), never with their token.
+    """
+
+    def list_sessions():  # type: ignore[no-untyped-def]
+        """@return: a Deferred firing with every live session, oldest first."""
+
+    def get_session(session_id: str):  # type: ignore[no-untyped-def]
+        """@return: a Deferred firing with the session, or C{None} when it is not live."""
+
+    def end_session(session_id: str):  # type: ignore[no-untyped-def]
+        """
+        End one session with 4002 "token revoked", wherever it runs.
+
+        @return: a Deferred firing with C{True} when the session was live.
+        """
+
+    def revoked(message: str):  # type: ignore[no-untyped-def]
+        """
+        End the sessions of a revoked token hash (or C{instance:<uuid>}) at once, before the
+        store announces the revocation.
+
+        @return: a Deferred firing with the number of sessions ended.
+        """
+
+
 class IPeer(Interface):
     """One side of a relayed session (the browser or the VNC server), as the relay sees it."""
 
@@ -140,9 +186,11 @@ class ISessionObserver(Interface):
 
 __all__ = [
     "ISessionBackchannel",
+    "ISessionDirectory",
     "ISessionObserver",
     "IClientPeer",
     "IPeer",
+    "ISharedLimits",
     "ITokenAdmin",
     "ITokenStore",
 ]

@@ -13,7 +13,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from vncmux.admin import admin_resources, read_admin_secret
+from vncmux.admin import LocalSessions, admin_resources, read_admin_secret
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.cli import DEFAULT_BASE_URL
 from vncmux.health import Liveness, Readiness, write_json
@@ -114,7 +114,9 @@ def build_observability(
     admin = None
     if secret:
         policy = backend_policy or BackendPolicy.for_reactor(reactor)
-        admin = admin_resources(secret, supervisor, store, reactor, base_url, backend_policy=policy)
+        admin = admin_resources(
+            secret, LocalSessions(supervisor), store, reactor, base_url, backend_policy=policy
+        )
     site = QuietSite(
         build_http_root(metrics, readiness, admin), timeout=HTTP_TIMEOUT, reactor=reactor
     )

@@ -23,6 +23,8 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred, succeed
+
 from vncmux.refusals import Ending, Refused
 from vncmux.supervisor import Reservation, Supervisor
 
@@ -217,7 +219,7 @@ class JoinedChannel:
 class SpiceSessions:
     """
     The SPICE listener's sessions: takes the reservation of a token's first connection and
-    lets later connections of that token join its session (the gate's C{reserve}), and is
+    lets later connections of that token join its session (the gate's C{take_place}), and is
     the relay's registry, forwarding SPICE sessions to the supervisor and keeping the
     joined channels, which end with their session.
     """
@@ -233,12 +235,12 @@ class SpiceSessions:
     def now(self) -> float:
         return self._supervisor.now
 
-    def reserve(self, record: TokenRecord, client_address: str) -> Reservation:
+    def take_place(self, record: TokenRecord, client_address: str) -> Deferred[Reservation]:
         """Join the token's live SPICE session, or take a place under the limits."""
         session = self._by_token.get(record.token_hash)
         if session is not None and session.ending is None:
-            return ChannelReservation(session)
-        return self._supervisor.reserve(record, client_address)
+            return succeed(ChannelReservation(session))
+        return self._supervisor.take_place(record, client_address)
 
     def session_started(self, channel: Session) -> None:
         reservation = channel.reservation

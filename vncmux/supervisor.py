@@ -8,16 +8,17 @@ batches ``last_activity_at`` back to the token store. Nothing here runs per pack
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from vncmux.interfaces import ISessionBackchannel, ISessionObserver
+from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ISharedLimits
 from vncmux.refusals import (
     CLIENT_UNRESPONSIVE,
     IDLE_TIMEOUT,
@@ -67,8 +68,11 @@ class Supervisor(Service):
         observer: ISessionObserver,
         limits: Limits = Limits(),
         backchannel: ISessionBackchannel | None = None,
+        shared_limits: Sequence[ISharedLimits] = (),
     ) -> None:
         self.clock = clock
+        #: Limits counted beyond this process, checked after this process's own.
+        self.shared_limits = tuple(shared_limits)
         self.observer = observer
         self.limits = limits
         self.backchannel = backchannel
@@ -115,6 +119,19 @@ class Supervisor(Service):
         self._per_token[record.token_hash] += 1
         self._per_client[client_address] += 1
         return Reservation(self, record.token_hash, client_address)
+
+    def take_place(self, record: TokenRecord, client_address: str) -> Deferred[Reservation]:
+        """
+        L{reserve}, then a place under every shared limit (the workers' parent, the fleet):
+        fires with the L{Reservation}, or fails with L{Refused} with nothing left counted.
+        """
+        try:
+            reservation = self.reserve(record, client_address)
+        except Refused:
+            return fail()
+        if not self.shared_limits:
+            return succeed(reservation)
+        return reservation.claim_shared(iter(self.shared_limits), record)
 
     def _give_back(self, token_hash: str, client_address: str) -> None:
         self._reserved -= 1
@@ -314,26 +331,65 @@ class Reservation:
 
     Whoever holds it gives it back with L{release}, which is safe to call more than once:
     every path that abandons a session (failed dial, failed upgrade, client gone, session
-    ended) just calls it, and the counters come back exactly once.
+    ended) just calls it, and the counters come back exactly once, the shared ones too
+    (a shared place granted after the release is given back as it arrives).
     """
 
-    __slots__ = ("_supervisor", "_token_hash", "_client_address")
+    __slots__ = ("_supervisor", "_token_hash", "_client_address", "_shared")
 
     def __init__(self, supervisor: Supervisor, token_hash: str, client_address: str) -> None:
         self._supervisor: Supervisor | None = supervisor
         self._token_hash = token_hash
         self._client_address = client_address
+        #: How to give back each place taken under a shared limit.
+        self._shared: list[Callable[[], None]] = []
 
     @property
     def held(self) -> bool:
         """Whether this reservation still counts against the limits."""
         return self._supervisor is not None
 
+    def claim_shared(
+        self, limits: Iterator[ISharedLimits], record: TokenRecord
+    ) -> Deferred[Reservation]:
+        """
+        Take a place under each of C{limits} in turn. Cancelling the result releases the
+        reservation; a limiter's answer is never cancelled, but given back when it comes.
+        """
+        result: Deferred[Reservation] = Deferred(lambda _: self.release())
+        self._claim_next(limits, record, result)
+        return result
+
+    def _claim_next(
+        self, limits: Iterator[ISharedLimits], record: TokenRecord, result: Deferred[Reservation]
+    ) -> None:
+        limit = next(limits, None)
+        if limit is None:
+            result.callback(self)
+            return
+
+        def granted(give_back: Callable[[], None]) -> None:
+            if not self.held:
+                give_back()
+                return
+            self._shared.append(give_back)
+            self._claim_next(limits, record, result)
+
+        def refused(failure: Failure) -> None:
+            self.release()
+            if not result.called:
+                result.errback(failure)
+
+        limit.claim(record, self._client_address).addCallbacks(granted, refused)
+
     def release(self) -> None:
         """Give the place back (once; later calls do nothing)."""
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor._give_back(self._token_hash, self._client_address)
+            shared, self._shared = self._shared, []
+            for give_back in shared:
+                give_back()
 
 
 class PendingConnections:
