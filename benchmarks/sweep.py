@@ -19,7 +19,8 @@ from tests.fakes import ClosingOwner, FakePeer
 from vncmux.events import Observers
 from vncmux.relay import RelayStats, Session
 from vncmux.rfb import ClientActivityScanner
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tokens import TokenRecord
 
 

@@ -21,8 +21,8 @@ from twisted.trial.unittest import TestCase
 from vncmux.events import Observers, SessionLog
 from vncmux.interfaces import ITokenStore
 from vncmux.service import ProxyService, build_console
-from vncmux.settings import Settings
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits, Settings
+from vncmux.supervisor import Supervisor
 from vncmux.websocket import ConsoleFactory
 
 GREETING = b"RFB 003.008\n"

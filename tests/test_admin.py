@@ -336,6 +336,15 @@ class TokenTests(AdminTestCase):
         self.assertTrue(answer["access_url"].startswith("http://h/vnc.html?path=websockify"))
         record = self.successResultOf(self.store.show(answer["token"]))
         self.assertEqual((record.host, record.port, record.single_use), ("::1", 5900, False))
+        self.assertEqual(record.console_type, "novnc")
+
+    def test_issue_console_type(self) -> None:
+        """A token for another listener, as `vncmux token add --console-type` issues."""
+        body = {"host": "h", "port": 7000, "console_type": "serial"}
+        response = self.call("POST", "/tokens", body)
+        self.assertEqual(response.status, 201)
+        record = self.successResultOf(self.store.show(response.json()["token"]))
+        self.assertEqual(record.console_type, "serial")
 
     def test_bad_bodies(self) -> None:
         """Malformed requests are 400 with a reason, and store nothing."""
@@ -353,6 +362,10 @@ class TokenTests(AdminTestCase):
             ({"host": "h", "port": 1, "max_sessions": 0}, "max_sessions must be positive"),
             ({"host": "h", "port": 1, "token": "mine"}, "unknown fields: token"),
             ({"host": "h", "port": 1, "single_use": "yes"}, "single_use has the wrong type"),
+            (
+                {"host": "h", "port": 1, "console_type": "rdp"},
+                "console_type must be one of novnc, serial, spice-html5",
+            ),
             (
                 {"host": "h", "port": 1, "base_url": "javascript:alert(1)//"},
                 "base_url: 'javascript:alert(1)//' is not an http:// or https:// URL with a host",

@@ -14,8 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.conformance.harness import CLIENT_ADDRESS, Harness, TcpLikeTransport, upgrade_request
 from tests.conformance.wsframes import CLOSE, frame, parse_server_frames
 from tests.fakes import FakeNameResolver
-from vncmux.settings import Settings
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits, Settings
 
 VERSION = b"RFB 003.008\n"
 

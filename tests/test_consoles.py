@@ -30,8 +30,7 @@ from tests.conformance.wsframes import (
 )
 from tests.test_admission import attempt, harness
 from vncmux.consoles import NOVNC, SERIAL
-from vncmux.settings import Settings
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits, Settings
 
 RFB_VERSION = b"RFB 003.008\n"
 SERIAL_TOKEN = "serial-token"

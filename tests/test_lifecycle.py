@@ -21,8 +21,7 @@ from tests.conformance.harness import (
 from tests.conformance.wsframes import CLOSE, PING, PONG, close_payload, frame
 from vncmux.lifecycle import Lifecycle
 from vncmux.refusals import IDLE_TIMEOUT
-from vncmux.settings import Settings
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits, Settings
 from vncmux.websocket import ConsoleProtocol
 
 

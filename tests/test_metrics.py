@@ -46,7 +46,8 @@ from vncmux.refusals import (
     TOO_MANY_FAILED,
 )
 from vncmux.relay import BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, RelayStats
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tokens import MemoryTokenStore, TokenRecord, TokenStoreUnavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

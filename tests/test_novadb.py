@@ -39,7 +39,8 @@ from vncmux.novaconf import read_nova_config
 from vncmux.novadb import NovaDatabase, NovaTokenStore
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import TOKEN_REVOKED
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tap import Options, makeService
 from vncmux.tokens import TokenStoreUnavailable, hash_token
 

@@ -33,8 +33,7 @@ from tests.conformance.wsframes import (
     parse_server_frames,
 )
 from vncmux.consoles import SPICE_HTML5
-from vncmux.settings import Settings
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits, Settings
 
 MAIN, DISPLAY, INPUTS, CURSOR = 1, 2, 3, 4
 #: spice-html5's common caps: PROTOCOL_AUTH_SELECTION and MINI_HEADER.

@@ -23,7 +23,8 @@ from vncmux.refusals import (
 )
 from vncmux.relay import Session
 from vncmux.rfb import ClientActivityScanner
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tokens import TokenRecord
 
 POINTER = b"\x05\x00\x00\x10\x00\x10"

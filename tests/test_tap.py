@@ -16,7 +16,8 @@ from tests.redis_server import make_tls_files
 from vncmux.firstrun import StartupHints
 from vncmux.hangup import ReloadOnHangup
 from vncmux.service import Listener, ProxyService
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tap import REPEATABLE, Options, makeService
 from vncmux.web import WebRoot
 

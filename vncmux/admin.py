@@ -39,13 +39,13 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from vncmux.backendpolicy import BackendPolicy
-from vncmux.cli import DEFAULT_BASE_URL, access_url, check_base_url, new_token
+from vncmux.consoles import CONSOLE_TYPES
 from vncmux.health import answer_later, write_json
 from vncmux.interfaces import ISessionDirectory, ITokenAdmin
+from vncmux.issuing import DEFAULT_BASE_URL, Issued, TokenRequest, check_base_url, issue_token
 from vncmux.refusals import TOKEN_REVOKED, Refused
 from vncmux.tokens import (
     BadTarget,
-    TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
     check_instance,
@@ -99,74 +99,50 @@ def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) ->
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class TokenRequest:
-    """A checked ``POST /tokens`` body: the same choices as ``vncmux token add``."""
-
-    host: str
-    port: int
-    ttl: float | None = None
-    instance_uuid: str = ""
-    single_use: bool = False
-    max_sessions: int | None = None
-    password: str | None = None
-    base_url: str = DEFAULT_BASE_URL
-
-    @classmethod
-    def from_json(cls, body: object, default_base_url: str = DEFAULT_BASE_URL) -> TokenRequest:
-        """Check a decoded JSON body; L{BadRequest} names the first problem."""
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        unknown = set(body) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-        port_value = _field(body, "port", (int, str))
-        if port_value is None:
-            raise BadRequest("port is required")
-        try:
-            host, port = check_target(_field(body, "host", str) or "", port_value)
-        except BadTarget as e:
-            raise BadRequest(str(e)) from None
-        ttl = _field(body, "ttl", (int, float))
-        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
-            raise BadRequest("ttl must be a positive number of seconds")
-        try:
-            instance_uuid = check_instance(_field(body, "instance_uuid", str) or "")
-        except BadTarget as e:
-            raise BadRequest(str(e)) from None
-        max_sessions = _field(body, "max_sessions", int)
-        if max_sessions is not None and max_sessions <= 0:
-            raise BadRequest("max_sessions must be positive")
-        base_url = _field(body, "base_url", str) or default_base_url
-        try:
-            base_url = check_base_url(base_url)
-        except ValueError as e:
-            raise BadRequest(f"base_url: {e}") from None
-        return cls(
-            host=host,
-            port=port,
-            ttl=float(ttl) if ttl is not None else None,
-            instance_uuid=instance_uuid,
-            single_use=bool(_field(body, "single_use", bool)),
-            max_sessions=max_sessions,
-            password=_field(body, "password", str),
-            base_url=base_url,
-        )
-
-    def record(self, token: str, now: float) -> TokenRecord:
-        """The record ``vncmux token add`` would store for C{token} at C{now}."""
-        return TokenRecord.issued(
-            token,
-            self.host,
-            self.port,
-            now,
-            self.ttl,
-            instance_uuid=self.instance_uuid,
-            access_url=self.base_url,
-            max_sessions=self.max_sessions,
-            single_use=self.single_use,
-            password=self.password,
-        )
+def token_request(body: object, default_base_url: str = DEFAULT_BASE_URL) -> TokenRequest:
+    """Check a decoded ``POST /tokens`` body (the choices of ``vncmux token add``);
+    L{BadRequest} names the first problem."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = set(body) - set(TokenRequest.__dataclass_fields__)
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
+    port_value = _field(body, "port", (int, str))
+    if port_value is None:
+        raise BadRequest("port is required")
+    try:
+        host, port = check_target(_field(body, "host", str) or "", port_value)
+    except BadTarget as e:
+        raise BadRequest(str(e)) from None
+    ttl = _field(body, "ttl", (int, float))
+    if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+        raise BadRequest("ttl must be a positive number of seconds")
+    try:
+        instance_uuid = check_instance(_field(body, "instance_uuid", str) or "")
+    except BadTarget as e:
+        raise BadRequest(str(e)) from None
+    console_type = _field(body, "console_type", str) or "novnc"
+    if console_type not in CONSOLE_TYPES:
+        raise BadRequest(f"console_type must be one of {', '.join(sorted(CONSOLE_TYPES))}")
+    max_sessions = _field(body, "max_sessions", int)
+    if max_sessions is not None and max_sessions <= 0:
+        raise BadRequest("max_sessions must be positive")
+    base_url = _field(body, "base_url", str) or default_base_url
+    try:
+        base_url = check_base_url(base_url)
+    except ValueError as e:
+        raise BadRequest(f"base_url: {e}") from None
+    return TokenRequest(
+        host=host,
+        port=port,
+        ttl=float(ttl) if ttl is not None else None,
+        instance_uuid=instance_uuid,
+        console_type=console_type,
+        single_use=bool(_field(body, "single_use", bool)),
+        max_sessions=max_sessions,
+        password=_field(body, "password", str),
+        base_url=base_url,
+    )
 
 
 def session_json(session: Session) -> dict[str, Any]:
@@ -424,17 +400,14 @@ class TokensPage(Guarded):
         if len(raw) > MAX_BODY:
             return write_json(request, 413, {"error": "body too large"})
         try:
-            wanted = TokenRequest.from_json(json.loads(raw or b"null"), self._base_url)
+            wanted = token_request(json.loads(raw or b"null"), self._base_url)
         except (ValueError, UnicodeDecodeError) as e:  # BadRequest and JSON errors
             message = str(e) if isinstance(e, BadRequest) else "the body is not valid JSON"
             return write_json(request, 400, {"error": message})
-        admin = self._admin
-        token = new_token()  # the CLI's: never a leading '-', so `vncmux token` can take it
-        record = wanted.record(token, self._clock.seconds())
-        checking = self._backend_policy.check_issue(record.host, record.port)
-        issuing = checking.addCallback(lambda _: admin.issue(record, token))
+        issuing = issue_token(wanted, self._admin, self._backend_policy, self._clock.seconds())
 
-        def issued(_: object) -> tuple[int, object]:
+        def issued(new: Issued) -> tuple[int, object]:
+            record = new.record
             _log.info(
                 "admin: token {token_id} issued for {backend} (instance {instance_uuid})",
                 vncmux_event="admin_token_issued",
@@ -444,9 +417,9 @@ class TokensPage(Guarded):
                 client=_client(request),
             )
             return 201, {
-                "token": token,
+                "token": new.token,
                 "token_id": record.token_id,
-                "access_url": access_url(wanted.base_url, token),
+                "access_url": new.access_url,
                 "expires_at": record.expires_at,
             }
 
@@ -586,9 +559,9 @@ __all__ = [
     "OneSession",
     "OneToken",
     "SessionsPage",
-    "TokenRequest",
     "TokensPage",
     "admin_resources",
     "read_admin_secret",
     "session_json",
+    "token_request",
 ]

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
-from urllib.parse import quote, urlsplit
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -23,6 +21,7 @@ from vncmux.configfile import ConfigFileError, read_config
 from vncmux.consoles import CONSOLE_TYPES
 from vncmux.handshake import IPNetwork
 from vncmux.interfaces import ISessionBackchannel
+from vncmux.issuing import DEFAULT_BASE_URL, TokenRequest, check_base_url, issue_token
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import Refused
 from vncmux.rfbsecurity import decrypt_vncpasswd
@@ -40,8 +39,6 @@ from vncmux.tokens import (
     token_id_of,
 )
 
-DEFAULT_BASE_URL = "http://127.0.0.1:6080/vnc_lite.html"
-
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -57,25 +54,6 @@ class UsageError(Exception):
     """A problem with the command line or the config file (exit code 2)."""
 
 
-def new_token() -> str:
-    """C{secrets.token_urlsafe(32)}, never starting with ``-`` (it would read as an option)."""
-    while True:
-        token = secrets.token_urlsafe(32)
-        if not token.startswith("-"):
-            return token
-
-
-def check_base_url(url: str) -> str:
-    """
-    A base URL for access URLs: ``http://`` or ``https://`` with a host, nothing else (a
-    ``javascript:`` or ``data:`` URL handed to a user would run in their browser).
-    """
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
-    return url.strip()
-
-
 def _base_url(text: str) -> str:
     try:
         return check_base_url(text)
@@ -88,12 +66,6 @@ def _network(text: str) -> IPNetwork:
         return parse_backend_networks([text])[0]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def access_url(base_url: str, token: str) -> str:
-    """noVNC's URL for a token: ``BASE?path=websockify%3Ftoken%3D<token>``."""
-    joiner = "&" if "?" in base_url else "?"
-    return f"{base_url}{joiner}path={quote(f'websockify?token={token}', safe='')}"
 
 
 def record_json(record: TokenRecord) -> dict[str, Any]:
@@ -326,26 +298,21 @@ def _dispatch(
     err: IO[str],
 ) -> Any:
     if options.action == "add":
-        yield policy.check_issue(options.host, options.port)  # Refused: not issued
-        token = new_token()
-        now = reactor.seconds()
-        record = TokenRecord.issued(
-            token,
+        request = TokenRequest(
             options.host,
             options.port,
-            now,
             options.ttl,
             instance_uuid=options.instance or "",
             console_type=options.console_type,
-            access_url=options.base_url,
-            max_sessions=options.max_sessions,
             single_use=options.single_use,
+            max_sessions=options.max_sessions,
             password=password,
+            base_url=options.base_url,
         )
-        yield store.issue(record, token)
-        out.write(f"token: {token}\n")
-        out.write(f"token_id: {record.token_id}\n")
-        out.write(f"url: {access_url(options.base_url, token)}\n")
+        issued = yield issue_token(request, store, policy, reactor.seconds())
+        out.write(f"token: {issued.token}\n")
+        out.write(f"token_id: {issued.record.token_id}\n")
+        out.write(f"url: {issued.access_url}\n")
         return EXIT_OK
     if options.action == "show":
         found = yield store.show(options.token)

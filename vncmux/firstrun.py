@@ -22,7 +22,7 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from vncmux.cli import DEFAULT_BASE_URL, access_url
+from vncmux.issuing import DEFAULT_BASE_URL, access_url
 from vncmux.novadb import SOURCE_PREFIX
 from vncmux.redisstore import RedisConfig
 from vncmux.service import Listener

@@ -15,9 +15,9 @@ from twisted.web.server import Request, Site
 
 from vncmux.admin import LocalSessions, admin_resources, read_admin_secret
 from vncmux.backendpolicy import BackendPolicy
-from vncmux.cli import DEFAULT_BASE_URL
 from vncmux.health import Liveness, Readiness, write_json
 from vncmux.interfaces import ITokenStore
+from vncmux.issuing import DEFAULT_BASE_URL
 from vncmux.metrics import Metrics, MetricsPage, new_registry
 from vncmux.redisstore import RedisTokenStore
 from vncmux.service import Listener

@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vncmux.attempts import DEFAULT_MAX_FAILED
-from vncmux.handshake import IPNetwork
-from vncmux.novadb import DEFAULT_RECHECK_INTERVAL
-from vncmux.supervisor import Limits
-from vncmux.tls import DEFAULT_TLS_MIN_VERSION
+if TYPE_CHECKING:
+    from vncmux.handshake import IPNetwork
 
 DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
 DEFAULT_TOKENS = "file:etc/tokens"
 DEFAULT_METRICS = "tcp:9108:interface=127.0.0.1"
+#: ``--max-failed-tokens``: failed lookups per client address and minute.
+DEFAULT_MAX_FAILED = 20
+#: ``--nova-recheck-interval``: seconds between re-checks of live sessions' nova tokens.
+DEFAULT_RECHECK_INTERVAL = 10.0
+#: ``--tls-min-version`` of ``ssl:`` listeners.
+DEFAULT_TLS_MIN_VERSION = "1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Session limits and timeouts; 0 turns each one off."""
+
+    idle_timeout: float = 1800.0
+    max_session: float = 0.0
+    enforce_expiry: bool = False
+    max_sessions: int = 0
+    max_sessions_per_token: int = 0
+    max_sessions_per_client: int = 0
+    max_pending: int = 1024
+    max_pending_per_client: int = 32
+    ping_interval: float = 30.0
+    ping_timeout: float = 20.0
+    sweep_interval: float = 1.0
+    flush_interval: float = 10.0
+
 
 
 @dataclass(frozen=True, slots=True)

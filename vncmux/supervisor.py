@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
@@ -31,27 +30,10 @@ from vncmux.refusals import (
     Refused,
 )
 from vncmux.relay import Session
+from vncmux.settings import Limits
 from vncmux.tokens import TokenRecord
 
 INSTANCE_PREFIX = "instance:"
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Session limits and timeouts; 0 turns each one off."""
-
-    idle_timeout: float = 1800.0
-    max_session: float = 0.0
-    enforce_expiry: bool = False
-    max_sessions: int = 0
-    max_sessions_per_token: int = 0
-    max_sessions_per_client: int = 0
-    max_pending: int = 1024
-    max_pending_per_client: int = 32
-    ping_interval: float = 30.0
-    ping_timeout: float = 20.0
-    sweep_interval: float = 1.0
-    flush_interval: float = 10.0
 
 
 class Supervisor(Service):

@@ -12,23 +12,30 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from vncmux.attempts import DEFAULT_MAX_FAILED
 from vncmux.backendpolicy import parse_backend_networks
-from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
 from vncmux.firstrun import NOVNC_PLACES, NovncPlace, StartupHints, choose_web
 from vncmux.handshake import parse_networks, parse_origin_pattern
 from vncmux.hangup import ReloadOnHangup
+from vncmux.issuing import DEFAULT_BASE_URL, check_base_url
 from vncmux.novaconf import log_not_applied, read_nova_config
-from vncmux.novadb import DEFAULT_RECHECK_INTERVAL, SOURCE_PREFIX
+from vncmux.novadb import SOURCE_PREFIX
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
 from vncmux.rfbsecurity import AUTH_SCHEMES
 from vncmux.service import ProxyService, build_console
-from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Settings
-from vncmux.supervisor import Limits
-from vncmux.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
+from vncmux.settings import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_FAILED,
+    DEFAULT_METRICS,
+    DEFAULT_RECHECK_INTERVAL,
+    DEFAULT_TLS_MIN_VERSION,
+    DEFAULT_TOKENS,
+    Limits,
+    Settings,
+)
+from vncmux.tls import TLS_VERSIONS
 
 
 def _bounded(convert: Callable[[str], Any], low: float, zero_ok: bool, doc: str) -> Any:

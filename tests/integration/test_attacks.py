@@ -30,7 +30,7 @@ from tests.support import (
     proxy_to_fake_vnc,
 )
 from vncmux.refusals import TOKEN_REVOKED
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits
 from vncmux.tokens import MemoryTokenStore, hash_token
 
 

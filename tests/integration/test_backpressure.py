@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from tests.support import GREETING, connect_client, listen_proxy
 from vncmux.relay import BACKEND_TO_CLIENT
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits
 from vncmux.tokens import MemoryTokenStore
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB with a pattern, so reordering would show

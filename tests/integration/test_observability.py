@@ -41,7 +41,7 @@ from vncmux.logformat import JsonLineObserver
 from vncmux.metrics import Metrics
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits
 from vncmux.testing import loopback_listener, spawn_with_listener, stop_process, twistd_command
 from vncmux.tokens import MemoryTokenStore, TokenStoreUnavailable
 

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.support import ClientState, async_test, connect_client, listen_proxy
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits
 from vncmux.tokens import MemoryTokenStore
 
 #: Seconds any one wait on the shell may take before the test fails.

@@ -10,7 +10,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from tests.support import GREETING, async_test, connect_client, listen_fake_vnc, listen_proxy
-from vncmux.supervisor import Limits
+from vncmux.settings import Limits
 from vncmux.tokens import MemoryTokenStore
 
 
