@@ -46,7 +46,7 @@ from typing import Any
 
 from client import WsConn, WsError, connect, raise_nofile, rfb_handshake
 
-from vncmux.testing import loopback_listener, port_of, spawn_vncmux, stop_process
+from tests.processes import loopback_listener, port_of, spawn_vncmux, stop_process
 
 HERE = Path(__file__).resolve().parent
 PATTERN = bytes(range(256))

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
+from tests.processes import LOOPBACK, Xvnc, spawn_vncmux, start_xvnc, stop_process
 from vncmux.firstrun import NOVNC_PLACES, choose_web
-from vncmux.testing import LOOPBACK, Xvnc, spawn_vncmux, start_xvnc, stop_process
 
 #: The programs the demo runs, with the Debian package that has each.
 NEEDED = {"Xvnc": "tigervnc-standalone-server"}

@@ -40,7 +40,7 @@ from tests.e2e.helpers import (
     console_path,
     rgb_hex,
 )
-from vncmux.testing import (
+from tests.processes import (
     LOOPBACK,
     Xvnc,
     descendants,

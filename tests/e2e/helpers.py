@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from vncmux.testing import Xvnc, spawn, stop_process
+from tests.processes import Xvnc, spawn, stop_process
 
 if TYPE_CHECKING:  # playwright is imported only once the e2e requirements were checked
     from playwright.sync_api import Page

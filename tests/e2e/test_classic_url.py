@@ -24,7 +24,7 @@ from tests.e2e.helpers import (
     wait_for_pixel,
     wait_for_text,
 )
-from vncmux.testing import stop_process
+from tests.processes import stop_process
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page

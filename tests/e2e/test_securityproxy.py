@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.conftest import GEOMETRY, Console, Consoles, E2ERun, Proxy, proxy_on_redis
 from tests.e2e.helpers import LITE_CANVAS, lite_url, sockets, wait_for_pixel
-from vncmux.testing import LOOPBACK
+from tests.processes import LOOPBACK
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Dialog, WebSocket

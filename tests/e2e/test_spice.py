@@ -30,7 +30,7 @@ from tests.e2e.helpers import (
     wait_for_pixel,
     wait_for_text,
 )
-from vncmux.testing import (
+from tests.processes import (
     LOOPBACK,
     SYSTEMD_LISTEN_ENDPOINT,
     Xspice,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.e2e.conftest import GEOMETRY, Console, Consoles, E2ERun, Proxy
 from tests.e2e.helpers import STAGE_TIMEOUT_S
-from vncmux.testing import LOOPBACK, loopback_listener, port_of, spawn, stop_process
+from tests.processes import LOOPBACK, loopback_listener, port_of, spawn, stop_process
 
 SHIM = Path(__file__).with_name("wsshim.py")
 VNCDO = Path(sys.executable).parent / "vncdo"

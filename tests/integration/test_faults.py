@@ -20,6 +20,14 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.integration import test_fleet
+from tests.processes import (
+    SYSTEMD_LISTEN_ENDPOINT,
+    loopback_listener,
+    port_of,
+    spawn_with_listener,
+    stop_process,
+    twistd_command,
+)
 from tests.redis_server import start_redis
 from tests.support import (
     GREETING,
@@ -32,14 +40,6 @@ from tests.support import (
 )
 from vncmux.metrics import Metrics
 from vncmux.redisstore import RedisConfig, RedisTokenStore
-from vncmux.testing import (
-    SYSTEMD_LISTEN_ENDPOINT,
-    loopback_listener,
-    port_of,
-    spawn_with_listener,
-    stop_process,
-    twistd_command,
-)
 from vncmux.tokens import MemoryTokenStore, TokenRecord, TokenStoreUnavailable, hash_token
 
 TOKEN = "fault-token"

@@ -11,9 +11,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.processes import loopback_listener, port_of, spawn_vncmux, stop_process
 from tests.redis_server import start_redis
 from tests.support import GREETING, ClientState, connect_client, listen_fake_vnc
-from vncmux.testing import loopback_listener, port_of, spawn_vncmux, stop_process
 from vncmux.tokens import hash_token
 
 VNCMUX_CLI = str(Path(sys.executable).parent / "vncmux")

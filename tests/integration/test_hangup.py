@@ -11,7 +11,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vncmux.testing import loopback_listener, port_of, spawn_vncmux, stop_process
+from tests.processes import loopback_listener, port_of, spawn_vncmux, stop_process
 
 WAIT = 10.0
 

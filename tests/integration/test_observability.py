@@ -24,6 +24,7 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.processes import loopback_listener, spawn_with_listener, stop_process, twistd_command
 from tests.redis_server import start_redis
 from tests.support import (
     GREETING,
@@ -42,7 +43,6 @@ from vncmux.metrics import Metrics
 from vncmux.observability import build_observability
 from vncmux.redisstore import open_token_store
 from vncmux.settings import Limits
-from vncmux.testing import loopback_listener, spawn_with_listener, stop_process, twistd_command
 from vncmux.tokens import MemoryTokenStore, TokenStoreUnavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -21,7 +21,7 @@ import pytest
 
 from tests.blocking_ws import has_payload, read_until, split_upgrade, upgrade_request
 from tests.conformance.wsframes import frame
-from vncmux.testing import (
+from tests.processes import (
     LOOPBACK,
     SYSTEMD_LISTEN_ENDPOINT,
     loopback_listener,
@@ -104,6 +104,7 @@ def test_distributions_hold_the_product(installed: Installed) -> None:
         assert needed in names
     assert not [n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")]
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+    assert "vncmux/testing.py" not in names  # test scaffolding stays in tests/
     with tarfile.open(installed.sdist) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {

@@ -22,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.processes import loopback_listener, port_of, spawn, stop_process
 from tests.support import (
     GREETING,
     ClientState,
@@ -32,7 +33,6 @@ from tests.support import (
     listen_proxy,
 )
 from vncmux.handshake import parse_networks
-from vncmux.testing import loopback_listener, port_of, spawn, stop_process
 from vncmux.tokens import MemoryTokenStore
 
 BROWSER_ADDRESS = "127.0.0.2"

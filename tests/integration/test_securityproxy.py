@@ -30,8 +30,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
+from tests.processes import Xvnc, start_xvnc
 from tests.support import ClientState, async_test, connect_client, listen_fake_vnc, listen_proxy
-from vncmux.testing import Xvnc, start_xvnc
 from vncmux.tokens import MemoryTokenStore
 
 V38 = b"RFB 003.008\n"

@@ -11,12 +11,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.integration.test_faults import TOKEN, echoes, refused, relaying
+from tests.processes import port_of, reserved_port
 from tests.redis_server import SentinelCluster, start_redis, start_sentinel_cluster
 from tests.support import async_test, listen_fake_vnc, listen_proxy
 from vncmux.metrics import new_registry
 from vncmux.observability import build_observability
 from vncmux.redisstore import RedisConfig, RedisTokenStore
-from vncmux.testing import port_of, reserved_port
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
 
 #: Bound on the promotion: the master is down after 0.4 s, an election and the promotion

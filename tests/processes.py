@@ -1,5 +1,6 @@
 """
-Public helpers for tests and benchmarks that run vncmux and VNC servers as real processes.
+Helpers for tests, benchmarks and the demo that run vncmux and VNC servers as real processes
+(not part of the installed package).
 
 Every server gets a listening socket that the caller created on a free loopback port and passes
 in, so nothing picks a fixed port and nothing polls for readiness: connections made before the
