@@ -9,7 +9,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from vncmux.firstrun import NovncPlace, choose_web, token_command
-from vncmux.tap import Options, makeService
+from vncmux.tap import Options, build_service
 
 
 def novnc_dir(base: str, name: str, *files: str) -> str:
@@ -93,7 +93,7 @@ class TokenCommandTests(SynchronousTestCase):
 
 
 class StartupLogTests(SynchronousTestCase):
-    """makeService picks the web root and, once listening, logs what to open."""
+    """build_service picks the web root and, once listening, logs what to open."""
 
     def start(self, *args: str, places: list[NovncPlace] | None = None) -> list[str]:
         """Start the service from C{args} on a memory reactor; the lines it logged."""
@@ -104,7 +104,7 @@ class StartupLogTests(SynchronousTestCase):
             options.novnc_places = places
         options.parseOptions(["--tokens", f"file:{tokens}", *args])
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service = makeService(options, MemoryReactorClock())
+        service = build_service(options, MemoryReactorClock())
         service.startService()
         self.addCleanup(service.stopService)
         self.web = service.settings.web

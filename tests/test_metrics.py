@@ -72,7 +72,7 @@ DOCUMENTED_CLOSE_REASONS = {
 
 
 class _Setup:
-    """A supervisor on a Clock with the metrics observer, as makeService wires them."""
+    """A supervisor on a Clock with the metrics observer, as build_service wires them."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.clock = Clock()
@@ -398,7 +398,7 @@ class HealthTests(SynchronousTestCase):
 
 
 class BuildTests(SynchronousTestCase):
-    """build_observability: what makeService gets back."""
+    """build_observability: what build_service gets back."""
 
     def test_disabled(self) -> None:
         """--metrics none: no service, but an observer that still counts."""

@@ -41,7 +41,7 @@ from vncmux.redisstore import open_token_store
 from vncmux.refusals import TOKEN_REVOKED
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
-from vncmux.tap import Options, makeService
+from vncmux.tap import Options, build_service
 from vncmux.tokens import TokenStoreUnavailable, hash_token
 
 TOKEN = "0f1e2d3c-4b5a-4697-8877-665544332211"  # nova's tokens are UUID4s
@@ -386,7 +386,7 @@ class NovaConfigTests(SynchronousTestCase):
         conf = self.write("[database]\nconnection = sqlite:////var/lib/nova/nova.sqlite\n")
         options = Options()
         options.parseOptions(["--nova-config", conf, "--nova-recheck-interval", "4"])
-        service = makeService(options, MemoryReactorClock())
+        service = build_service(options, MemoryReactorClock())
         stores = [child for child in service if isinstance(child, NovaTokenStore)]
         self.assertEqual([store.recheck_interval for store in stores], [4.0])
         self.assertEqual(service.settings.listen, "tcp:6080:interface=0.0.0.0")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import ipaddress
 import os
 
@@ -18,7 +17,7 @@ from vncmux.hangup import ReloadOnHangup
 from vncmux.service import Listener, ProxyService
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
-from vncmux.tap import REPEATABLE, Options, makeService
+from vncmux.tap import Options, build_service
 from vncmux.web import WebRoot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,21 +183,9 @@ class ConfigFileTests(SynchronousTestCase):
         os.mkdir(directory)
         self.assertIn(directory, str(self.assertRaises(UsageError, parse, "--config", directory)))
 
-    def test_example_documents_every_option(self) -> None:
-        """etc/vncmux.ini parses and mentions every option with its default."""
-        parse("--config", EXAMPLE_INI)
-        with open(EXAMPLE_INI) as f:
-            text = f.read()
-        options = Options()
-        names = [p[0] for p in options.optParameters if p[0] != "config"]
-        names += [f[0] for f in options.optFlags] + list(REPEATABLE)
-        for name in names:
-            self.assertIn(f"# {name.replace('-', '_')} =", text, name)
-        configparser.ConfigParser().read(EXAMPLE_INI)
-
 
 class MakeServiceTests(SynchronousTestCase):
-    """makeService wires the parts without touching the network."""
+    """build_service wires the parts without touching the network."""
 
     def test_children(self) -> None:
         """A ProxyService holding the console listener and the supervisor."""
@@ -206,7 +193,8 @@ class MakeServiceTests(SynchronousTestCase):
         with open(tokens, "w") as f:
             f.write("demo: 127.0.0.1:5900\n")
         reactor = MemoryReactorClock()
-        service = makeService(parse("--tokens", f"file:{tokens}", "--listen", "tcp:6999"), reactor)
+        options = parse("--tokens", f"file:{tokens}", "--listen", "tcp:6999")
+        service = build_service(options, reactor)
         self.assertIsInstance(service, ProxyService)
         kinds = {type(child) for child in service}
         self.assertEqual(kinds, {Listener, Supervisor, ReloadOnHangup, StartupHints})
@@ -229,7 +217,7 @@ class MakeServiceTests(SynchronousTestCase):
             "--tokens", f"file:{tokens}", "--listen", "tcp:6999", "--serial-listen", "tcp:6983",
             "--tls-min-version", "1.3",
         )  # fmt: skip
-        service = makeService(options, reactor)
+        service = build_service(options, reactor)
         self.assertEqual(sorted(service.listeners), ["novnc", "serial"])
         serial = service.listeners["serial"]
         self.assertEqual(serial.tls_min_version, "1.3")
@@ -259,7 +247,7 @@ class MakeServiceTests(SynchronousTestCase):
             "--tokens", f"file:{tokens}", "--listen", "tcp:6999", "--spice-listen", "tcp:6982",
             "--web", novnc, "--spice-web", spice,
         )  # fmt: skip
-        service = makeService(options, reactor)
+        service = build_service(options, reactor)
         self.assertEqual(sorted(service.listeners), ["novnc", "spice-html5"])
         service.startService()
         factories = {port: factory for port, factory, *_ in reactor.tcpServers}
@@ -283,7 +271,7 @@ class MakeServiceTests(SynchronousTestCase):
         tls = f"privateKey={files['key']}:certKey={files['cert']}"
         options = parse("--tokens", f"file:{tokens}", "--listen", f"ssl:6443:{tls}",
                         "--metrics", f"ssl:9443:{tls}", "--tls-min-version", "1.3")  # fmt: skip
-        service = makeService(options, MemoryReactorClock())
+        service = build_service(options, MemoryReactorClock())
         service.startService()
         self.addCleanup(service.stopService)
         listeners = [child for child in service if isinstance(child, Listener)]
@@ -316,7 +304,7 @@ class MakeServiceTests(SynchronousTestCase):
             with self.subTest(args=args):
                 error = self.assertRaises(
                     UsageError,
-                    makeService,
+                    build_service,
                     parse("--tokens", f"file:{tokens}", "--listen", "tcp:0", *args),
                     MemoryReactorClock(),
                 )
@@ -325,7 +313,7 @@ class MakeServiceTests(SynchronousTestCase):
     def test_bad_token_source(self) -> None:
         """An unknown --tokens scheme is a usage error."""
         self.assertRaises(
-            UsageError, makeService, parse("--tokens", "ldap://x"), MemoryReactorClock()
+            UsageError, build_service, parse("--tokens", "ldap://x"), MemoryReactorClock()
         )
 
 

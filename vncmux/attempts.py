@@ -23,9 +23,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from vncmux.settings import DEFAULT_MAX_FAILED
 from vncmux.tokens import TokenStoreUnavailable
 
+DEFAULT_MAX_FAILED = 20
 WINDOW = 60.0
 COOLDOWN = 60.0
 #: The memory limiter forgets the oldest addresses beyond this many (memory stays bounded
@@ -206,6 +206,7 @@ def _log_blocked(log: Logger, address: str, limit: int, window: float, cooldown:
 
 
 __all__ = [
+    "DEFAULT_MAX_FAILED",
     "IFailedAttempts",
     "MemoryFailedAttempts",
     "RedisFailedAttempts",

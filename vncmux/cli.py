@@ -17,11 +17,12 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
-from vncmux.configfile import ConfigFileError, read_config
+from vncmux.configfile import ConfigFileError
 from vncmux.consoles import CONSOLE_TYPES
 from vncmux.handshake import IPNetwork
 from vncmux.interfaces import ISessionBackchannel
 from vncmux.issuing import DEFAULT_BASE_URL, TokenRequest, check_base_url, issue_token
+from vncmux.options import read_options_file
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import Refused
 from vncmux.rfbsecurity import decrypt_vncpasswd
@@ -189,13 +190,13 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return options
 
 
-def _config(options: argparse.Namespace) -> dict[str, str]:
-    """The [vncmux] section of ``--config`` (read as ``twistd vncmux`` reads it), or nothing."""
+def _config(options: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``--config``, read and checked as ``twistd vncmux`` reads them."""
     config_path = getattr(options, "config", None)
     if not config_path:
         return {}
     try:
-        return read_config(config_path)
+        return read_options_file(config_path)
     except ConfigFileError as e:
         raise UsageError(str(e)) from None
 
@@ -204,7 +205,7 @@ def token_source(options: argparse.Namespace) -> str:
     """``--tokens``, else ``tokens`` in the [vncmux] section of ``--config``, else the default."""
     if getattr(options, "tokens", None):
         return str(options.tokens)
-    return _config(options).get("tokens", "").strip() or DEFAULT_TOKENS
+    return str(_config(options).get("tokens", "").strip() or DEFAULT_TOKENS)
 
 
 def allowed_backends(options: argparse.Namespace) -> tuple[IPNetwork, ...]:
@@ -212,10 +213,7 @@ def allowed_backends(options: argparse.Namespace) -> tuple[IPNetwork, ...]:
     given = getattr(options, "allowed_backend", None)
     if given is not None:
         return tuple(given)
-    try:
-        return parse_backend_networks(_config(options).get("allowed_backend", "").split())
-    except ValueError as e:
-        raise UsageError(f"allowed_backend in the config file: {e}") from None
+    return tuple(_config(options).get("allowed-backend", ()))
 
 
 @inlineCallbacks

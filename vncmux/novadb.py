@@ -44,7 +44,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
-from vncmux.settings import DEFAULT_RECHECK_INTERVAL
 from vncmux.tokens import (
     BadTarget,
     TokenRecord,
@@ -58,6 +57,8 @@ from vncmux.tokens import (
 
 SOURCE_PREFIX = "nova:"
 TABLE = "console_auth_tokens"
+#: Seconds between re-checks of live sessions against the table (``--nova-recheck-interval``).
+DEFAULT_RECHECK_INTERVAL = 10.0
 DEFAULT_REPLY_TIMEOUT = 2.0
 #: Database connections (and threads) per proxy process at most.
 DEFAULT_MAX_CONNECTIONS = 4
@@ -616,6 +617,7 @@ def _about(token_hash: str) -> str:
 
 
 __all__ = [
+    "DEFAULT_RECHECK_INTERVAL",
     "SOURCE_PREFIX",
     "TABLE",
     "NovaDatabase",

@@ -1,6 +1,6 @@
 """The metrics port: ``/metrics``, ``/healthz``, ``/readyz`` and the admin API, on one Site.
 
-L{build_observability} is the one call ``makeService`` makes; everything here renders on the
+L{build_observability} is the one call ``build_service`` makes; everything here renders on the
 reactor thread (no WSGI, no thread pool) and writes no access log (paths may hold a token).
 """
 

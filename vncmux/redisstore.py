@@ -30,8 +30,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
-from vncmux.novadb import SOURCE_PREFIX, NovaDatabase, NovaTokenStore
-from vncmux.settings import DEFAULT_RECHECK_INTERVAL
+from vncmux.novadb import (
+    DEFAULT_RECHECK_INTERVAL,
+    SOURCE_PREFIX,
+    NovaDatabase,
+    NovaTokenStore,
+)
 from vncmux.tokens import (
     BadTarget,
     FileTokenStore,

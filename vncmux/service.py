@@ -27,9 +27,10 @@ from vncmux.events import Observers
 from vncmux.interfaces import ISessionBackchannel, ITokenStore
 from vncmux.relay import RelayStats
 from vncmux.rfbsecurity import SecurityPolicy
-from vncmux.settings import DEFAULT_TLS_MIN_VERSION, Settings
+from vncmux.settings import Settings
 from vncmux.supervisor import Supervisor
 from vncmux.tls import (
+    DEFAULT_TLS_MIN_VERSION,
     ReloadableServerTLS,
     load_vencrypt_tls,
     tls_listener,

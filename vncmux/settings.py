@@ -1,40 +1,43 @@
-"""The proxy's settings, parsed once from the command line and shared by every session."""
+"""
+The proxy's settings: parsed once, frozen, shared by every session.
+
+The defaults are the options' (L{vncmux.options.OPTIONS}), so a C{Settings()} built in a
+test or by a program that embeds vncmux is the proxy that ``twistd vncmux`` runs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from vncmux.options import BY_NAME, DEFAULTS
 
 if TYPE_CHECKING:
     from vncmux.handshake import IPNetwork
 
-DEFAULT_LISTEN = "tcp:6080:interface=127.0.0.1"
-DEFAULT_TOKENS = "file:etc/tokens"
-DEFAULT_METRICS = "tcp:9108:interface=127.0.0.1"
-#: ``--max-failed-tokens``: failed lookups per client address and minute.
-DEFAULT_MAX_FAILED = 20
-#: ``--nova-recheck-interval``: seconds between re-checks of live sessions' nova tokens.
-DEFAULT_RECHECK_INTERVAL = 10.0
-#: ``--tls-min-version`` of ``ssl:`` listeners.
-DEFAULT_TLS_MIN_VERSION = "1.2"
+DEFAULT_LISTEN: str = BY_NAME["listen"].default
+DEFAULT_TOKENS: str = BY_NAME["tokens"].default
+DEFAULT_METRICS: str = BY_NAME["metrics"].default
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Session limits and timeouts; 0 turns each one off."""
 
-    idle_timeout: float = 1800.0
-    max_session: float = 0.0
-    enforce_expiry: bool = False
-    max_sessions: int = 0
-    max_sessions_per_token: int = 0
-    max_sessions_per_client: int = 0
-    max_pending: int = 1024
-    max_pending_per_client: int = 32
-    ping_interval: float = 30.0
-    ping_timeout: float = 20.0
+    idle_timeout: float = DEFAULTS["limits.idle_timeout"]
+    max_session: float = DEFAULTS["limits.max_session"]
+    enforce_expiry: bool = DEFAULTS["limits.enforce_expiry"]
+    max_sessions: int = DEFAULTS["limits.max_sessions"]
+    max_sessions_per_token: int = DEFAULTS["limits.max_sessions_per_token"]
+    max_sessions_per_client: int = DEFAULTS["limits.max_sessions_per_client"]
+    max_pending: int = DEFAULTS["limits.max_pending"]
+    max_pending_per_client: int = DEFAULTS["limits.max_pending_per_client"]
+    ping_interval: float = DEFAULTS["limits.ping_interval"]
+    ping_timeout: float = DEFAULTS["limits.ping_timeout"]
+    flush_interval: float = DEFAULTS["limits.flush_interval"]
+    #: Not an option: how often the supervisor looks at every session.
     sweep_interval: float = 1.0
-    flush_interval: float = 10.0
 
 
 
@@ -43,42 +46,68 @@ class Settings:
     """Everything a session needs to know about the proxy's configuration."""
 
     #: The noVNC listener (console type ``novnc``).
-    listen: str = DEFAULT_LISTEN
+    listen: str = DEFAULTS["listen"]
     #: ``--serial-listen``: the serial console listener (console type ``serial``); None: off.
-    serial_listen: str | None = None
+    serial_listen: str | None = DEFAULTS["serial_listen"]
     #: ``--spice-listen``: the SPICE HTML5 listener (console type ``spice-html5``); None: off.
-    spice_listen: str | None = None
-    tokens: str = DEFAULT_TOKENS
-    web: str | None = None
+    spice_listen: str | None = DEFAULTS["spice_listen"]
+    tokens: str = DEFAULTS["tokens"]
+    #: The noVNC files served on the listener (after the search for noVNC); None: none.
+    web: str | None = DEFAULTS["web"]
     #: ``--spice-web``: the SPICE listener's pages (spice-html5); None: C{web}.
-    spice_web: str | None = None
+    spice_web: str | None = DEFAULTS["spice_web"]
     #: ``--web-timeout``: seconds a plain HTTP connection (the ``--web`` files) may stay open.
-    web_timeout: float = 60.0
-    metrics: str | None = DEFAULT_METRICS
-    connect_timeout: float = 5.0
-    store_timeout: float = 2.0
+    web_timeout: float = DEFAULTS["web_timeout"]
+    metrics: str | None = DEFAULTS["metrics"]
+    connect_timeout: float = DEFAULTS["connect_timeout"]
+    store_timeout: float = DEFAULTS["store_timeout"]
     #: With nova's database as the token store: seconds between re-checks of live sessions.
-    nova_recheck_interval: float = DEFAULT_RECHECK_INTERVAL
-    refusal_timeout: float = 5.0
-    close_timeout: float = 10.0
-    allowed_origins: tuple[str, ...] = ()
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    nova_recheck_interval: float = DEFAULTS["nova_recheck_interval"]
+    refusal_timeout: float = DEFAULTS["refusal_timeout"]
+    close_timeout: float = DEFAULTS["close_timeout"]
+    allowed_origins: tuple[str, ...] = DEFAULTS["allowed_origins"]
+    trusted_proxies: tuple[IPNetwork, ...] = DEFAULTS["trusted_proxies"]
     #: ``--allowed-backend``: empty means anywhere (link-local addresses still refused).
-    allowed_backends: tuple[IPNetwork, ...] = ()
+    allowed_backends: tuple[IPNetwork, ...] = DEFAULTS["allowed_backends"]
     #: ``--max-failed-tokens``: failed token lookups per client address and minute before
     #: a cooldown (0: no limit).
-    max_failed_tokens: int = DEFAULT_MAX_FAILED
+    max_failed_tokens: int = DEFAULTS["max_failed_tokens"]
     #: ``--tls-min-version`` of ``ssl:`` listeners.
-    tls_min_version: str = DEFAULT_TLS_MIN_VERSION
+    tls_min_version: str = DEFAULTS["tls_min_version"]
     #: ``--auth-schemes``: what the RFB security proxy may negotiate with VNC servers.
-    auth_schemes: tuple[str, ...] = ("none",)
+    auth_schemes: tuple[str, ...] = DEFAULTS["auth_schemes"]
     #: nova's ``vencrypt_*``: CA bundle, client certificate and key for VeNCrypt's TLS.
-    vencrypt_ca_certs: str | None = None
-    vencrypt_client_cert: str | None = None
-    vencrypt_client_key: str | None = None
-    idle_activity: str = "input"
-    drain_timeout: float = 30.0
+    vencrypt_ca_certs: str | None = DEFAULTS["vencrypt_ca_certs"]
+    vencrypt_client_cert: str | None = DEFAULTS["vencrypt_client_cert"]
+    vencrypt_client_key: str | None = DEFAULTS["vencrypt_client_key"]
+    idle_activity: str = DEFAULTS["idle_activity"]
+    drain_timeout: float = DEFAULTS["drain_timeout"]
+    #: ``--admin-token-file``: the admin API's secret; None: the admin API is off.
+    admin_token_file: str | None = DEFAULTS["admin_token_file"]
+    #: ``--base-url``: the noVNC page that ``POST /tokens`` builds access URLs on.
+    base_url: str = DEFAULTS["base_url"]
     limits: Limits = Limits()
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> Settings:
+        """The settings of option values by option name (twistd's Options, say); each
+        option's value goes where the table says, the rest keep their defaults."""
+        fields: dict[str, Any] = {}
+        limits: dict[str, Any] = {}
+        for name, option in BY_NAME.items():
+            target = option.target
+            if target is None or name not in values:
+                continue
+            value = values[name]
+            if option.kind == "repeated":
+                value = tuple(value)
+            elif option.kind == "flag":
+                value = bool(value)
+            if target.startswith("limits."):
+                limits[target.removeprefix("limits.")] = value
+            else:
+                fields[target] = value
+        return cls(**fields, limits=replace(Limits(), **limits))
 
     @property
     def listeners(self) -> tuple[tuple[str, str], ...]:

@@ -26,10 +26,9 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vncmux.settings import DEFAULT_TLS_MIN_VERSION
-
 #: ``--tls-min-version`` values.
 TLS_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+DEFAULT_TLS_MIN_VERSION = "1.2"
 #: TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only, the "intermediate" profile of
 #: Mozilla's server-side TLS guide without its finite-field DHE suites (they would need DH
 #: parameters). TLS 1.3 suites are OpenSSL's, all of them modern.
@@ -220,6 +219,7 @@ class ReloadableServerTLS:
 
 
 __all__ = [
+    "DEFAULT_TLS_MIN_VERSION",
     "MODERN_CIPHERS",
     "TLS_VERSIONS",
     "ReloadableServerTLS",
