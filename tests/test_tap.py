@@ -21,7 +21,6 @@ from vncmux.tap import Options, build_service
 from vncmux.web import WebRoot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE_INI = os.path.join(ROOT, "etc", "vncmux.ini")
 
 
 def parse(*args: str) -> Options:
