@@ -18,6 +18,7 @@ from vncmux.cli import DEFAULT_BASE_URL, check_base_url
 from vncmux.configfile import ConfigFileError, read_config, read_flag
 from vncmux.events import Observers, SessionLog
 from vncmux.firstrun import NOVNC_PLACES, NovncPlace, StartupHints, choose_web
+from vncmux.fleet import DEFAULT_HEARTBEAT, FleetLimits, FleetSessions, fleet_for
 from vncmux.handshake import parse_networks, parse_origin_pattern
 from vncmux.hangup import ReloadOnHangup
 from vncmux.novaconf import log_not_applied, read_nova_config
@@ -293,6 +294,14 @@ class Options(usage.Options):
             10.0,
             "Seconds between batched writes of last_activity_at to the token store.",
             _positive_float,
+        ],
+        [
+            "fleet-heartbeat",
+            None,
+            DEFAULT_HEARTBEAT,
+            "With a Redis token store: seconds between this instance's heartbeats in the"
+            " fleet registry (its sessions and per-token counts live 3 heartbeats; 0: off).",
+            _seconds,
         ],
         [
             "tls-min-version",
@@ -580,6 +589,12 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
     service = ProxyService(settings, console, reactor)
     if IService.providedBy(store):
         service.add(store)
+    fleet = fleet_for(store, console.supervisor, reactor, config["fleet-heartbeat"])
+    if fleet is not None:  # added after the store: it leaves the fleet before the store stops
+        service.add(fleet)
+        observers.add(fleet)
+        limit = settings.limits.max_sessions_per_token
+        console.supervisor.shared_limits += (FleetLimits(fleet, limit),)
     try:
         metrics_service, metrics = build_observability(
             settings.metrics,
@@ -591,6 +606,7 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
             admin_token_file=config["admin-token-file"],
             base_url=config["base-url"],
             backend_policy=console.backend_policy,
+            sessions=None if fleet is None else FleetSessions(fleet),
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
