@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from tests.fakes import ClosingOwner, FakePeer
 from tests.redis_server import RedisServer, session_redis, start_redis
 from tests.webtesting import open_session
 from vncmux.events import Observers
@@ -538,3 +539,54 @@ class RedisRestartTests(TestCase):
             self.assertEqual(list(client.hgetall(SESSIONS_KEY_PREFIX + "A")), ["a1"])
             self.assertEqual(client.hgetall(COUNTS_KEY_PREFIX + "A"), {hash_token("token-1"): "1"})
             self.assertEqual(client.smembers(INSTANCES_KEY), {"A"})
+
+
+class RedisCostTests(TestCase):
+    """
+    The Redis cost per session that docs/sessions.md states, counted by Redis itself
+    (INFO commandstats): benchmarks/fleet_cost.py measures the same in more detail.
+    """
+
+    timeout = 30
+
+    def script_calls(self) -> int:
+        """Script calls Redis has answered so far: each is one round trip of the proxy."""
+        stats = self.redis.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha"))
+
+    def test_round_trips_per_session(self) -> None:
+        """A session costs two round trips at its start (its place, its registration), one
+        at its end, none while it lives: a heartbeat is one call for the whole instance."""
+        return Deferred.fromCoroutine(self._cost())
+
+    async def _cost(self) -> None:
+        self.server = session_redis(self)
+        self.redis = self.server.client()
+        self.addCleanup(self.redis.close)
+        member = await RedisFleetTests.member(self, "A")  # type: ignore[arg-type]
+        member.supervisor.shared_limits = (member.limits,)
+        sessions = []
+        for n in range(20):
+            before = self.script_calls()
+            placed = record(f"token-{n}")
+            reservation = await member.supervisor.take_place(placed, "c")
+            session = Session(
+                f"s{n}", placed, "c", FakePeer(), FakePeer(), 0.0, member.supervisor, None,
+                reservation, ClosingOwner(),
+            )  # fmt: skip
+            session.start(session.client.transport, session.backend.transport, RelayStats())
+            await member.fleet.settled()
+            self.assertEqual(self.script_calls() - before, 2)
+            sessions.append(session)
+        before = self.script_calls()
+        for session in sessions:
+            session.bytes_to_client += 1
+        member.fleet.beat()
+        await member.fleet.settled()
+        self.assertEqual(self.script_calls() - before, 1)
+        for session in sessions:
+            before = self.script_calls()
+            session.end(TOKEN_REVOKED)  # gives its place back too
+            await member.fleet.settled()
+            self.assertLessEqual(self.script_calls() - before, 1)
+        self.assertEqual(self.redis.hgetall(COUNTS_KEY_PREFIX + "A"), {})
