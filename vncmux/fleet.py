@@ -276,6 +276,13 @@ class FleetInstance(Service):
             self.store.watch_revocations(self._message)
         self._wanted = "full"
         self._beating.start(self.heartbeat, now=True)
+        self._log.info(
+            "fleet: instance {instance}, heartbeat every {heartbeat:g} s, keys expire {ttl:g} s"
+            " after the last one",
+            instance=self.instance_id,
+            heartbeat=self.heartbeat,
+            ttl=heartbeat_ttl(self.heartbeat),
+        )
 
     def stopService(self) -> Deferred[None]:
         """Stop the heartbeat, let a write in flight finish, then delete every key of ours."""

@@ -285,6 +285,37 @@ class FleetViewTests(TestCase):
         await self.relaying(a.port, token)  # B's place is not counted any more
         self.assertEqual(self.fleet_keys(b), [])
 
+    def test_lost_registry_written_again(self) -> None:
+        """When Redis loses the registry (here its keys are deleted; a restarted Redis
+        without persistence loses them too), B's next heartbeat writes it all again."""
+        return ensureDeferred(self._lost())
+
+    async def _lost(self) -> None:
+        self.redis = start_redis(self)
+        client = self.redis.client()
+        client.config_set("notify-keyspace-events", "E$")
+        vnc, vnc_port = await listen_fake_vnc(self)
+        token = await self.token(vnc_port)
+        heartbeat = ["--fleet-heartbeat", "0.5"]
+        a, b = self.instance(*heartbeat, admin=True), self.instance(*heartbeat)
+        await self.relaying(a.port, token)  # A is up: its admin port is listening
+        await self.relaying(b.port, token)
+        alive = next(k for k in self.fleet_keys(b) if k.startswith("vncmux:fleet:alive:"))
+        written = client.pubsub()
+        written.subscribe("__keyevent@0__:set")
+        client.delete(*client.keys("vncmux:fleet:*"))
+        status, listed = await self.admin(a, "GET", "/sessions")
+        self.assertEqual([f":{b.proc.pid}:" in s["instance"] for s in listed], [False])
+        deleted_at = time.monotonic()
+        while time.monotonic() < deleted_at + 3.0:
+            message = written.get_message(timeout=deleted_at + 3.0 - time.monotonic())
+            if message and message["data"] == alive:
+                break
+        written.close()
+        self.assertLess(time.monotonic() - deleted_at, 0.5 + 0.2)  # within one heartbeat
+        status, listed = await self.admin(a, "GET", "/sessions")
+        self.assertEqual([f":{b.proc.pid}:" in s["instance"] for s in listed], [False, True])
+
     def test_clean_stop_removes_keys(self) -> None:
         """SIGTERM: B drains and deletes its registry keys at once; A's stay."""
         return ensureDeferred(self._stopped())
