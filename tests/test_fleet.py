@@ -304,7 +304,7 @@ class DirectoryUnitTests(InstanceTestCase):
 
     def test_local_session(self) -> None:
         """This instance's session is read and ended here, with current figures."""
-        directory = FleetSessions(self.fleet)
+        directory = FleetSessions(self.store, self.fleet)  # type: ignore[arg-type]
         self.assertTrue(verifyObject(ISessionDirectory, directory))
         session = self.open("s1")
         session.bytes_to_backend = 7
@@ -327,7 +327,7 @@ class DirectoryUnitTests(InstanceTestCase):
 
     def test_revoked_counts_despite_store_failure(self) -> None:
         """Revocation ends local sessions even when the fleet's count cannot be read."""
-        directory = FleetSessions(self.fleet)
+        directory = FleetSessions(self.store, self.fleet)  # type: ignore[arg-type]
         session = self.open("s1")
         counting = directory.revoked(hash_token("token-1"))
         self.store.take("fleet list").answer.errback(TokenStoreUnavailable("down"))
@@ -394,7 +394,12 @@ class RedisFleetTests(TestCase):
         await store.watch_revocations(lambda message: None)  # subscribed
         await fleet.settled()
         return Member(
-            store, supervisor, fleet, FleetSessions(fleet), FleetLimits(fleet, per_token), closed
+            store,
+            supervisor,
+            fleet,
+            FleetSessions(store, fleet),
+            FleetLimits(fleet, per_token),
+            closed,
         )
 
     def test_every_instance_listed(self) -> None:
@@ -435,6 +440,28 @@ class RedisFleetTests(TestCase):
         await b.fleet.settled()
         self.assertFalse(await a.directory.end_session("b1"))
         self.assertFalse(await a.directory.end_session("nothing"))
+
+    def test_view_from_outside(self) -> None:
+        """A process holding no sessions (a parent of workers) sees and ends them all
+        through Redis alone."""
+        return Deferred.fromCoroutine(self._outside())
+
+    async def _outside(self) -> None:
+        a, b = await self.member("A"), await self.member("B")
+        a.open("a1")
+        session = b.open("b1", "token-2")
+        await a.fleet.settled()
+        await b.fleet.settled()
+        outside = FleetSessions(a.store)
+        listed = await outside.list_sessions()
+        self.assertEqual(
+            sorted((s["session_id"], s["instance"]) for s in listed), [("a1", "A"), ("b1", "B")]
+        )
+        self.assertEqual((await outside.get_session("a1"))["instance"], "A")
+        self.assertEqual(await outside.revoked(hash_token("token-2")), 1)
+        self.assertIsNone(session.ending)  # the store's announcement ends it, not this count
+        self.assertTrue(await outside.end_session("b1"))
+        self.assertIs(await b.closed.next, session)
 
     def test_per_token_limit_across_instances(self) -> None:
         """Two places of a token limited to 2, one on A and one on B: the third is refused

@@ -377,18 +377,7 @@ class FleetInstance(Service):
         self._given_back[token_hash] += 1
         self._want("delta")
 
-    # -- the directory's queries -----------------------------------------------------------
-
-    def other_sessions(self) -> Deferred[list[dict[str, Any]]]:
-        """Every session of the other live instances, as they last wrote it."""
-        listing = self.store.evaluate("fleet list", _LIST, [INSTANCES_KEY], self._prefixes)
-        return listing.addCallback(lambda values: [json.loads(v) for v in values or ()])
-
-    def find_other(self, session_id: str, end: bool) -> Deferred[dict[str, Any] | None]:
-        """Another live instance's session; with C{end}, that instance is told to end it."""
-        args = [*self._prefixes, session_id, REVOKE_CHANNEL if end else ""]
-        finding = self.store.evaluate("fleet find", _FIND, [INSTANCES_KEY], args)
-        return finding.addCallback(lambda value: None if value is None else json.loads(value))
+    # -- the directory ---------------------------------------------------------------------
 
     def session_json(self, session: Session) -> dict[str, Any]:
         """A session as the admin API shows it, with the instance that holds it."""
@@ -604,44 +593,64 @@ def _nothing_to_give_back() -> None:
 @implementer(ISessionDirectory)
 class FleetSessions:
     """
-    The admin API's view of every live instance: this instance's sessions are read from its
+    The admin API's view of every live instance. An instance's own sessions are read from its
     own table (current figures), the others' from Redis (byte counts and activity as of
     their last heartbeat). Ending another instance's session publishes ``session:<id>`` on the
-    revocation channel; the instance that holds it closes it with 4002 on receipt.
+    revocation channel; the instance that holds it closes it with 4002 on receipt. Without
+    C{instance} (a process that holds no sessions, e.g. a parent of workers) every session
+    is read from Redis.
     """
 
-    def __init__(self, instance: FleetInstance) -> None:
+    def __init__(self, store: RedisTokenStore, instance: FleetInstance | None = None) -> None:
+        self._store = store
         self._instance = instance
-        self._supervisor = instance.supervisor
+        own = instance.instance_id if instance is not None else ""
+        self._prefixes = [own, ALIVE_KEY_PREFIX, SESSIONS_KEY_PREFIX, COUNTS_KEY_PREFIX]
 
-    def _local(self) -> list[dict[str, Any]]:
-        return [self._instance.session_json(s) for s in self._supervisor.sessions.values()]
+    def _own(self) -> dict[str, Session]:
+        """This instance's live sessions (none without an instance)."""
+        return self._instance.supervisor.sessions if self._instance is not None else {}
+
+    def _shown(self, session: Session) -> dict[str, Any]:
+        assert self._instance is not None  # only this instance's sessions are shown from here
+        return self._instance.session_json(session)
+
+    def _others(self) -> Deferred[list[dict[str, Any]]]:
+        """Every session of the other live instances, as they last wrote it."""
+        listing = self._store.evaluate("fleet list", _LIST, [INSTANCES_KEY], self._prefixes)
+        return listing.addCallback(lambda values: [json.loads(v) for v in values or ()])
+
+    def _find(self, session_id: str, end: bool) -> Deferred[dict[str, Any] | None]:
+        """Another live instance's session; with C{end}, that instance is told to end it."""
+        args = [*self._prefixes, session_id, REVOKE_CHANNEL if end else ""]
+        finding = self._store.evaluate("fleet find", _FIND, [INSTANCES_KEY], args)
+        return finding.addCallback(lambda value: None if value is None else json.loads(value))
 
     def list_sessions(self) -> Deferred[list[dict[str, Any]]]:
         def together(others: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return sorted(self._local() + others, key=lambda s: s["started_at"])
+            own = [self._shown(s) for s in self._own().values()]
+            return sorted(own + others, key=lambda s: s["started_at"])
 
-        return self._instance.other_sessions().addCallback(together)
+        return self._others().addCallback(together)
 
     def get_session(self, session_id: str) -> Deferred[dict[str, Any] | None]:
-        session = self._supervisor.sessions.get(session_id)
+        session = self._own().get(session_id)
         if session is not None:
-            return succeed(self._instance.session_json(session))
-        return self._instance.find_other(session_id, end=False)
+            return succeed(self._shown(session))
+        return self._find(session_id, end=False)
 
     def end_session(self, session_id: str) -> Deferred[bool]:
-        if session_id in self._supervisor.sessions:
-            return succeed(self._supervisor.end(session_id, TOKEN_REVOKED))
-        return self._instance.find_other(session_id, end=True).addCallback(
-            lambda found: found is not None
-        )
+        session = self._own().get(session_id)
+        if session is not None:
+            return succeed(session.end(TOKEN_REVOKED))
+        return self._find(session_id, end=True).addCallback(lambda found: found is not None)
 
     def revoked(self, message: str) -> Deferred[int]:
         """
         End this instance's matching sessions now; the other instances end theirs when the
         store announces the revocation. Fires with the fleet's count of them.
         """
-        ended = self._supervisor.revoked(message)
+        ended = self._instance.supervisor.revoked(message) if self._instance is not None else 0
 
         def count(others: list[dict[str, Any]]) -> int:
             return ended + sum(1 for s in others if _matches(s, message))
@@ -650,7 +659,7 @@ class FleetSessions:
             failure.trap(TokenStoreUnavailable)  # logged by the store; the revocation goes on
             return ended
 
-        return self._instance.other_sessions().addCallbacks(count, uncounted)
+        return self._others().addCallbacks(count, uncounted)
 
 
 def _matches(session: dict[str, Any], message: str) -> bool:

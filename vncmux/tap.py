@@ -606,7 +606,7 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
             admin_token_file=config["admin-token-file"],
             base_url=config["base-url"],
             backend_policy=console.backend_policy,
-            sessions=None if fleet is None else FleetSessions(fleet),
+            sessions=None if fleet is None else FleetSessions(fleet.store, fleet),
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
