@@ -366,7 +366,8 @@ class FleetInstance(Service):
                 self._send_soon()
             return result
 
-        return claiming.addCallbacks(answered, failed).addBoth(done)  # type: ignore[return-value]
+        claiming.addCallback(answered).addErrback(failed)
+        return claiming.addBoth(done)  # type: ignore[return-value]
 
     def give_back(self, token_hash: str) -> None:
         """A place of C{token_hash} is free again (written with the next batch)."""
@@ -548,7 +549,8 @@ def _pair(reply: object) -> tuple[int, int]:
 
 
 def _store_refusal(failure: Failure, what: str) -> Failure:
-    failure.trap(TokenStoreUnavailable)
+    """Redis down, slow or answering garbage: refused as a failed token lookup is (4503)."""
+    failure.trap(TokenStoreUnavailable, TypeError)
     raise Refused(STORE_UNAVAILABLE, f"{what}: {failure.getErrorMessage()}")
 
 
