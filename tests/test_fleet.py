@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -180,14 +181,21 @@ class WriteTests(InstanceTestCase):
 
     def test_failed_write_makes_the_next_beat_full(self) -> None:
         """A write that failed may or may not have reached Redis: the next heartbeat
-        replaces everything (sessions and the places held)."""
+        replaces everything (sessions and the places held). An outage is logged once, and
+        its end."""
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
         self.open("s1")
         self.clock.advance(0)
         self.store.take("fleet write").answer.errback(TokenStoreUnavailable("down"))
-        self.flushLoggedErrors()
+        self.clock.advance(10)
+        self.store.take("fleet write").answer.errback(TokenStoreUnavailable("down"))
+        self.assertEqual([e["log_level"].name for e in self.logged], ["warn"])  # once
         self.clock.advance(10)
         write = self.written()
         self.assertEqual((write.mode, list(write.sessions)), ("full", ["s1"]))
+        self.assertIn("again", self.logged[-1]["log_format"])
 
     def test_keys_gone_means_full_write(self) -> None:
         """When the script finds the heartbeat key gone (expired, Redis restarted), the
@@ -459,6 +467,8 @@ class RedisFleetTests(TestCase):
         )
         self.assertEqual((await outside.get_session("a1"))["instance"], "A")
         self.assertEqual(await outside.revoked(hash_token("token-2")), 1)
+        self.assertEqual(await outside.revoked("instance:vm-token-1"), 1)
+        self.assertEqual(await outside.revoked(hash_token("token-3")), 0)
         self.assertIsNone(session.ending)  # the store's announcement ends it, not this count
         self.assertTrue(await outside.end_session("b1"))
         self.assertIs(await b.closed.next, session)

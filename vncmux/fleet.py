@@ -258,6 +258,8 @@ class FleetInstance(Service):
         self._writing_mode: str | None = None
         # The outcome of a write or claim is unknown: the next heartbeat writes everything.
         self._next_full = False
+        # Writes fail since the last one that worked (logged once).
+        self._failing = False
         self._soon: IDelayedCall | None = None
         self._claims_in_flight = 0
         self._after_full: list[Deferred[None]] = []
@@ -481,6 +483,11 @@ class FleetInstance(Service):
         )
 
     def _written_ok(self, reply: object) -> None:
+        if self._failing:
+            self._failing = False
+            self._log.info(
+                "fleet: instance {instance} written to Redis again", instance=self.instance_id
+            )
         if reply == 0:
             self._log.info(
                 "fleet: the keys of instance {instance} were gone from Redis; writing them again",
@@ -490,6 +497,9 @@ class FleetInstance(Service):
 
     def _write_failed(self, failure: Failure) -> None:
         self._next_full = True  # whatever this write carried is in the next full one
+        if self._failing:
+            return  # logged once per outage (the store logs every failed call)
+        self._failing = True
         self._log.warn(
             "fleet: could not write instance {instance} to Redis: {error}; the next heartbeat"
             " writes everything again",
