@@ -16,6 +16,7 @@ connections are still accepted by the kernel, nothing is read.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import select
@@ -357,6 +358,31 @@ def start_redis(testcase: Any, extra_args: Sequence[str] = (), **options: Any) -
     testcase.addCleanup(server.cleanup)
     server.start()
     return server
+
+
+_session_server: RedisServer | None = None
+
+
+def session_redis(testcase: Any) -> RedisServer:
+    """
+    The one ``redis-server`` of this test session (started on first use, stopped at exit),
+    emptied for C{testcase}: for tests that share a server instead of starting their own.
+    Skipped without a redis-server binary, failed under CI.
+    """
+    global _session_server
+    if _session_server is None:
+        binary = find_redis_server()
+        if binary is None:
+            if os.environ.get("CI"):
+                testcase.fail(INSTALL_HINT)
+            raise SkipTest(INSTALL_HINT)
+        server = RedisServer(binary)
+        server.start()
+        atexit.register(server.cleanup)
+        _session_server = server
+    with _session_server.client() as client:
+        client.flushall()
+    return _session_server
 
 
 class SentinelCluster:

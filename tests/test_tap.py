@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.redis_server import make_tls_files
 from vncmux.firstrun import StartupHints
+from vncmux.fleet import FleetInstance, FleetLimits
 from vncmux.hangup import ReloadOnHangup
+from vncmux.redisstore import RedisTokenStore
 from vncmux.service import Listener, ProxyService
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
@@ -204,6 +206,26 @@ class MakeServiceTests(SynchronousTestCase):
         stopping = service.stopService()
         self.successResultOf(stopping)
         self.assertFalse(service.accepting)
+
+    def test_fleet_with_redis(self) -> None:
+        """With a Redis store the proxy joins the fleet: the registry is a service stopped
+        before the store (it deletes its keys through it), a session observer, and a shared
+        limit of the supervisor at --max-sessions-per-token; --fleet-heartbeat 0 leaves it
+        out. Nothing is started, so nothing connects."""
+        redis = ("--tokens", "redis://127.0.0.1:1/0", "--max-sessions-per-token", "3")
+        service = build_service(parse(*redis, "--fleet-heartbeat", "2"), MemoryReactorClock())
+        children = list(service)
+        (fleet,) = [child for child in children if isinstance(child, FleetInstance)]
+        (store,) = [child for child in children if isinstance(child, RedisTokenStore)]
+        self.assertGreater(children.index(fleet), children.index(store))
+        self.assertEqual(fleet.heartbeat, 2.0)
+        (limits,) = service.console.supervisor.shared_limits
+        self.assertIsInstance(limits, FleetLimits)
+        self.assertEqual(limits._max_sessions_per_token, 3)
+        self.assertIn(fleet, service.console.observers._observers)
+        off = build_service(parse(*redis, "--fleet-heartbeat", "0"), MemoryReactorClock())
+        self.assertFalse([child for child in off if isinstance(child, FleetInstance)])
+        self.assertEqual(off.console.supervisor.shared_limits, ())
 
     def test_serial_listener(self) -> None:
         """--serial-listen adds a second console listener serving console type 'serial'

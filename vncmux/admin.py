@@ -315,7 +315,7 @@ class SessionsPage(Guarded):
     def render_GET(self, request: Request) -> int:
         """The live sessions, oldest first."""
         listing = self._sessions.list_sessions()
-        return answer_later(request, listing.addCallback(lambda sessions: (200, sessions)))
+        return answer_later(request, listing.addCallbacks(lambda s: (200, s), _store_failure))
 
 
 class OneSession(Guarded):
@@ -337,7 +337,7 @@ class OneSession(Guarded):
             return 200, session
 
         getting = self._sessions.get_session(self._session_id)
-        return answer_later(request, getting.addCallback(found))
+        return answer_later(request, getting.addCallbacks(found, _store_failure))
 
     def render_DELETE(self, request: Request) -> int:
         """End the session; 404 when it is not live (any more)."""
@@ -354,7 +354,7 @@ class OneSession(Guarded):
             return 200, {"ended": self._session_id}
 
         ending = self._sessions.end_session(self._session_id)
-        return answer_later(request, ending.addCallback(ended))
+        return answer_later(request, ending.addCallbacks(ended, _store_failure))
 
 
 class TokensPage(Guarded):

@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site
 from vncmux.admin import LocalSessions, admin_resources, read_admin_secret
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.health import Liveness, Readiness, write_json
-from vncmux.interfaces import ITokenStore
+from vncmux.interfaces import ISessionDirectory, ITokenStore
 from vncmux.issuing import DEFAULT_BASE_URL
 from vncmux.metrics import Metrics, MetricsPage, new_registry
 from vncmux.redisstore import RedisTokenStore
@@ -85,6 +85,7 @@ def build_observability(
     admin_token_file: str | None = None,
     base_url: str = DEFAULT_BASE_URL,
     backend_policy: BackendPolicy | None = None,
+    sessions: ISessionDirectory | None = None,
 ) -> tuple[Listener | None, Metrics]:
     """
     Build the metrics port and the metrics observer.
@@ -101,6 +102,8 @@ def build_observability(
     @param base_url: the noVNC page that ``POST /tokens`` builds access URLs on.
     @param backend_policy: which targets ``POST /tokens`` may name; by default any but
         link-local addresses, names resolved with C{reactor.nameResolver}.
+    @param sessions: the sessions the admin API lists and ends; by default this process's
+        (L{LocalSessions}), with a Redis store the fleet's (L{vncmux.fleet.FleetSessions}).
     @return: the service to add to the proxy (C{None} when C{endpoint} is C{None}) and the
         L{Metrics} observer to add to the session observers (it counts either way).
     @raise ValueError: the admin token file cannot be read or is empty.
@@ -115,7 +118,12 @@ def build_observability(
     if secret:
         policy = backend_policy or BackendPolicy.for_reactor(reactor)
         admin = admin_resources(
-            secret, LocalSessions(supervisor), store, reactor, base_url, backend_policy=policy
+            secret,
+            sessions or LocalSessions(supervisor),
+            store,
+            reactor,
+            base_url,
+            backend_policy=policy,
         )
     site = QuietSite(
         build_http_root(metrics, readiness, admin), timeout=HTTP_TIMEOUT, reactor=reactor

@@ -328,6 +328,13 @@ OPTIONS: tuple[Option, ...] = (
         setting="limits.flush_interval",
     ),
     Option(
+        "fleet-heartbeat",
+        10.0,
+        "With a Redis token store: seconds between this instance's heartbeats in the"
+        " fleet registry (its sessions and per-token counts live 3 heartbeats; 0: off).",
+        _seconds,
+    ),
+    Option(
         "tls-min-version",
         DEFAULT_TLS_MIN_VERSION,
         "Oldest TLS version an ssl: listener accepts: 1.2 or 1.3 (ciphers: ECDHE with"

@@ -82,6 +82,8 @@ class Settings:
     vencrypt_client_key: str | None = DEFAULTS["vencrypt_client_key"]
     idle_activity: str = DEFAULTS["idle_activity"]
     drain_timeout: float = DEFAULTS["drain_timeout"]
+    #: ``--fleet-heartbeat``: with Redis, seconds between the fleet registry's heartbeats.
+    fleet_heartbeat: float = DEFAULTS["fleet_heartbeat"]
     #: ``--admin-token-file``: the admin API's secret; None: the admin API is off.
     admin_token_file: str | None = DEFAULTS["admin_token_file"]
     #: ``--base-url``: the noVNC page that ``POST /tokens`` builds access URLs on.

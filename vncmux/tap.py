@@ -15,6 +15,7 @@ from twisted.python import usage
 from vncmux.configfile import ConfigFileError
 from vncmux.events import Observers, SessionLog
 from vncmux.firstrun import NOVNC_PLACES, NovncPlace, StartupHints, choose_web
+from vncmux.fleet import FleetLimits, FleetSessions, fleet_for
 from vncmux.hangup import ReloadOnHangup
 from vncmux.novaconf import log_not_applied, read_nova_config
 from vncmux.novadb import SOURCE_PREFIX
@@ -207,6 +208,12 @@ def build_service(config: Options, reactor: Any = None) -> ProxyService:
     service = ProxyService(settings, console, reactor)
     if IService.providedBy(store):
         service.add(store)
+    fleet = fleet_for(store, console.supervisor, reactor, settings.fleet_heartbeat)
+    if fleet is not None:  # added after the store: it leaves the fleet before the store stops
+        service.add(fleet)
+        observers.add(fleet)
+        limit = settings.limits.max_sessions_per_token
+        console.supervisor.shared_limits += (FleetLimits(fleet, limit),)
     try:
         metrics_service, metrics = build_observability(
             settings.metrics,
@@ -218,6 +225,7 @@ def build_service(config: Options, reactor: Any = None) -> ProxyService:
             admin_token_file=settings.admin_token_file,
             base_url=settings.base_url,
             backend_policy=console.backend_policy,
+            sessions=None if fleet is None else FleetSessions(fleet.store, fleet),
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
