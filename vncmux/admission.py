@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from vncmux.attempts import IFailedAttempts
 from vncmux.backend import BackendDialer, BackendProtocol
 from vncmux.backendpolicy import BackendPolicy
-from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ITokenStore
+from vncmux.interfaces import ISessionObserver, ISingleUse, ITokenStore
 from vncmux.refusals import (
     INVALID_TOKEN,
     STORE_UNAVAILABLE,
@@ -69,7 +69,7 @@ class Gate:
         self._store = store
         self._policy = policy
         self._attempts = attempts
-        self._claims = ISessionBackchannel(store, None)
+        self._claims = ISingleUse(store, None)
         self._dialer = dialer
         self._supervisor = supervisor
         self._clock = clock

@@ -43,13 +43,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.interfaces import IRevocationFeed, ITokenStore
 from vncmux.settings import DEFAULT_RECHECK_INTERVAL
 from vncmux.tokens import (
     BadTarget,
     TokenRecord,
     TokenStoreUnavailable,
-    UnsupportedOperation,
     check_target,
     format_target,
     hash_token,
@@ -315,10 +314,12 @@ class _ForgivingConnection(adbapi.Connection):
             self._pool.disconnect(self._connection)
 
 
-@implementer(ITokenStore, ISessionBackchannel)
+@implementer(ITokenStore, IRevocationFeed)
 class NovaTokenStore(Service):
     """
-    Nova's ``console_auth_tokens`` as a read-only token store and backchannel.
+    Nova's ``console_auth_tokens`` as a read-only token store and revocation feed (by
+    re-checks). It takes no activity and no single-use claims: nova's table has no column
+    for activity, and nova's tokens are reusable until they expire.
 
     L{lookup} answers as nova's ``console_auth_token_get_valid`` does: a record of any
     console type (one store serves every listener; each listener's gate admits only its own
@@ -428,7 +429,7 @@ class NovaTokenStore(Service):
     def ping(self) -> Deferred[None]:
         return self._run("ping", "", self._ping_sql, ()).addCallback(lambda _: None)
 
-    # ISessionBackchannel
+    # IRevocationFeed
 
     def lookup_hash(self, token_hash: str) -> Deferred[TokenRecord | None]:
         """
@@ -457,14 +458,6 @@ class NovaTokenStore(Service):
             if self.running and self._recheck_loop is None:
                 self._start_rechecks()
         return succeed(None)
-
-    def record_activity(self, updates: Mapping[str, float]) -> Deferred[None]:
-        """Nova's table has no column for activity, and this store writes nothing."""
-        return succeed(None)
-
-    def claim_use(self, token_hash: str) -> Deferred[bool]:
-        """Nova's tokens are reusable until they expire; no record here is single-use."""
-        return fail(UnsupportedOperation("nova's console tokens are not single-use"))
 
     # internals
 

@@ -29,7 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
+from vncmux.interfaces import (
+    IActivitySink,
+    IRevocationFeed,
+    ISingleUse,
+    ITokenAdmin,
+    ITokenStore,
+)
 from vncmux.novadb import SOURCE_PREFIX, NovaDatabase, NovaTokenStore
 from vncmux.settings import DEFAULT_RECHECK_INTERVAL
 from vncmux.tokens import (
@@ -721,7 +727,7 @@ class _SentinelMasterEndpoint:
         return self._sentinel.discover_master(self._master).addCallback(connect_to)
 
 
-@implementer(ITokenStore, ITokenAdmin, ISessionBackchannel)
+@implementer(ITokenStore, ITokenAdmin, IActivitySink, ISingleUse, IRevocationFeed)
 class RedisTokenStore(Service):
     """
     Token records in Redis, shared by every proxy instance (docs/running.md, "The Redis layout").
@@ -929,9 +935,6 @@ class RedisTokenStore(Service):
             "issue", _about(token_hash), lambda pool: pool.eval(_ISSUE, keys, args), lambda _: None
         )
 
-    def show(self, token: str) -> Deferred[TokenRecord | None]:
-        return self.lookup(token)
-
     def revoke(self, token_hash: str) -> Deferred[bool]:
         if self.config.websockify_format:
             return fail(_read_only())
@@ -954,7 +957,7 @@ class RedisTokenStore(Service):
             _integer,
         )
 
-    # ISessionBackchannel
+    # IActivitySink, ISingleUse, IRevocationFeed
 
     def record_activity(self, updates: Mapping[str, float]) -> Deferred[None]:
         """

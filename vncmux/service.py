@@ -24,7 +24,7 @@ from vncmux.backend import BackendDialer
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.consoles import CONSOLE_TYPES
 from vncmux.events import Observers
-from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.interfaces import IActivitySink, IRevocationFeed, ITokenStore
 from vncmux.relay import RelayStats
 from vncmux.rfbsecurity import SecurityPolicy
 from vncmux.settings import DEFAULT_TLS_MIN_VERSION, Settings
@@ -60,7 +60,13 @@ def build_console(
     supervisor (so the session limits count every console type together), the target
     policy, the failed-attempt counts and the relay counters.
     """
-    supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
+    supervisor = Supervisor(
+        reactor,
+        observers,
+        settings.limits,
+        activity=IActivitySink(store, None),
+        revocations=IRevocationFeed(store, None),
+    )
     security = security_policy(settings)
     vencrypt = load_vencrypt_tls(
         settings.vencrypt_ca_certs, settings.vencrypt_client_cert, settings.vencrypt_client_key
