@@ -342,7 +342,7 @@ def _dispatch(
 
 def run(argv: Sequence[str], reactor: Any, out: IO[str], err: IO[str]) -> Deferred[int]:
     """Parse C{argv} and run it: for tests and embedding (argparse exits 2 on usage errors)."""
-    return execute(parse_arguments(argv), reactor, out, err)  # type: ignore[no-any-return]
+    return execute(parse_arguments(argv), reactor, out, err)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

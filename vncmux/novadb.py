@@ -161,7 +161,7 @@ class NovaDatabase:
         if self.user is not None or self.password is not None:
             secret = ":***" if self.password is not None else ""
             auth = f"{quote(self.user or '', safe='')}{secret}@"
-        host = format_target(self.host, self.port) if self.port else (self.host or "")
+        host = format_target(self.host or "", self.port) if self.port else (self.host or "")
         if self.host and ":" in self.host and not self.port:
             host = f"[{self.host}]"
         query = "&".join(
@@ -300,6 +300,9 @@ def _positive(name: str, value: str) -> float:
 class _ForgivingConnection(adbapi.Connection):
     """adbapi's pooled connection, without the tracebacks of a failed rollback."""
 
+    #: The driver's connection: adbapi (unannotated) starts it as None, then connects at once.
+    _connection: Any
+
     def rollback(self) -> None:
         """
         adbapi logs two tracebacks when the rollback after a failed query fails too (the
@@ -382,7 +385,7 @@ class NovaTokenStore(Service):
     # service
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._own_pool:
             self._pool = adbapi.ConnectionPool(
                 self.database.driver,
@@ -402,7 +405,7 @@ class NovaTokenStore(Service):
             self._start_rechecks()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._recheck_loop is not None and self._recheck_loop.running:
             self._recheck_loop.stop()
         self._recheck_loop = None
@@ -502,7 +505,7 @@ class NovaTokenStore(Service):
             why = "cancelled"
         else:
             message = failure.getErrorMessage().strip().splitlines()
-            why = f"{failure.type.__name__}: {message[0] if message else ''}"
+            why = f"{type(failure.value).__name__}: {message[0] if message else ''}"
         if self.database.password:
             why = why.replace(self.database.password, "***")
         self._log.warn(
@@ -552,8 +555,8 @@ class NovaTokenStore(Service):
             marks = ", ".join([self.database.placeholder()] * len(chunk))
             sql = f"SELECT {_COLUMNS} FROM {TABLE} WHERE token_hash IN ({marks})"
             found = self._run("re-check", f"{len(chunk)} tokens", sql, chunk)
-            found.addCallback(self._records_by_hash)
-            found.addBoth(self._answer, {h: batch[h] for h in chunk})
+            records = found.addCallback(self._records_by_hash)
+            records.addBoth(self._answer, {h: batch[h] for h in chunk})
 
     def _records_by_hash(self, rows: list[tuple[Any, ...]]) -> dict[str, TokenRecord]:
         return {record.token_hash: record for record in map(self._record, rows)}

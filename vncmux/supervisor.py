@@ -11,7 +11,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    FirstError,
+    TimeoutError,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -246,9 +253,11 @@ class Supervisor(Service):
             checks.append(looking)
 
         def failed(failure: Failure) -> None:
+            first = failure.value
+            assert isinstance(first, FirstError)  # how gatherResults fails
             self._log.warn(
                 "could not re-check live sessions: {error}",
-                error=failure.value.subFailure.getErrorMessage(),  # type: ignore[attr-defined]
+                error=first.subFailure.getErrorMessage(),
             )
 
         return gatherResults(checks, consumeErrors=True).addCallbacks(lambda _: None, failed)
@@ -295,14 +304,14 @@ class Supervisor(Service):
     # -- service -------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._sweeper.start(self.limits.sweep_interval, now=False)
         if self.revocations is not None:
             self.revocations.watch_revocations(self.revoked, self.recheck)
 
     def stopService(self) -> Deferred[None]:
         """Stop sweeping, then write the last activity back (after a flush in flight)."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._sweeper.running:
             self._sweeper.stop()
         self.now = self.clock.seconds()
