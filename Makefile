@@ -29,6 +29,7 @@ novnc-npm:
 
 test: system-deps novnc-npm $(STAMP)
 	$(VENV)/bin/ruff check setup.py vncmux tests benchmarks twisted
+	$(VENV)/bin/mypy vncmux
 	$(PY) -m pytest
 
 bench: $(STAMP)

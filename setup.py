@@ -48,6 +48,9 @@ setup(
             "vncdotool>=1.4,<2",
             # The packaging test builds the sdist and the wheel.
             "build>=1.6,<2",
+            # `mypy vncmux` (strict; the zope plugin reads the interfaces).
+            "mypy>=2.4,<3",
+            "mypy-zope>=1.0.17,<2",
         ],
         "bench": ["websockify>=0.13,<1", "numpy>=2.4,<3"],
     },

@@ -304,7 +304,7 @@ class TokenTests(AdminTestCase):
         url = urlsplit(answer["access_url"])
         self.assertEqual(url._replace(query="").geturl(), "https://console.example/vnc.html")
         self.assertEqual(parse_qs(url.query), {"path": [f"websockify?token={token}"]})
-        record = self.successResultOf(self.store.show(token))
+        record = self.successResultOf(self.store.lookup(token))
         self.assertEqual(
             record,
             TokenRecord(
@@ -334,7 +334,7 @@ class TokenTests(AdminTestCase):
         answer = response.json()
         self.assertIsNone(answer["expires_at"])
         self.assertTrue(answer["access_url"].startswith("http://h/vnc.html?path=websockify"))
-        record = self.successResultOf(self.store.show(answer["token"]))
+        record = self.successResultOf(self.store.lookup(answer["token"]))
         self.assertEqual((record.host, record.port, record.single_use), ("::1", 5900, False))
         self.assertEqual(record.console_type, "novnc")
 
@@ -343,7 +343,7 @@ class TokenTests(AdminTestCase):
         body = {"host": "h", "port": 7000, "console_type": "serial"}
         response = self.call("POST", "/tokens", body)
         self.assertEqual(response.status, 201)
-        record = self.successResultOf(self.store.show(response.json()["token"]))
+        record = self.successResultOf(self.store.lookup(response.json()["token"]))
         self.assertEqual(record.console_type, "serial")
 
     def test_bad_bodies(self) -> None:

@@ -34,7 +34,13 @@ from tests.support import async_test, connect_client, listen_fake_vnc, listen_pr
 from tests.test_supervisor import SupervisorTestCase
 from vncmux.events import Observers
 from vncmux.handshake import origin_allowed
-from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.interfaces import (
+    IActivitySink,
+    IHashLookup,
+    IRevocationFeed,
+    ISingleUse,
+    ITokenStore,
+)
 from vncmux.novaconf import read_nova_config
 from vncmux.novadb import NovaDatabase, NovaTokenStore
 from vncmux.redisstore import open_token_store
@@ -175,8 +181,8 @@ class DatabaseUrlTests(SynchronousTestCase):
         )
         assert isinstance(store, NovaTokenStore)
         self.assertEqual((store.max_wait, store.recheck_interval), (0.5, 3.0))
-        verifyObject(ITokenStore, store)
-        verifyObject(ISessionBackchannel, store)
+        for interface in (ITokenStore, IRevocationFeed, IHashLookup):
+            verifyObject(interface, store)
         with self.assertRaises(ValueError):
             open_token_store("nova:oracle://nova:pw@db/nova", Clock())
 
@@ -779,7 +785,10 @@ class RecheckTests(SupervisorTestCase):
             pool=self.pool,
         )
         self.supervisor = Supervisor(
-            self.clock, Observers(), Limits(ping_interval=0, idle_timeout=0), self.store
+            self.clock,
+            Observers(),
+            Limits(ping_interval=0, idle_timeout=0),
+            revocations=self.store,
         )
         self.store.startService()
         self.supervisor.startService()
@@ -844,7 +853,8 @@ class RecheckTests(SupervisorTestCase):
         self.clock.advance(self.interval)
         self.assertIs(session.ending, TOKEN_REVOKED)
 
-    def test_never_publishes_revocations(self) -> None:
-        """Nova has no revocation channel; rows are read, never written."""
-        self.assertIsNone(self.successResultOf(self.store.record_activity({"h": 1.0})))
-        self.failureResultOf(self.store.claim_use(hash_token(TOKEN)))
+    def test_takes_no_writes(self) -> None:
+        """Nova's rows are read, never written: the store takes no activity write-backs and
+        no single-use claims (nova has no column for either)."""
+        self.assertFalse(IActivitySink.providedBy(self.store))
+        self.assertFalse(ISingleUse.providedBy(self.store))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,7 +12,7 @@ from zope.interface.verify import verifyObject
 
 from tests.fakes import ClosingOwner, FakePeer
 from vncmux.events import Observers
-from vncmux.interfaces import ISessionBackchannel, ISharedLimits
+from vncmux.interfaces import IActivitySink, IHashLookup, IRevocationFeed, ISharedLimits
 from vncmux.refusals import (
     CLIENT_UNRESPONSIVE,
     IDLE_TIMEOUT,
@@ -31,25 +33,24 @@ POINTER = b"\x05\x00\x00\x10\x00\x10"
 HANDSHAKE = b"RFB 003.008\n\x01\x01"
 
 
-@implementer(ISessionBackchannel)
+@implementer(IActivitySink, IRevocationFeed)
 class FakeBackchannel:
     """Records activity write-backs and revocation subscriptions."""
 
     def __init__(self) -> None:
         self.writes: list[dict[str, float]] = []
-        self.on_revoke = None
-        self.on_reconnect = None
+        self.on_revoke: Callable[[str], object] | None = None
+        self.on_reconnect: Callable[[], object] | None = None
         self.pending: Deferred[None] | None = None
         self.records: dict[str, TokenRecord] = {}
 
-    def record_activity(self, updates: dict[str, float]) -> Deferred[None]:
+    def record_activity(self, updates: Mapping[str, float]) -> Deferred[None]:
         self.writes.append(dict(updates))
         return self.pending if self.pending is not None else succeed(None)
 
-    def claim_use(self, token_hash: str) -> Deferred[bool]:
-        return succeed(True)
-
-    def watch_revocations(self, on_revoke, on_reconnect=None) -> Deferred[None]:  # type: ignore[no-untyped-def]
+    def watch_revocations(
+        self, on_revoke: Callable[[str], object], on_reconnect: Callable[[], object] | None = None
+    ) -> Deferred[None]:
         self.on_revoke = on_revoke
         self.on_reconnect = on_reconnect
         return succeed(None)
@@ -72,7 +73,8 @@ class SupervisorTestCase(SynchronousTestCase):
             self.clock,
             Observers(),
             Limits(**limits),
-            self.backchannel,  # type: ignore[arg-type]
+            activity=self.backchannel,
+            revocations=self.backchannel,
         )
         supervisor.startService()
         self.addCleanup(supervisor.stopService)
@@ -342,7 +344,8 @@ class RevocationTests(SupervisorTestCase):
         """A token hash ends that token's sessions only."""
         self.make()
         doomed, kept = self.open(record(1)), self.open(record(2))
-        verifyObject(ISessionBackchannel, self.backchannel)
+        for interface in (IActivitySink, IRevocationFeed, IHashLookup):
+            verifyObject(interface, self.backchannel)
         self.assertEqual(self.backchannel.on_revoke(record(1).token_hash), 1)
         self.assertIs(doomed.ending, TOKEN_REVOKED)
         self.assertEqual(doomed.client.closed, (4002, "token revoked"))
@@ -426,6 +429,18 @@ class WriteBackTests(SupervisorTestCase):
         self.clock.pump([1.0] * 10)
         self.assertEqual(len(self.backchannel.writes), 2)
         self.assertEqual(self.backchannel.writes[1], self.backchannel.writes[0])
+
+
+    def test_nothing_kept_without_a_sink(self) -> None:
+        """Without a store that takes activity (a token file, nova) nothing is kept for a
+        write-back: the stamps of ended sessions would pile up, one per token, for ever."""
+        self.make(idle_timeout=0, flush_interval=10)
+        self.supervisor.activity = None
+        for n in range(3):
+            self.open(record(n)).end(IDLE_TIMEOUT)
+        self.clock.pump([1.0] * 10)
+        self.assertEqual(self.supervisor._ended_activity, {})
+        self.assertEqual(self.backchannel.writes, [])
 
 
 class DrainTests(SupervisorTestCase):

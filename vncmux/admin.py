@@ -265,7 +265,7 @@ class Guarded(Resource):
     """A resource that answers only requests carrying ``Authorization: Bearer <secret>``."""
 
     def __init__(self, auth: AdminAuth) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._auth = auth
 
     def render(self, request: Request) -> bytes | int:

@@ -7,7 +7,7 @@ never chooses a host or port: the target comes from the token store only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from vncmux.attempts import IFailedAttempts
 from vncmux.backend import BackendDialer, BackendProtocol
 from vncmux.backendpolicy import BackendPolicy
-from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ITokenStore
+from vncmux.interfaces import ISessionObserver, ISingleUse, ITokenStore
 from vncmux.refusals import (
     INVALID_TOKEN,
     STORE_UNAVAILABLE,
@@ -27,6 +27,8 @@ from vncmux.refusals import (
 )
 from vncmux.supervisor import Reservation
 from vncmux.tokens import TokenRecord, TokenStoreUnavailable
+
+_Result = TypeVar("_Result")
 
 
 class Places(Protocol):
@@ -69,7 +71,7 @@ class Gate:
         self._store = store
         self._policy = policy
         self._attempts = attempts
-        self._claims = ISessionBackchannel(store, None)
+        self._claims = ISingleUse(store, None)
         self._dialer = dialer
         self._supervisor = supervisor
         self._clock = clock
@@ -82,8 +84,7 @@ class Gate:
         has given its reservation back and closed its dial; cancelling abandons the lookup.
         """
         checking = self._attempts.blocked(client_address)
-        checking.addCallback(self._look_up, token, client_address)
-        return checking
+        return checking.addCallback(self._look_up, token, client_address)
 
     def _look_up(self, blocked: bool, token: str, client_address: str) -> Deferred[Admission]:
         if blocked:
@@ -91,21 +92,20 @@ class Gate:
         started = self._clock.seconds()
         looking = self._store.lookup(token)
         looking.addTimeout(self.store_timeout, self._clock)
-        looking.addCallbacks(self._check_record, self._store_failed)
-        looking.addBoth(self._timed, "token_lookup", started)
-        looking.addErrback(self._count_failure, client_address)
-        looking.addCallback(self._check_console_type)
-        looking.addCallback(self._reserve_and_dial, client_address)
-        return looking
+        checked = looking.addCallbacks(self._check_record, self._store_failed)
+        checked.addBoth(self._timed, "token_lookup", started)
+        checked.addErrback(self._count_failure, client_address)
+        checked.addCallback(self._check_console_type)
+        return checked.addCallback(self._reserve_and_dial, client_address)
 
     def _count_failure(self, failure: Failure, client_address: str) -> Failure:
         """An unknown token counts against its client (expired ones were real tokens)."""
-        if failure.check(Refused) and failure.value.refusal is INVALID_TOKEN:  # type: ignore[union-attr]
+        if isinstance(failure.value, Refused) and failure.value.refusal is INVALID_TOKEN:
             self._attempts.failed(client_address)
         return failure
 
-    def _timed(self, result: object, stage: str, started: float) -> object:
-        if not isinstance(result, Failure) or result.check(Refused):
+    def _timed(self, result: _Result, stage: str, started: float) -> _Result:
+        if not isinstance(result, Failure) or isinstance(result.value, Refused):
             self._observer.stage_timed(stage, self._clock.seconds() - started)
         return result
 
@@ -142,14 +142,14 @@ class Gate:
         """Resolve and check the target (once: the address checked is the one dialled),
         then take a place under the limits and dial."""
         checking = self._policy.address_for(record.host, record.port)
-        checking.addCallback(self._dial, record, client_address)
+        dialing = checking.addCallback(self._dial, record, client_address)
 
         def named(failure: Failure) -> Failure:
-            if failure.check(Refused):
-                failure.value.token_id = record.token_id  # type: ignore[union-attr]
+            if isinstance(failure.value, Refused):
+                failure.value.token_id = record.token_id
             return failure
 
-        return checking.addErrback(named)
+        return dialing.addErrback(named)
 
     def _dial(self, address: str, record: TokenRecord, client_address: str) -> Deferred[Admission]:
         placing = self._supervisor.take_place(record, client_address)

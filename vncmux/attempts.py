@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -151,7 +151,7 @@ class RedisFailedAttempts:
     def blocked(self, address: str) -> Deferred[bool]:
         if not self.max_failed:
             return succeed(False)
-        asking = self._store.evaluate(
+        asking: Deferred[object] = self._store.evaluate(
             "failed-attempts check", _BLOCKED, [BLOCKED_KEY_PREFIX + address], []
         )
         return asking.addCallbacks(lambda found: found == 1, _open(False))
@@ -161,7 +161,9 @@ class RedisFailedAttempts:
             return succeed(None)
         keys = [FAILED_KEY_PREFIX + address, BLOCKED_KEY_PREFIX + address]
         args = [str(self.max_failed), _ms(self.window), _ms(self.cooldown)]
-        counting = self._store.evaluate("failed-attempts count", _FAILED, keys, args)
+        counting: Deferred[object] = self._store.evaluate(
+            "failed-attempts count", _FAILED, keys, args
+        )
 
         def counted(started: object) -> None:
             if started == 1:
@@ -183,10 +185,13 @@ def _ms(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
 
 
-def _open(answer: object) -> Callable[[Failure], Any]:
+_Answer = TypeVar("_Answer")
+
+
+def _open(answer: _Answer) -> Callable[[Failure], _Answer]:
     """The errback of a Redis call: the store has logged the error; fail open."""
 
-    def fail_open(failure: Failure) -> object:
+    def fail_open(failure: Failure) -> _Answer:
         failure.trap(TokenStoreUnavailable)
         return answer
 

@@ -164,7 +164,7 @@ class BackendProtocol(Protocol):
             raise Refused(CONSOLE_AUTH_FAILED, "VeNCrypt X509 chosen without --vencrypt-ca-certs")
         self.transport.startTLS(creator)  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.tracker is not None:
             self.tracker.closed()
         if not self.greeted.called:
@@ -175,7 +175,7 @@ class BackendProtocol(Protocol):
                     Refused(
                         CONSOLE_AUTH_FAILED,
                         f"{security.negotiated} with the VNC server failed:"
-                        f" {failure.type.__name__}: {failure.getErrorMessage()}",
+                        f" {type(failure.value).__name__}: {failure.getErrorMessage()}",
                     )
                 )
             self.greeted.errback(failure)
@@ -271,7 +271,7 @@ class BackendDialer:
                 security = ServerSecurity(self.security, record.password)
         protocol = BackendProtocol(self._tracker, tunnel, security, self._tls, self._rfb_greeting)
         endpoint = endpoint_for(self._reactor, host, port, self.timeout)
-        dialing = connectProtocol(endpoint, protocol)
+        dialing: Deferred[BackendProtocol] = connectProtocol(endpoint, protocol)
         dialing.addCallback(lambda _: protocol.greeted)
         dialing.addTimeout(self.timeout, self._clock)
 
@@ -288,7 +288,7 @@ class BackendDialer:
             if failure.check(TimeoutError):
                 detail = f"no answer within {self.timeout:g}s"
             else:
-                detail = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+                detail = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
             raise Refused(CONSOLE_UNREACHABLE, f"backend {format_target(host, port)}: {detail}")
 
         return dialing.addErrback(unreachable)

@@ -20,7 +20,7 @@ from vncmux.backendpolicy import BackendPolicy, parse_backend_networks
 from vncmux.configfile import ConfigFileError
 from vncmux.consoles import CONSOLE_TYPES
 from vncmux.handshake import IPNetwork
-from vncmux.interfaces import ISessionBackchannel
+from vncmux.interfaces import IRevocationFeed
 from vncmux.issuing import DEFAULT_BASE_URL, TokenRequest, check_base_url, issue_token
 from vncmux.options import read_options_file
 from vncmux.redisstore import open_token_store
@@ -313,7 +313,7 @@ def _dispatch(
         out.write(f"url: {issued.access_url}\n")
         return EXIT_OK
     if options.action == "show":
-        found = yield store.show(options.token)
+        found = yield store.lookup(options.token)
         if found is None:
             err.write("vncmux: token not found\n")
             return EXIT_FAILED
@@ -332,7 +332,7 @@ def _dispatch(
         err.write("vncmux: token not found\n")
         return EXIT_FAILED
     out.write(f"revoked token {token_id_of(token_hash)}\n")
-    if not ISessionBackchannel.providedBy(store):
+    if not IRevocationFeed.providedBy(store):
         # A token file has no channel to the proxies: only new connections see the change.
         out.write(NO_REVOCATION_CHANNEL + "\n")
     return EXIT_OK
@@ -340,7 +340,7 @@ def _dispatch(
 
 def run(argv: Sequence[str], reactor: Any, out: IO[str], err: IO[str]) -> Deferred[int]:
     """Parse C{argv} and run it: for tests and embedding (argparse exits 2 on usage errors)."""
-    return execute(parse_arguments(argv), reactor, out, err)  # type: ignore[no-any-return]
+    return execute(parse_arguments(argv), reactor, out, err)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -161,7 +161,7 @@ class StartupHints(Service):
         self._tokens = tokens
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._log.info("noVNC: {why}", why=self._web.why)
         listeners = [self._console, *([self._metrics] if self._metrics else [])]
         gatherResults([listener.listening() for listener in listeners]).addCallback(self._tell)

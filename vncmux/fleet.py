@@ -273,7 +273,7 @@ class FleetInstance(Service):
     # -- service ---------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if not self._watching:
             self._watching = True
             self.store.watch_revocations(self._message)
@@ -289,7 +289,7 @@ class FleetInstance(Service):
 
     def stopService(self) -> Deferred[None]:
         """Stop the heartbeat, let a write in flight finish, then delete every key of ours."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._beating.running:
             self._beating.stop()
         if self._soon is not None and self._soon.active():
@@ -370,7 +370,7 @@ class FleetInstance(Service):
             return result
 
         claiming.addCallback(answered).addErrback(failed)
-        return claiming.addBoth(done)  # type: ignore[return-value]
+        return claiming.addBoth(done)
 
     def give_back(self, token_hash: str) -> None:
         """A place of C{token_hash} is free again (written with the next batch)."""
@@ -594,9 +594,8 @@ class FleetLimits:
                 )
             return lambda: self._instance.give_back(token_hash)
 
-        claiming = self._instance.claim(token_hash, limit)
-        claiming.addCallback(answered)
-        return claiming.addErrback(_store_refusal, "fleet session count")
+        granted = self._instance.claim(token_hash, limit).addCallback(answered)
+        return granted.addErrback(_store_refusal, "fleet session count")
 
 
 def _nothing_to_give_back() -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from autobahn.websocket.xormasker import create_xor_masker
+# autobahn defines it by a conditional import (its C version or Python's), which mypy reads
+# as a private import.
+from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
 
 #: Below this many bytes, unmasking with Python integers beats a call into C.
 _SMALL = 512

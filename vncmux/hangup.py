@@ -32,11 +32,11 @@ class ReloadOnHangup(Service):
         self._previous: Any = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None

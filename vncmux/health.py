@@ -124,7 +124,7 @@ class Readiness(Resource):
         listener_up: Callable[[], bool],
         supervisor: Supervisor,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._store = store
         self._clock = clock
         self._listener_up = listener_up

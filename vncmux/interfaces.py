@@ -1,18 +1,29 @@
 """The boundaries between the stages of a console session, as zope interfaces.
 
 Each stage has a real implementation and an in-memory one; tests check both against the same
-interface with ``verifyObject``.
+interface with ``verifyObject``, and mypy (with the zope plugin) checks the signatures of every
+class that declares one with ``@implementer``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
 from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from vncmux.refusals import Refusal
+    from vncmux.relay import Session
+    from vncmux.tokens import TokenRecord
 
 
 class ITokenStore(Interface):
     """Where the proxy learns which console a token opens."""
 
-    def lookup(token: str):  # type: ignore[no-untyped-def]
+    def lookup(token: str) -> Deferred[TokenRecord | None]:
         """
         Resolve a raw token.
 
@@ -21,7 +32,7 @@ class ITokenStore(Interface):
             L{vncmux.tokens.TokenStoreUnavailable} when the store cannot answer.
         """
 
-    def ping():  # type: ignore[no-untyped-def]
+    def ping() -> Deferred[None]:
         """
         One real round trip to the store, for readiness checks.
 
@@ -30,26 +41,24 @@ class ITokenStore(Interface):
 
 
 class ITokenAdmin(Interface):
-    """Issuing and revoking tokens: what `vncmux token` and the admin API call."""
+    """Issuing and revoking tokens: what `vncmux token` and the admin API call (reading a
+    token back is L{ITokenStore.lookup})."""
 
-    def issue(record, token: str):  # type: ignore[no-untyped-def]
+    def issue(record: TokenRecord, token: str) -> Deferred[None]:
         """
         Store C{record} (a TokenRecord whose C{token_hash} is the hash of C{token}).
 
         @return: a Deferred firing with C{None}.
         """
 
-    def show(token: str):  # type: ignore[no-untyped-def]
-        """@return: a Deferred firing with the TokenRecord or C{None}."""
-
-    def revoke(token_hash: str):  # type: ignore[no-untyped-def]
+    def revoke(token_hash: str) -> Deferred[bool]:
         """
         Delete the record and tell every proxy instance to close its sessions.
 
         @return: a Deferred firing with C{True} when a record was deleted.
         """
 
-    def revoke_instance(instance_uuid: str):  # type: ignore[no-untyped-def]
+    def revoke_instance(instance_uuid: str) -> Deferred[int]:
         """
         Revoke every token of one instance.
 
@@ -57,36 +66,59 @@ class ITokenAdmin(Interface):
         """
 
 
-class ISessionBackchannel(Interface):
-    """What live sessions write back to and hear from a shared store (Redis)."""
+class IActivitySink(Interface):
+    """Where the supervisor writes back when each token was last used (a shared store)."""
 
-    def record_activity(updates):  # type: ignore[no-untyped-def]
+    def record_activity(updates: Mapping[str, float]) -> Deferred[None]:
         """
-        Write C{last_activity_at} for many tokens in one round trip.
+        Write C{last_activity_at} for many tokens in one round trip; a time never moves
+        back, and tokens that are gone are not created again.
 
         @param updates: mapping of token hash to unix seconds.
         @return: a Deferred firing with C{None}.
         """
 
-    def claim_use(token_hash: str):  # type: ignore[no-untyped-def]
+
+class ISingleUse(Interface):
+    """A store that can use up a single-use token once across every proxy instance."""
+
+    def claim_use(token_hash: str) -> Deferred[bool]:
         """
         Mark a single-use token as used, atomically across every proxy instance.
 
-        @return: a Deferred firing with C{True} for the first claim, C{False} after.
+        @return: a Deferred firing with C{True} for the first claim, C{False} after (and
+            for a token that is unknown or revoked).
         """
 
-    def watch_revocations(on_revoke, on_reconnect=None):  # type: ignore[no-untyped-def]
+
+class IHashLookup(Interface):
+    """Reading a record back by its hash: how live sessions, which keep no raw token, are
+    checked against the store."""
+
+    def lookup_hash(token_hash: str) -> Deferred[TokenRecord | None]:
+        """
+        @return: a Deferred firing with the record stored under C{token_hash}, or C{None}
+            when it is gone (revoked or expired).
+        """
+
+
+class IRevocationFeed(IHashLookup):
+    """
+    Revocations announced to every proxy instance, so that they end the live sessions of
+    a revoked token. A feed can miss messages, so it also answers L{lookup_hash}: the
+    watcher re-checks its sessions after each gap.
+    """
+
+    def watch_revocations(
+        on_revoke: Callable[[str], object], on_reconnect: Callable[[], object] | None = None
+    ) -> Deferred[None]:
         """
         Call C{on_revoke(message)} for each message on the revocation channel (a token hash,
         or C{"instance:<uuid>"}), re-subscribing by itself after a lost connection. Messages
         sent while disconnected are missed, so C{on_reconnect()} is called after every
         re-subscription for the caller to re-check its sessions with L{lookup_hash}.
-        """
 
-    def lookup_hash(token_hash: str):  # type: ignore[no-untyped-def]
-        """
-        @return: a Deferred firing with the record stored under C{token_hash}, or C{None}
-            when it is gone (revoked or expired).
+        @return: a Deferred firing with C{None} once the first subscription is made.
         """
 
 
@@ -97,7 +129,7 @@ class ISharedLimits(Interface):
     counters first; a session then takes a place with each shared limit in turn.
     """
 
-    def claim(record, client_address: str):  # type: ignore[no-untyped-def]
+    def claim(record: TokenRecord, client_address: str) -> Deferred[Callable[[], None]]:
         """
         Count one more session of C{record}'s token from C{client_address}.
 
@@ -114,20 +146,20 @@ class ISessionDirectory(Interface):
     (L{vncmux.admin.session_json}), never with their token.
     """
 
-    def list_sessions():  # type: ignore[no-untyped-def]
+    def list_sessions() -> Deferred[list[dict[str, Any]]]:
         """@return: a Deferred firing with every live session, oldest first."""
 
-    def get_session(session_id: str):  # type: ignore[no-untyped-def]
+    def get_session(session_id: str) -> Deferred[dict[str, Any] | None]:
         """@return: a Deferred firing with the session, or C{None} when it is not live."""
 
-    def end_session(session_id: str):  # type: ignore[no-untyped-def]
+    def end_session(session_id: str) -> Deferred[bool]:
         """
         End one session with 4002 "token revoked", wherever it runs.
 
         @return: a Deferred firing with C{True} when the session was live.
         """
 
-    def revoked(message: str):  # type: ignore[no-untyped-def]
+    def revoked(message: str) -> Deferred[int]:
         """
         End the sessions of a revoked token hash (or C{instance:<uuid>}) at once, before the
         store announces the revocation.
@@ -161,23 +193,23 @@ class IClientPeer(IPeer):
     def drop() -> None:
         """Cut the connection at once (the client stopped answering)."""
 
+    def output_blocked(blocked: bool) -> None:
+        """The relay paused (C{True}) or resumed (C{False}) reading the VNC server because
+        this side's queue is full, so it bounds what else it queues (pongs)."""
+
 
 class ISessionObserver(Interface):
     """Told about session events: metrics and logs listen here."""
 
     def session_rejected(
-        session_id: str,
-        client_address: str,
-        refusal,
-        detail: str,  # type: ignore[no-untyped-def]
-        token_id: str | None,
+        session_id: str, client_address: str, refusal: Refusal, detail: str, token_id: str | None
     ) -> None:
         """A connection was refused with C{refusal} (vncmux.refusals); C{detail} is for logs."""
 
-    def session_opened(session) -> None:  # type: ignore[no-untyped-def]
+    def session_opened(session: Session) -> None:
         """A session passed its checks and started relaying."""
 
-    def session_closed(session, duration: float) -> None:  # type: ignore[no-untyped-def]
+    def session_closed(session: Session, duration: float) -> None:
         """A relaying session ended; C{session.ending} says why."""
 
     def stage_timed(stage: str, seconds: float) -> None:
@@ -185,12 +217,15 @@ class ISessionObserver(Interface):
 
 
 __all__ = [
-    "ISessionBackchannel",
+    "IActivitySink",
+    "IClientPeer",
+    "IHashLookup",
+    "IPeer",
+    "IRevocationFeed",
     "ISessionDirectory",
     "ISessionObserver",
-    "IClientPeer",
-    "IPeer",
     "ISharedLimits",
+    "ISingleUse",
     "ITokenAdmin",
     "ITokenStore",
 ]

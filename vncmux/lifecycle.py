@@ -14,9 +14,9 @@ after which the sides still open are cut.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from automat import NoTransition, TypeMachine, TypeMachineBuilder
+from automat import NoTransition, TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -37,6 +37,8 @@ from vncmux.relay import Session
 from vncmux.rfbsecurity import BrowserSecurity, RfbClientError
 
 if TYPE_CHECKING:
+    from automat._core import Automaton
+
     from vncmux.consoles import InBandRefusal
     from vncmux.supervisor import PendingSlot
     from vncmux.websocket import ConsoleFactory
@@ -339,9 +341,9 @@ class Connection:
         self.client.relay_to(None)
         session.finish(ending)
 
-    def close_backend(self) -> None:
+    def close_backend(self, ending: Ending) -> None:
         assert self.session is not None
-        self.session.backend.close()
+        self.session.backend.close(ending.code, ending.reason)
 
     def abort_backend(self) -> None:
         if self.session is not None:
@@ -650,7 +652,7 @@ def _refused_client_gone(machine: ConnectionInputs, conn: Connection) -> None:
 @relaying.upon(ConnectionInputs.end).to(closing)
 def _end(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
     conn.finish_session(ending)
-    conn.close_backend()
+    conn.close_backend(ending)
     conn.close_client(ending)
     conn.start_timer(conn.factory.settings.close_timeout)
 
@@ -658,7 +660,7 @@ def _end(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
 @relaying.upon(ConnectionInputs.client_failed).to(closing)
 def _client_failed(machine: ConnectionInputs, conn: Connection, ending: Ending) -> None:
     conn.finish_session(ending)
-    conn.close_backend()
+    conn.close_backend(ending)
     conn.close_client(ending)
     conn.client.lose()
     conn.start_timer(conn.factory.settings.close_timeout)
@@ -667,7 +669,7 @@ def _client_failed(machine: ConnectionInputs, conn: Connection, ending: Ending) 
 @relaying.upon(ConnectionInputs.client_lost).to(closing_backend)
 def _client_lost(machine: ConnectionInputs, conn: Connection) -> None:
     conn.finish_session(CLIENT_CLOSED)
-    conn.close_backend()
+    conn.close_backend(CLIENT_CLOSED)
     conn.start_timer(conn.factory.settings.close_timeout)
 
 
@@ -747,26 +749,31 @@ def _secured_too_late(machine: ConnectionInputs, conn: Connection, admission: Ad
 Lifecycle = _builder.build()
 
 
-def _index_transitions(machine: TypeMachine[ConnectionInputs, Connection]) -> None:
+_State = TypeVar("_State")
+_Input = TypeVar("_Input")
+_Output = TypeVar("_Output")
+
+
+def _index_transitions(automaton: Automaton[_State, _Input, _Output]) -> None:
     """
     automat finds a transition by scanning every transition of the machine and comparing
     states (frozen dataclasses) one by one: here about a hundred comparisons per event, a
     tenth of a connection's setup cost. Index them once by (state, input) instead; the
     answers are the same (tests/test_lifecycle.py compares them for every state and input).
     """
-    automaton = machine.__automat_automaton__
     table = {
         (state, symbol): (next_state, tuple(outputs))
         for state, symbol, next_state, outputs in automaton.allTransitions()
     }
 
-    def output_for_input(state: object, symbol: str) -> tuple[object, Sequence[object]]:
+    def output_for_input(state: _State, symbol: _Input) -> tuple[_State, Sequence[_Output]]:
         try:
             return table[(state, symbol)]
         except KeyError:
             raise NoTransition(state=state, symbol=symbol) from None
 
-    automaton.outputForInput = output_for_input  # type: ignore[method-assign]
+    # One instance's method replaced: mypy compares it with the unbound method (self too).
+    automaton.outputForInput = output_for_input  # type: ignore[method-assign,assignment]
 
 
-_index_transitions(Lifecycle)
+_index_transitions(Lifecycle.__automat_automaton__)

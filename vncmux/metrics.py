@@ -271,7 +271,7 @@ class MetricsPage(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._registry = registry
 
     def render_GET(self, request: Request) -> bytes:

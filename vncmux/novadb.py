@@ -43,12 +43,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.interfaces import IRevocationFeed, ITokenStore
 from vncmux.tokens import (
     BadTarget,
     TokenRecord,
     TokenStoreUnavailable,
-    UnsupportedOperation,
     check_target,
     format_target,
     hash_token,
@@ -163,7 +162,7 @@ class NovaDatabase:
         if self.user is not None or self.password is not None:
             secret = ":***" if self.password is not None else ""
             auth = f"{quote(self.user or '', safe='')}{secret}@"
-        host = format_target(self.host, self.port) if self.port else (self.host or "")
+        host = format_target(self.host or "", self.port) if self.port else (self.host or "")
         if self.host and ":" in self.host and not self.port:
             host = f"[{self.host}]"
         query = "&".join(
@@ -302,6 +301,9 @@ def _positive(name: str, value: str) -> float:
 class _ForgivingConnection(adbapi.Connection):
     """adbapi's pooled connection, without the tracebacks of a failed rollback."""
 
+    #: The driver's connection: adbapi (unannotated) starts it as None, then connects at once.
+    _connection: Any
+
     def rollback(self) -> None:
         """
         adbapi logs two tracebacks when the rollback after a failed query fails too (the
@@ -316,10 +318,12 @@ class _ForgivingConnection(adbapi.Connection):
             self._pool.disconnect(self._connection)
 
 
-@implementer(ITokenStore, ISessionBackchannel)
+@implementer(ITokenStore, IRevocationFeed)
 class NovaTokenStore(Service):
     """
-    Nova's ``console_auth_tokens`` as a read-only token store and backchannel.
+    Nova's ``console_auth_tokens`` as a read-only token store and revocation feed (by
+    re-checks). It takes no activity and no single-use claims: nova's table has no column
+    for activity, and nova's tokens are reusable until they expire.
 
     L{lookup} answers as nova's ``console_auth_token_get_valid`` does: a record of any
     console type (one store serves every listener; each listener's gate admits only its own
@@ -382,7 +386,7 @@ class NovaTokenStore(Service):
     # service
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._own_pool:
             self._pool = adbapi.ConnectionPool(
                 self.database.driver,
@@ -402,7 +406,7 @@ class NovaTokenStore(Service):
             self._start_rechecks()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._recheck_loop is not None and self._recheck_loop.running:
             self._recheck_loop.stop()
         self._recheck_loop = None
@@ -429,7 +433,7 @@ class NovaTokenStore(Service):
     def ping(self) -> Deferred[None]:
         return self._run("ping", "", self._ping_sql, ()).addCallback(lambda _: None)
 
-    # ISessionBackchannel
+    # IRevocationFeed
 
     def lookup_hash(self, token_hash: str) -> Deferred[TokenRecord | None]:
         """
@@ -458,14 +462,6 @@ class NovaTokenStore(Service):
             if self.running and self._recheck_loop is None:
                 self._start_rechecks()
         return succeed(None)
-
-    def record_activity(self, updates: Mapping[str, float]) -> Deferred[None]:
-        """Nova's table has no column for activity, and this store writes nothing."""
-        return succeed(None)
-
-    def claim_use(self, token_hash: str) -> Deferred[bool]:
-        """Nova's tokens are reusable until they expire; no record here is single-use."""
-        return fail(UnsupportedOperation("nova's console tokens are not single-use"))
 
     # internals
 
@@ -510,7 +506,7 @@ class NovaTokenStore(Service):
             why = "cancelled"
         else:
             message = failure.getErrorMessage().strip().splitlines()
-            why = f"{failure.type.__name__}: {message[0] if message else ''}"
+            why = f"{type(failure.value).__name__}: {message[0] if message else ''}"
         if self.database.password:
             why = why.replace(self.database.password, "***")
         self._log.warn(
@@ -560,8 +556,8 @@ class NovaTokenStore(Service):
             marks = ", ".join([self.database.placeholder()] * len(chunk))
             sql = f"SELECT {_COLUMNS} FROM {TABLE} WHERE token_hash IN ({marks})"
             found = self._run("re-check", f"{len(chunk)} tokens", sql, chunk)
-            found.addCallback(self._records_by_hash)
-            found.addBoth(self._answer, {h: batch[h] for h in chunk})
+            records = found.addCallback(self._records_by_hash)
+            records.addBoth(self._answer, {h: batch[h] for h in chunk})
 
     def _records_by_hash(self, rows: list[tuple[Any, ...]]) -> dict[str, TokenRecord]:
         return {record.token_hash: record for record in map(self._record, rows)}

@@ -42,7 +42,7 @@ class Root(Resource):
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         """``/`` is this index; unknown paths (and the admin API when it is off) are 404."""
-        return self if path == b"" and not request.postpath else _NotFound()
+        return self if path == b"" and not request.postpath else _NotFound()  # type: ignore[no-untyped-call]  # python/mypy#16651
 
     def render_GET(self, request: Request) -> bytes:
         """``/`` lists what this port serves."""
@@ -65,9 +65,9 @@ def build_http_root(
     admin: dict[bytes, Resource] | None = None,
 ) -> Root:
     """The resource tree: ``/metrics``, ``/healthz``, ``/readyz`` and the admin pages."""
-    root = Root()
+    root = Root()  # type: ignore[no-untyped-call]  # python/mypy#16651
     root.putChild(b"metrics", MetricsPage(new_registry(metrics)))
-    root.putChild(b"healthz", Liveness())
+    root.putChild(b"healthz", Liveness())  # type: ignore[no-untyped-call]  # python/mypy#16651
     root.putChild(b"readyz", readiness)
     for name, resource in (admin or {}).items():
         root.putChild(name, resource)
@@ -125,7 +125,7 @@ def build_observability(
             base_url,
             backend_policy=policy,
         )
-    site = QuietSite(
+    site = QuietSite(  # type: ignore[no-untyped-call]  # python/mypy#16651
         build_http_root(metrics, readiness, admin), timeout=HTTP_TIMEOUT, reactor=reactor
     )
     return Listener(endpoint, site, reactor), metrics

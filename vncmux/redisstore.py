@@ -29,7 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
+from vncmux.interfaces import (
+    IActivitySink,
+    IRevocationFeed,
+    ISingleUse,
+    ITokenAdmin,
+    ITokenStore,
+)
 from vncmux.novadb import (
     DEFAULT_RECHECK_INTERVAL,
     SOURCE_PREFIX,
@@ -295,10 +301,8 @@ class RedisConfig:
             raise ValueError(f"Redis database {db_text!r} is not a number")
         db = int(db_text or 0)
 
-        values = dict(
+        values: dict[str, str | None] = dict(
             format="vncmux",
-            connect_timeout=connect_timeout,
-            reply_timeout=reply_timeout,
             ssl_ca_certs=None,
             ssl_certfile=None,
             ssl_keyfile=None,
@@ -332,17 +336,21 @@ class RedisConfig:
             username=username,
             password=password,
             tls=scheme == "rediss",
-            ca_certs=values["ssl_ca_certs"],  # type: ignore[arg-type]
-            certfile=values["ssl_certfile"],  # type: ignore[arg-type]
-            keyfile=values["ssl_keyfile"],  # type: ignore[arg-type]
+            ca_certs=values["ssl_ca_certs"],
+            certfile=values["ssl_certfile"],
+            keyfile=values["ssl_keyfile"],
             sentinel_master=unquote(master) if master else None,
-            sentinel_password=values["sentinel_password"],  # type: ignore[arg-type]
+            sentinel_password=values["sentinel_password"],
             websockify_format=values["format"] == "websockify",
             namespace=namespace,
             connect_timeout=_seconds(
-                "connect_timeout", values["connect_timeout"], DEFAULT_CONNECT_TIMEOUT
+                "connect_timeout",
+                values.get("connect_timeout", connect_timeout),
+                DEFAULT_CONNECT_TIMEOUT,
             ),
-            reply_timeout=_seconds("reply_timeout", values["reply_timeout"], DEFAULT_REPLY_TIMEOUT),
+            reply_timeout=_seconds(
+                "reply_timeout", values.get("reply_timeout", reply_timeout), DEFAULT_REPLY_TIMEOUT
+            ),
         )
 
     def redacted_url(self) -> str:
@@ -427,19 +435,21 @@ def _tls_options(config: RedisConfig) -> Any:
         blocks = [block + end for block in pem.split(end) if "-----BEGIN CERTIFICATE" in block]
         if not blocks:
             raise ValueError(f"ssl_ca_certs {config.ca_certs} holds no PEM certificate")
-        trust = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+        trust = trustRootFromCertificates(
+            [Certificate.loadPEM(block.encode("ascii")) for block in blocks]
+        )
     client = None
     if config.certfile:
-        pem = b""
+        client_pem = b""
         for name, path in (("ssl_certfile", config.certfile), ("ssl_keyfile", config.keyfile)):
             if path:
                 try:
                     with open(path, "rb") as f:
-                        pem += f.read() + b"\n"
+                        client_pem += f.read() + b"\n"
                 except OSError as e:
                     raise ValueError(f"{name} {path}: {e.strerror}") from None
         try:
-            client = PrivateCertificate.loadPEM(pem)
+            client = PrivateCertificate.loadPEM(client_pem)
         except Exception:  # pyOpenSSL raises its own errors; never quote a key
             raise ValueError(
                 f"ssl_certfile {config.certfile} (with ssl_keyfile) holds no PEM certificate"
@@ -681,8 +691,12 @@ def _sentinel_class() -> type:
                     )
                 return failure
 
+            def forget(result: object) -> object:
+                self.discoveries.discard(found)
+                return result
+
             self.discoveries.add(found)
-            found.addBoth(lambda result: (self.discoveries.discard(found), result)[1])
+            found.addBoth(forget)
             return found.addTimeout(self.discovery_timeout, self.clock).addErrback(not_found)
 
         def disconnect(self) -> Deferred[Any]:
@@ -722,10 +736,11 @@ class _SentinelMasterEndpoint:
             endpoint = HostnameEndpoint(self._reactor, address[0], address[1], self._timeout)
             return endpoint.connect(factory)
 
-        return self._sentinel.discover_master(self._master).addCallback(connect_to)
+        discovering: Deferred[tuple[str, int]] = self._sentinel.discover_master(self._master)
+        return discovering.addCallback(connect_to)
 
 
-@implementer(ITokenStore, ITokenAdmin, ISessionBackchannel)
+@implementer(ITokenStore, ITokenAdmin, IActivitySink, ISingleUse, IRevocationFeed)
 class RedisTokenStore(Service):
     """
     Token records in Redis, shared by every proxy instance (docs/running.md, "The Redis layout").
@@ -816,7 +831,7 @@ class RedisTokenStore(Service):
     # service
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._pool_down = False
         config = self.config
         pool_factory, sentinel_pool_factory = _pool_factories()
@@ -858,7 +873,7 @@ class RedisTokenStore(Service):
             self._start_subscriber()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         for pending in list(self._pending):
             pending.cancel()
         stopping: list[Deferred[Any]] = []
@@ -933,9 +948,6 @@ class RedisTokenStore(Service):
             "issue", _about(token_hash), lambda pool: pool.eval(_ISSUE, keys, args), lambda _: None
         )
 
-    def show(self, token: str) -> Deferred[TokenRecord | None]:
-        return self.lookup(token)
-
     def revoke(self, token_hash: str) -> Deferred[bool]:
         if self.config.websockify_format:
             return fail(_read_only())
@@ -958,7 +970,7 @@ class RedisTokenStore(Service):
             _integer,
         )
 
-    # ISessionBackchannel
+    # IActivitySink, ISingleUse, IRevocationFeed
 
     def record_activity(self, updates: Mapping[str, float]) -> Deferred[None]:
         """
@@ -973,13 +985,12 @@ class RedisTokenStore(Service):
             batch = items[start : start + _ACTIVITY_BATCH]
             keys = [token_key(h) for h, _ in batch]
             args = [_number_text(seconds) for _, seconds in batch]
+
+            def evaluate(pool: Any, keys: list[str] = keys, args: list[str] = args) -> Any:
+                return pool.eval(_RECORD_ACTIVITY, keys, args)
+
             batches.append(
-                self._run(
-                    "record_activity",
-                    f"{len(batch)} tokens",
-                    lambda pool, keys=keys, args=args: pool.eval(_RECORD_ACTIVITY, keys, args),
-                    lambda _: None,
-                )
+                self._run("record_activity", f"{len(batch)} tokens", evaluate, lambda _: None)
             )
         if len(batches) == 1:
             return batches[0]
@@ -1103,7 +1114,7 @@ class RedisTokenStore(Service):
         elif failure.check(ValueError, TypeError, KeyError, UnicodeError):
             why = f"unexpected data ({failure.getErrorMessage()})"
         else:
-            why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            why = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
         self._log.warn(
             "token store: {what} failed{subject}: {why}",
             what=what,

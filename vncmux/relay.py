@@ -39,8 +39,8 @@ def set_interactive(transport: object) -> None:
     of waiting for the peer's (delayed) ACK. TCP keepalive finds peers that vanished.
     """
     if ITCPTransport.providedBy(transport):
-        transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
-        transport.setTcpKeepAlive(True)  # type: ignore[attr-defined]
+        transport.setTcpNoDelay(True)
+        transport.setTcpKeepAlive(True)
 
 
 def send_now(transport: object, size: int) -> None:
@@ -62,8 +62,9 @@ def send_now(transport: object, size: int) -> None:
 class SessionRegistry(Protocol):
     """Who keeps the table of live sessions (the supervisor)."""
 
-    #: A coarse clock, refreshed by the supervisor's sweep, stamped as activity.
-    now: float
+    @property
+    def now(self) -> float:
+        """A coarse clock, refreshed by the supervisor's sweep, stamped as activity."""
 
     def session_started(self, session: Session) -> None: ...
 

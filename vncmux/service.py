@@ -12,8 +12,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -24,7 +23,7 @@ from vncmux.backend import BackendDialer
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.consoles import CONSOLE_TYPES
 from vncmux.events import Observers
-from vncmux.interfaces import ISessionBackchannel, ITokenStore
+from vncmux.interfaces import IActivitySink, IRevocationFeed, ITokenStore
 from vncmux.relay import RelayStats
 from vncmux.rfbsecurity import SecurityPolicy
 from vncmux.settings import Settings
@@ -61,7 +60,13 @@ def build_console(
     supervisor (so the session limits count every console type together), the target
     policy, the failed-attempt counts and the relay counters.
     """
-    supervisor = Supervisor(reactor, observers, settings.limits, ISessionBackchannel(store, None))
+    supervisor = Supervisor(
+        reactor,
+        observers,
+        settings.limits,
+        activity=IActivitySink(store, None),
+        revocations=IRevocationFeed(store, None),
+    )
     security = security_policy(settings)
     vencrypt = load_vencrypt_tls(
         settings.vencrypt_ca_certs, settings.vencrypt_client_cert, settings.vencrypt_client_key
@@ -136,7 +141,7 @@ class Listener(Service):
     def __init__(
         self,
         description: str,
-        factory: ServerFactory,
+        factory: IProtocolFactory,
         reactor: Any,
         tls_min_version: str = DEFAULT_TLS_MIN_VERSION,
     ) -> None:
@@ -149,7 +154,7 @@ class Listener(Service):
         self._listening: Deferred[IListeningPort] | None = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         try:
             tls = tls_listener(self._reactor, self.description, self.tls_min_version)
         except ValueError as e:
@@ -196,10 +201,10 @@ class Listener(Service):
         return up
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         port, self.port = self.port, None
         if port is not None:
-            return maybeDeferred(port.stopListening)
+            return port.stopListening()
         if self._listening is not None:
             self._listening.cancel()
         return None
@@ -216,7 +221,7 @@ class ProxyService(MultiService):
     _log = Logger()
 
     def __init__(self, settings: Settings, console: Console, reactor: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.settings = settings
         self.console = console
         #: Every console listener, by console type; C{listener} is the noVNC one.
@@ -226,8 +231,8 @@ class ProxyService(MultiService):
         }
         self.listener = self.listeners["novnc"]
         for listener in self.listeners.values():
-            listener.setServiceParent(self)
-        console.supervisor.setServiceParent(self)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]  # python/mypy#16651
+        console.supervisor.setServiceParent(self)  # type: ignore[no-untyped-call]  # python/mypy#16651
 
     @property
     def accepting(self) -> bool:
@@ -248,8 +253,7 @@ class ProxyService(MultiService):
         grace = self.settings.drain_timeout
         close_timeout = self.settings.close_timeout + 1.0
         stopping.addCallback(lambda _: self.console.supervisor.drain(grace, close_timeout))
-        stopping.addCallback(lambda _: Deferred.fromCoroutine(self._stop_the_rest()))
-        return stopping
+        return stopping.addCallback(lambda _: Deferred.fromCoroutine(self._stop_the_rest()))
 
     def _close_web_connections(self) -> None:
         """Plain HTTP connections are not sessions: idle ones close now, busy ones after

@@ -11,13 +11,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    FirstError,
+    TimeoutError,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from vncmux.interfaces import ISessionBackchannel, ISessionObserver, ISharedLimits
+from vncmux.interfaces import IActivitySink, IRevocationFeed, ISessionObserver, ISharedLimits
 from vncmux.refusals import (
     CLIENT_UNRESPONSIVE,
     IDLE_TIMEOUT,
@@ -49,7 +56,8 @@ class Supervisor(Service):
         clock: IReactorTime,
         observer: ISessionObserver,
         limits: Limits = Limits(),
-        backchannel: ISessionBackchannel | None = None,
+        activity: IActivitySink | None = None,
+        revocations: IRevocationFeed | None = None,
         shared_limits: Sequence[ISharedLimits] = (),
     ) -> None:
         self.clock = clock
@@ -57,7 +65,10 @@ class Supervisor(Service):
         self.shared_limits = tuple(shared_limits)
         self.observer = observer
         self.limits = limits
-        self.backchannel = backchannel
+        #: Where the activity of sessions is written back (none: nowhere).
+        self.activity = activity
+        #: Where revocations are announced (none: sessions end only by their own limits).
+        self.revocations = revocations
         self.sessions: dict[str, Session] = {}
         #: The sweep's idea of the time; the relay stamps it as activity, so a packet costs
         #: an attribute read instead of a clock call. Accurate to one sweep interval.
@@ -134,7 +145,7 @@ class Supervisor(Service):
     def session_ended(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
-        if session.last_activity_at >= self._flushed_at:
+        if self.activity is not None and session.last_activity_at >= self._flushed_at:
             token_hash = session.record.token_hash
             stamp = max(session.last_activity_at, self._ended_activity.get(token_hash, 0.0))
             self._ended_activity[token_hash] = stamp
@@ -186,7 +197,7 @@ class Supervisor(Service):
         flush, in one round trip for the whole process.
         """
         self._next_flush = self.now + self.limits.flush_interval
-        if self.backchannel is None or self._flushing is not None:
+        if self.activity is None or self._flushing is not None:
             return succeed(None)
         since, self._flushed_at = self._flushed_at, self.now
         updates, self._ended_activity = self._ended_activity, {}
@@ -198,7 +209,7 @@ class Supervisor(Service):
                 updates[session.record.token_hash] = stamp
         if not updates:
             return succeed(None)
-        flushing = self._flushing = self.backchannel.record_activity(updates)
+        flushing = self._flushing = self.activity.record_activity(updates)
 
         def done(result: object) -> None:
             self._flushing = None
@@ -234,17 +245,19 @@ class Supervisor(Service):
         After the revocation channel was re-established (messages sent meanwhile are lost):
         end the sessions whose token records are gone from the store.
         """
-        assert self.backchannel is not None
+        assert self.revocations is not None
         checks = []
         for token_hash in {s.record.token_hash for s in self.sessions.values()}:
-            looking = self.backchannel.lookup_hash(token_hash)
+            looking = self.revocations.lookup_hash(token_hash)
             looking.addCallback(self._revoke_if_gone, token_hash)
             checks.append(looking)
 
         def failed(failure: Failure) -> None:
+            first = failure.value
+            assert isinstance(first, FirstError)  # how gatherResults fails
             self._log.warn(
                 "could not re-check live sessions: {error}",
-                error=failure.value.subFailure.getErrorMessage(),  # type: ignore[attr-defined]
+                error=first.subFailure.getErrorMessage(),
             )
 
         return gatherResults(checks, consumeErrors=True).addCallbacks(lambda _: None, failed)
@@ -291,14 +304,14 @@ class Supervisor(Service):
     # -- service -------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._sweeper.start(self.limits.sweep_interval, now=False)
-        if self.backchannel is not None:
-            self.backchannel.watch_revocations(self.revoked, self.recheck)
+        if self.revocations is not None:
+            self.revocations.watch_revocations(self.revoked, self.recheck)
 
     def stopService(self) -> Deferred[None]:
         """Stop sweeping, then write the last activity back (after a flush in flight)."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         if self._sweeper.running:
             self._sweeper.stop()
         self.now = self.clock.seconds()

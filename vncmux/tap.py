@@ -68,7 +68,7 @@ class Options(usage.Options):
     novnc_places: Sequence[NovncPlace] = NOVNC_PLACES
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.find_web = False
         for option in OPTIONS:
             if option.kind == "repeated":
@@ -80,7 +80,7 @@ class Options(usage.Options):
         """Note what the command line gives: the file and nova.conf fill in the rest."""
         args = list(options if options is not None else [])
         self._given = {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
-        super().parseOptions(args)
+        super().parseOptions(args)  # type: ignore[no-untyped-call]  # python/mypy#16653
 
     def _apply_config_file(self, path: str) -> None:
         """The file's values for the options the command line left unset."""

@@ -25,7 +25,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vncmux.interfaces import ISessionBackchannel, ITokenAdmin, ITokenStore
+from vncmux.interfaces import (
+    IActivitySink,
+    IRevocationFeed,
+    ISingleUse,
+    ITokenAdmin,
+    ITokenStore,
+)
 
 TOKEN_ID_LENGTH = 12
 
@@ -265,7 +271,7 @@ def _optional_int(value: object) -> int | None:
     return None if number is None else int(number)
 
 
-@implementer(ITokenStore, ITokenAdmin, ISessionBackchannel)
+@implementer(ITokenStore, ITokenAdmin, IActivitySink, ISingleUse, IRevocationFeed)
 class MemoryTokenStore:
     """
     A token store in a dict, with revocation callbacks and single-use claims: for embedding
@@ -301,9 +307,6 @@ class MemoryTokenStore:
     def issue(self, record: TokenRecord, token: str) -> Deferred[None]:
         self._records[hash_token(token)] = replace(record, token_hash=hash_token(token))
         return succeed(None)
-
-    def show(self, token: str) -> Deferred[TokenRecord | None]:
-        return self.lookup(token)
 
     def revoke(self, token_hash: str) -> Deferred[bool]:
         found = self._records.pop(token_hash, None) is not None
@@ -500,10 +503,6 @@ class FileTokenStore:
             return fail(TokenStoreUnavailable(f"cannot write token file {target}: {e.strerror}"))
         self._checked_at = None
         return succeed(None)
-
-    def show(self, token: str) -> Deferred[TokenRecord | None]:
-        self._checked_at = None
-        return self.lookup(token)
 
     def revoke(self, token_hash: str) -> Deferred[bool]:
         """Remove every line of the token from every file (rewritten atomically)."""

@@ -13,12 +13,13 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.pages import notFound
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
@@ -77,7 +78,8 @@ class WebRoot(File):
         ".svg": "image/svg+xml",
     }
 
-    childNotFound = notFound()
+    # Twisted declares it with the type of its own (deprecated) default page.
+    childNotFound = notFound()  # type: ignore[assignment]
     root: str = ""
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
@@ -97,16 +99,16 @@ class WebRoot(File):
                 web_root.putChild(name, page)
         return web_root
 
-    def createSimilarFile(self, path: str) -> Resource:
+    def createSimilarFile(self, path: str) -> IResource:
         real = os.path.realpath(path)
         if real != self.root and not real.startswith(self.root + os.sep):
             return self.childNotFound
-        child: WebRoot = super().createSimilarFile(path)
+        child: WebRoot = super().createSimilarFile(path)  # type: ignore[no-untyped-call]  # python/mypy#16653
         child.root = self.root
         child.trusted_proxies = self.trusted_proxies
         return child
 
-    def directoryListing(self) -> Resource:
+    def directoryListing(self) -> IResource:
         return self.childNotFound
 
     def render_GET(self, request: Request) -> bytes | int:
@@ -120,7 +122,7 @@ class WebRoot(File):
                 return b""
             if self.path.endswith((".html", ".htm")):
                 self._set_token_cookie(request)
-        result: bytes | int = super().render_GET(request)
+        result: bytes | int = super().render_GET(request)  # type: ignore[no-untyped-call]  # python/mypy#16653
         return result
 
     render_HEAD = render_GET
@@ -156,7 +158,7 @@ class WebRoot(File):
 
 
 def _first_arg(request: Request, name: bytes) -> str | None:
-    values = (request.args or {}).get(name)
+    values: list[bytes] | None = (request.args or {}).get(name)
     if not values:
         return None
     try:
@@ -170,9 +172,9 @@ class WebRequest(Request):
 
     def render(self, resrc: IResource) -> None:
         self.responseHeaders.removeHeader(b"server")
-        self.setHeader(b"x-content-type-options", b"nosniff")
-        self.setHeader(b"cache-control", b"no-cache")
-        super().render(resrc)
+        self.setHeader(b"x-content-type-options", b"nosniff")  # type: ignore[no-untyped-call]  # python/mypy#16651
+        self.setHeader(b"cache-control", b"no-cache")  # type: ignore[no-untyped-call]  # python/mypy#16651
+        super().render(resrc)  # type: ignore[no-untyped-call]  # python/mypy#16653
 
 
 class WebChannel(http.HTTPChannel):
@@ -184,35 +186,37 @@ class WebChannel(http.HTTPChannel):
     _cut: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.site.channels.add(self)
-        self._cut = self.callLater(self.deadline, self._too_long)
+        self._cut = self.callLater(self.deadline, self._too_long)  # type: ignore[no-untyped-call]  # python/mypy#16651
 
     def close_when_done(self) -> None:
         """Close now if no request is in progress, else once the current answer is sent."""
         if self.requests:
             self.persistent = False
         else:
-            self.loseConnection()
+            self.loseConnection()  # type: ignore[no-untyped-call]  # python/mypy#16651
 
     def _too_long(self) -> None:
         self._cut = None
         self._log.info("web connection cut after {seconds}s (--web-timeout)", seconds=self.deadline)
         self.transport.abortConnection()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         cut, self._cut = self._cut, None
         if cut is not None and cut.active():
             cut.cancel()
         self.site.channels.discard(self)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # python/mypy#16653
 
 
 class WebSite(Site):
     """The twisted.web site of the console port; its connections are handed over to it."""
 
     requestFactory = WebRequest
-    protocol = WebChannel
+    # Twisted declares every HTTPFactory to build its HTTP/1.1-or-2 channel; this one builds
+    # plain HTTP/1.1 channels.
+    protocol = WebChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -222,7 +226,7 @@ class WebSite(Site):
         trusted_proxies: tuple[IPNetwork, ...] = (),
     ) -> None:
         resource = WebRoot.at(root, trusted_proxies) if root else notFound()
-        super().__init__(resource, timeout=None, reactor=clock)
+        super().__init__(resource, timeout=None, reactor=clock)  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.deadline = deadline
         self.channels: set[WebChannel] = set()
 
@@ -232,10 +236,10 @@ class WebSite(Site):
         for channel in list(self.channels):
             channel.close_when_done()
 
-    def buildProtocol(self, addr: object) -> WebChannel:
-        channel: WebChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+    def buildProtocol(self, addr: IAddress | None) -> WebChannel:  # type: ignore[override]
+        channel: WebChannel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]  # python/mypy#16653
         channel.deadline = self.deadline
         return channel
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log: the query of a page may carry a token."""
