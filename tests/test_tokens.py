@@ -1,34 +1,28 @@
 """
-Token stores: one contract for every ITokenStore/ITokenAdmin (memory, file, Redis), the
-parsers, FileTokenStore's change detection, and the Redis layout and backchannel against a
-real redis-server.
+Token stores: one contract for every ITokenStore/ITokenAdmin (memory, file, Redis), and the
+Redis layout and backchannel against a real redis-server.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gc
 import json
 import os
 import shutil
-import stat
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 from unittest import SkipTest
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from tests.redis_server import RedisServer, make_tls_files, start_redis
+from tests.tokens.support import OTHER, TOKEN, Inbox, RedisStoreMixin, log_messages, make_record
 from vncmux.interfaces import (
     IActivitySink,
     IHashLookup,
@@ -47,69 +41,12 @@ from vncmux.redisstore import (
     token_key,
 )
 from vncmux.tokens import (
-    ISSUED_FILE_NAME,
-    LOCK_FILE_NAME,
-    BadTarget,
     FileTokenStore,
     MemoryTokenStore,
-    TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
-    check_target,
-    format_target,
     hash_token,
-    parse_target,
-    parse_token_value,
 )
-
-TOKEN = "s3cr3t-T0ken_abcdefghijklmnopqrstuvwxyz012345"
-OTHER = "another-secret-token-9876543210zyxwvutsrqponm"
-
-
-def _record(token: str, host: str = "10.0.0.5", port: int = 5900, **fields: Any) -> TokenRecord:
-    return TokenRecord(token_hash=hash_token(token), host=host, port=port, **fields)
-
-
-def _messages(observer: EventLoggingObserver) -> list[str]:
-    return [formatEvent(event) for event in observer]
-
-
-class _Inbox:
-    """Collects revocation messages; C{next()} is a Deferred for the next one."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self._waiting: list[Deferred[str]] = []
-
-    def put(self, message: str) -> None:
-        self.messages.append(message)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(message)
-
-    def next(self) -> Deferred[str]:
-        d: Deferred[str] = Deferred()
-        self._waiting.append(d)
-        return d
-
-
-@contextlib.contextmanager
-def _unprivileged() -> Iterator[None]:
-    """
-    Run as ``nobody`` for a moment when the tests run as root, for whom every file is
-    readable: only then does a mode-000 file fail to open.
-    """
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
 
 # ---------------------------------------------------------------------------------------------
 # The contract every store honours
@@ -140,7 +77,7 @@ class TokenStoreContract:
     def test_issue_then_lookup(self) -> Any:
         """An issued token looks up to its target, named by the hash of the token."""
         store = self.make_store()
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         found = yield store.lookup(TOKEN)
         self.assertEqual((found.host, found.port), ("10.0.0.5", 5900))
         self.assertEqual(found.token_hash, hash_token(TOKEN))
@@ -151,7 +88,7 @@ class TokenStoreContract:
     def test_ipv6_target(self) -> Any:
         """An IPv6 backend round-trips without brackets in C{host}."""
         store = self.make_store()
-        yield store.issue(_record(TOKEN, host="fd00::5", port=5901), TOKEN)
+        yield store.issue(make_record(TOKEN, host="fd00::5", port=5901), TOKEN)
         found = yield store.lookup(TOKEN)
         self.assertEqual(
             (found.host, found.port, found.target), ("fd00::5", 5901, "[fd00::5]:5901")
@@ -161,8 +98,8 @@ class TokenStoreContract:
     def test_revoke(self) -> Any:
         """Revoking deletes the record once; other tokens stay."""
         store = self.make_store()
-        yield store.issue(_record(TOKEN), TOKEN)
-        yield store.issue(_record(OTHER, port=5902), OTHER)
+        yield store.issue(make_record(TOKEN), TOKEN)
+        yield store.issue(make_record(OTHER, port=5902), OTHER)
         self.assertIs((yield store.revoke(hash_token(TOKEN))), True)
         self.assertIsNone((yield store.lookup(TOKEN)))
         self.assertIs((yield store.revoke(hash_token(TOKEN))), False)
@@ -178,7 +115,7 @@ class TokenStoreContract:
     def test_rich_record_round_trip(self) -> Any:
         """Expiry, instance, limits and password survive (or are refused with a clear error)."""
         store = self.make_store()
-        record = _record(
+        record = make_record(
             TOKEN,
             instance_uuid="3f1c2b9e-0000-4000-8000-000000000001",
             issued_at=1000.0,
@@ -202,9 +139,9 @@ class TokenStoreContract:
             yield self.assertFailure(store.revoke_instance("i-1"), UnsupportedOperation)
             return
         third = "third-secret-token-aaaaaaaaaaaaaaaaaaaaaaaaaa"
-        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
-        yield store.issue(_record(OTHER, instance_uuid="i-1"), OTHER)
-        yield store.issue(_record(third, instance_uuid="i-2"), third)
+        yield store.issue(make_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(make_record(OTHER, instance_uuid="i-1"), OTHER)
+        yield store.issue(make_record(third, instance_uuid="i-2"), third)
         self.assertEqual((yield store.revoke_instance("i-1")), 2)
         self.assertIsNone((yield store.lookup(TOKEN)))
         self.assertIsNone((yield store.lookup(OTHER)))
@@ -229,23 +166,6 @@ class FileTokenStoreContractTests(TokenStoreContract, TestCase):
         with open(path, "w") as f:
             f.write("# tokens\n")
         return FileTokenStore(path, Clock())
-
-
-class RedisStoreMixin:
-    """Starts a real redis-server and a RedisTokenStore on the real reactor for one test."""
-
-    timeout = 30
-
-    def start_server(self, *extra_args: str) -> RedisServer:
-        return start_redis(self, extra_args)
-
-    def redis_store(self, server: RedisServer, query: str = "", **kwargs: Any) -> RedisTokenStore:
-        store = RedisTokenStore(
-            RedisConfig.from_url(server.url(query=query)), reactor, reactor=reactor, **kwargs
-        )
-        store.startService()
-        self.addCleanup(store.stopService)  # type: ignore[attr-defined]
-        return store
 
 
 class RedisTokenStoreContractTests(RedisStoreMixin, TokenStoreContract, TestCase):
@@ -273,7 +193,7 @@ class BackchannelContract:
     def test_lookup_hash(self) -> Any:
         """A record is found by its hash until it is revoked; an unknown hash is C{None}."""
         store = self.make_store()
-        yield store.issue(_record(TOKEN, port=5901), TOKEN)
+        yield store.issue(make_record(TOKEN, port=5901), TOKEN)
         self.assertEqual((yield store.lookup_hash(hash_token(TOKEN))).port, 5901)
         self.assertIsNone((yield store.lookup_hash(hash_token(OTHER))))
         yield store.revoke(hash_token(TOKEN))
@@ -283,8 +203,8 @@ class BackchannelContract:
     def test_claim_use(self) -> Any:
         """The first claim of a token wins, later ones lose; unknown or revoked ones never win."""
         store = self.make_store()
-        yield store.issue(_record(TOKEN, single_use=True), TOKEN)
-        yield store.issue(_record(OTHER, single_use=True), OTHER)
+        yield store.issue(make_record(TOKEN, single_use=True), TOKEN)
+        yield store.issue(make_record(OTHER, single_use=True), OTHER)
         claims = []
         for _ in range(3):
             claims.append((yield store.claim_use(hash_token(TOKEN))))
@@ -299,7 +219,7 @@ class BackchannelContract:
     def test_record_activity(self) -> Any:
         """last_activity_at only moves forward, and unknown tokens are not created."""
         store = self.make_store()
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         updates = {hash_token(TOKEN): 1700000100, hash_token(OTHER): 1700000100}
         self.assertIsNone((yield store.record_activity(updates)))
         self.assertEqual((yield store.lookup(TOKEN)).last_activity_at, 1700000100)
@@ -312,9 +232,9 @@ class BackchannelContract:
     def test_watch_revocations(self) -> Any:
         """Watchers hear a revoked token's hash, and ``instance:<uuid>`` for an instance."""
         store = self.make_store()
-        inbox = _Inbox()
+        inbox = Inbox()
         yield store.watch_revocations(inbox.put)
-        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(make_record(TOKEN, instance_uuid="i-1"), TOKEN)
         heard = inbox.next()
         yield store.revoke(hash_token(TOKEN))
         self.assertEqual((yield heard), hash_token(TOKEN))
@@ -335,511 +255,6 @@ class RedisBackchannelTests(RedisStoreMixin, BackchannelContract, TestCase):
 
     def make_store(self) -> RedisTokenStore:
         return self.redis_store(self.start_server())
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsers
-
-hostnames = st.from_regex(
-    r"\A[a-z0-9]([a-z0-9-]{0,12}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,12}[a-z0-9])?){0,3}\Z"
-)
-hosts = st.one_of(
-    hostnames,
-    st.ip_addresses(v=4).map(str),
-    st.ip_addresses(v=6).map(str),
-)
-ports = st.integers(min_value=1, max_value=65535)
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
-    max_leaves=8,
-)
-record_objects = st.dictionaries(
-    st.sampled_from(
-        ["host", "port", "instance_uuid", "issued_at", "expires_at", "max_sessions",
-         "single_use", "password", "console_type"]
-    ),
-    st.one_of(json_values, hosts, ports.map(str)),
-)  # fmt: skip
-
-
-class ParseTargetTests(SynchronousTestCase):
-    """``parse_target`` / ``format_target`` / ``parse_token_value``."""
-
-    def test_valid(self) -> None:
-        """Names, IPv4, bracketed and bare IPv6 parse; the port is after the last colon."""
-        self.assertEqual(parse_target("vnc.example:5900"), ("vnc.example", 5900))
-        self.assertEqual(parse_target(" 10.0.0.1:5901 "), ("10.0.0.1", 5901))
-        self.assertEqual(parse_target("[fd00::1]:5902"), ("fd00::1", 5902))
-        self.assertEqual(parse_target("fd00::1:5903"), ("fd00::1", 5903))
-
-    def test_invalid(self) -> None:
-        """Everything else is a BadTarget."""
-        for text in ["", "host", ":5900", "h:0", "h:65536", "h:x", "[fd00::1:5900",
-                     "fd00::1]:5900", "[nothex]:1", "a b:1", "[]:1", "fd00::zz:1", "a]b:1",
-                     "[[fd00::1]]:1", "h]:1"]:  # fmt: skip
-            with self.subTest(text=text):
-                self.assertRaises(BadTarget, parse_target, text)
-
-    def test_check_target(self) -> None:
-        """
-        A separate host and port: IPv6 with or without one balanced pair of brackets; a host
-        with any other bracket is refused, not half-stripped.
-        """
-        self.assertEqual(check_target("vnc.example", "5900"), ("vnc.example", 5900))
-        self.assertEqual(check_target("fd00::1", 1), ("fd00::1", 1))
-        self.assertEqual(check_target("[fd00::1]", 1), ("fd00::1", 1))
-        for host in ["[fd00::1", "fd00::1]", "h]", "[h", "[h]", "[[fd00::1]]", "[10.0.0.1]",
-                     "a]b", "a[b", "", " h", "a b"]:  # fmt: skip
-            with self.subTest(host=host):
-                self.assertRaises(BadTarget, check_target, host, 1)
-        self.assertRaises(BadTarget, check_target, "h", 0)
-
-    def test_brackets_in_records(self) -> None:
-        """Issued and stored records take brackets through check_target too."""
-        self.assertEqual(TokenRecord.issued(TOKEN, "[fd00::1]", 1, now=0).host, "fd00::1")
-        self.assertRaises(BadTarget, TokenRecord.issued, TOKEN, "[fd00::1", 1, now=0)
-        self.assertRaises(BadTarget, TokenRecord.issued, TOKEN, "[[h]]", 1, now=0)
-        h = hash_token(TOKEN)
-        self.assertEqual(TokenRecord.from_fields(h, {"host": "[::1]", "port": "1"}).host, "::1")
-        for host in ["[fd00::1", "h]", "[[fd00::1]]"]:
-            with self.subTest(host=host):
-                fields = {"host": host, "port": "1"}
-                self.assertRaises(BadTarget, TokenRecord.from_fields, h, fields)
-
-    def test_password_not_in_repr(self) -> None:
-        """A record's repr (logs, tracebacks) leaves the VNC password out."""
-        record = _record(TOKEN, password="vnc-pass-123")
-        self.assertNotIn("vnc-pass-123", repr(record))
-        self.assertEqual(record.password, "vnc-pass-123")
-
-    def test_format_target(self) -> None:
-        """IPv6 addresses get brackets, nothing else does."""
-        self.assertEqual(format_target("::1", 5900), "[::1]:5900")
-        self.assertEqual(format_target("h", 1), "h:1")
-
-    def test_token_values(self) -> None:
-        """websockify's ``host:port`` and ``{"host": "h:p"}``, and nova's record shape."""
-        h = hash_token(TOKEN)
-        self.assertEqual(parse_token_value(h, "h:1").target, "h:1")
-        self.assertEqual(parse_token_value(h, '{"host": "[::1]:5900"}').target, "[::1]:5900")
-        nova = parse_token_value(
-            h, json.dumps({"host": "10.0.0.3", "port": "5902", "instance_uuid": "u-1"})
-        )
-        self.assertEqual((nova.host, nova.port, nova.instance_uuid), ("10.0.0.3", 5902, "u-1"))
-        for bad in ["{bad", '{"port": 1}', "[1]", '{"host": "h:1", "max_sessions": "nan"}']:
-            with self.subTest(bad=bad):
-                self.assertRaises(BadTarget, parse_token_value, h, bad)
-
-    @given(host=hosts, port=ports)
-    def test_round_trip(self, host: str, port: int) -> None:
-        """``parse_target(format_target(h, p)) == (h, p)`` for names, IPv4 and IPv6."""
-        self.assertEqual(parse_target(format_target(host, port)), (host, port))
-
-    @given(text=st.text(max_size=60))
-    def test_parse_target_only_raises_bad_target(self, text: str) -> None:
-        """Arbitrary text gives a (host, port) or BadTarget, never another exception."""
-        try:
-            host, port = parse_target(text)
-        except BadTarget:
-            return
-        self.assertTrue(host)
-        self.assertTrue(0 < port < 65536)
-
-    @given(value=st.one_of(st.text(max_size=60), record_objects.map(json.dumps)))
-    def test_parse_token_value_only_raises_bad_target(self, value: str) -> None:
-        """Arbitrary values (text and JSON objects) give a record or BadTarget, nothing else."""
-        try:
-            record = parse_token_value("h", value)
-        except BadTarget:
-            return
-        self.assertEqual(parse_target(record.target), (record.host, record.port))
-
-
-# ---------------------------------------------------------------------------------------------
-# FileTokenStore
-
-
-class FileTokenStoreTests(SynchronousTestCase):
-    """websockify's TokenFile format, change detection and the admin side of a token file."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-
-    def write(self, path: str, text: str) -> str:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-
-    def target(self, store: FileTokenStore, token: str) -> str | None:
-        record = self.successResultOf(store.lookup(token))
-        return None if record is None else record.target
-
-    def test_missing_file(self) -> None:
-        """A missing file is TokenStoreUnavailable naming the path, for lookup and ping."""
-        path = self.mktemp()
-        store = FileTokenStore(path, self.clock)
-        failure = self.failureResultOf(store.lookup(TOKEN), TokenStoreUnavailable)
-        self.assertIn(path, str(failure.value))
-        self.assertIn("does not exist", str(failure.value))
-        self.failureResultOf(store.ping(), TokenStoreUnavailable)
-        self.write(path, f"{TOKEN}: h:1\n")
-        self.assertIsNone(self.successResultOf(store.ping()))
-        self.assertEqual(self.target(store, TOKEN), "h:1")
-
-    def test_format(self) -> None:
-        """Comments and blank lines are skipped; IPv6 in brackets; the space is optional."""
-        path = self.write(
-            self.mktemp(),
-            "# a comment\n\n   \n"
-            "plain: 10.0.0.1:5900\n"
-            "  v6: [fd00::7]:5901  \n"
-            "nospace:host.example:5902\n"
-            "# commented: 1.2.3.4:5\n",
-        )
-        store = FileTokenStore(path, self.clock)
-        self.assertEqual(self.target(store, "plain"), "10.0.0.1:5900")
-        self.assertEqual(self.target(store, "v6"), "[fd00::7]:5901")
-        self.assertEqual(self.target(store, "nospace"), "host.example:5902")
-        self.assertIsNone(self.target(store, "# commented"))
-        self.assertEqual(_messages(self.log), [])
-
-    def test_only_hashes_in_memory(self) -> None:
-        """The store keeps token hashes, not tokens."""
-        path = self.write(self.mktemp(), f"{TOKEN}: h:1\n")
-        store = FileTokenStore(path, self.clock)
-        self.assertEqual(self.target(store, TOKEN), "h:1")
-        self.assertNotIn(TOKEN, repr(vars(store)))
-        self.assertIn(hash_token(TOKEN), repr(vars(store)))
-
-    def test_not_reparsed_when_unchanged(self) -> None:
-        """Lookups stat the file at most once per interval and parse it only after a change."""
-        path = self.write(self.mktemp(), "a: h:1\n")
-        store = FileTokenStore(path, self.clock, check_interval=1.0)
-        for _ in range(5):
-            self.clock.advance(1.5)
-            self.assertEqual(self.target(store, "a"), "h:1")
-        self.assertEqual(store.parse_count, 1)
-        self.write(path, "a: other:2\n")
-        self.assertEqual(self.target(store, "a"), "h:1", "checked again only after the interval")
-        self.clock.advance(1.0)
-        self.assertEqual(self.target(store, "a"), "other:2")
-        self.assertEqual(store.parse_count, 2)
-
-    def test_same_size_edit(self) -> None:
-        """An edit keeping the size is seen through mtime."""
-        path = self.write(self.mktemp(), "a: h:1\n")
-        os.utime(path, ns=(10**18, 10**18))
-        store = FileTokenStore(path, self.clock, check_interval=0)
-        self.assertEqual(self.target(store, "a"), "h:1")
-        self.write(path, "a: h:2\n")
-        os.utime(path, ns=(10**18 + 1, 10**18 + 1))
-        self.assertEqual(self.target(store, "a"), "h:2")
-
-    def test_recently_modified_file_is_reparsed(self) -> None:
-        """A file modified in the last 2 s is parsed at every check, then cached."""
-        path = self.write(self.mktemp(), "a: h:1\n")
-        mtime = os.stat(path).st_mtime
-        self.clock.advance(mtime + 0.5)
-        store = FileTokenStore(path, self.clock, check_interval=0)
-        self.target(store, "a")
-        self.target(store, "a")
-        self.assertEqual(store.parse_count, 2)
-        self.clock.advance(2.0)
-        self.target(store, "a")
-        self.target(store, "a")
-        self.target(store, "a")
-        self.assertEqual(store.parse_count, 3)
-
-    def test_directory(self) -> None:
-        """A directory's files are merged; new, changed and removed files are picked up."""
-        directory = self.mktemp()
-        os.mkdir(directory)
-        one = self.write(os.path.join(directory, "one"), "a: h:1\n")
-        self.write(os.path.join(directory, "two"), "b: h:2\n")
-        self.write(os.path.join(directory, ".one.swp"), "hidden: h:3\n")
-        self.write(os.path.join(directory, "one~"), "backup: h:4\n")
-        os.mkdir(os.path.join(directory, "subdir"))
-        store = FileTokenStore(directory, self.clock)
-        self.assertEqual((self.target(store, "a"), self.target(store, "b")), ("h:1", "h:2"))
-        self.assertIsNone(self.target(store, "hidden"))
-        self.assertIsNone(self.target(store, "backup"))
-        self.assertEqual(store.parse_count, 2)
-
-        self.write(os.path.join(directory, "three"), "c: h:5\n")
-        self.clock.advance(1)
-        self.assertEqual(self.target(store, "c"), "h:5")
-        self.assertEqual(store.parse_count, 3, "only the new file was parsed")
-
-        os.unlink(one)
-        self.clock.advance(1)
-        self.assertIsNone(self.target(store, "a"))
-        self.assertEqual(self.target(store, "b"), "h:2")
-        self.assertEqual(store.parse_count, 3)
-
-    def test_malformed_lines(self) -> None:
-        """Malformed lines are skipped with one warning each naming file:line, never the token."""
-        path = self.write(
-            self.mktemp(),
-            "lonely-secret-token\n"
-            "secret-one: not-a-target\n"
-            "secret-two: [fd00::1:5900\n"
-            ": 1.2.3.4:5900\n"
-            "secret three: h:1\n"
-            "good: h:9\n",
-        )
-        store = FileTokenStore(path, self.clock)
-        self.assertEqual(self.target(store, "good"), "h:9")
-        self.target(store, "good")
-        messages = _messages(self.log)
-        self.assertEqual(len(messages), 5)
-        for number, message in zip(range(1, 6), messages, strict=True):
-            self.assertIn(f"{path}:{number}:", message)
-        for secret in ("lonely", "secret", "not-a-target", "fd00"):
-            self.assertFalse([m for m in messages if secret in m.replace(path, "")], secret)
-
-    def test_issue_and_revoke_edit_the_file(self) -> None:
-        """Issue appends a line; revoke removes it and keeps every other line and the mode."""
-        path = self.write(self.mktemp(), "# header\nkeep: h:1")
-        os.chmod(path, 0o640)
-        store = FileTokenStore(path, self.clock)
-        self.successResultOf(store.issue(_record(TOKEN, host="fd00::2", port=5901), TOKEN))
-        with open(path) as f:
-            self.assertEqual(f.read(), f"# header\nkeep: h:1\n{TOKEN}: [fd00::2]:5901\n")
-        self.assertEqual(self.target(store, TOKEN), "[fd00::2]:5901")
-        self.assertIs(self.successResultOf(store.revoke(hash_token(TOKEN))), True)
-        with open(path) as f:
-            self.assertEqual(f.read(), "# header\nkeep: h:1\n")
-        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
-        self.assertIsNone(self.target(store, TOKEN))
-
-    def test_issue_into_directory(self) -> None:
-        """In directory mode, issued tokens go to their own file."""
-        directory = self.mktemp()
-        os.mkdir(directory)
-        store = FileTokenStore(directory, self.clock)
-        self.successResultOf(store.issue(_record(TOKEN), TOKEN))
-        self.assertTrue(os.path.exists(os.path.join(directory, ISSUED_FILE_NAME)))
-        self.assertEqual(self.target(store, TOKEN), "10.0.0.5:5900")
-
-    def test_issue_rejects_unstorable_tokens(self) -> None:
-        """A token that would break the line format is refused."""
-        store = FileTokenStore(self.write(self.mktemp(), ""), self.clock)
-        for bad in ["with space", "with\ttab", "with:colon", "#comment", ""]:
-            self.failureResultOf(store.issue(_record(bad), bad), ValueError)
-        self.successResultOf(store.issue(_record("a#b-ok"), "a#b-ok"))
-
-    def test_new_token_file_is_private(self) -> None:
-        """A token file that issue creates has mode 0600 whatever the umask."""
-        old_umask = os.umask(0o022)
-        self.addCleanup(os.umask, old_umask)
-        path = self.mktemp()
-        self.successResultOf(FileTokenStore(path, self.clock).issue(_record(TOKEN), TOKEN))
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        directory = self.mktemp()
-        os.mkdir(directory)
-        self.successResultOf(FileTokenStore(directory, self.clock).issue(_record(TOKEN), TOKEN))
-        issued = os.stat(os.path.join(directory, ISSUED_FILE_NAME))
-        self.assertEqual(stat.S_IMODE(issued.st_mode), 0o600)
-
-    def test_owner_kept(self) -> None:
-        """
-        ``sudo vncmux token revoke`` keeps the file's owner (the proxy must still read it),
-        and a file that root creates in a directory belongs to the directory's owner.
-        """
-        if os.geteuid() != 0:
-            if os.environ.get("CI"):
-                self.fail("CI runs as root; this test needs root to change owners")
-            raise SkipTest("only root can give a file to another user")
-        path = self.write(self.mktemp(), f"{TOKEN}: h:1\nkeep: h:2\n")
-        os.chown(path, 4321, 4322)
-        self.assertIs(
-            self.successResultOf(FileTokenStore(path, self.clock).revoke(hash_token(TOKEN))), True
-        )
-        st = os.stat(path)
-        self.assertEqual((st.st_uid, st.st_gid), (4321, 4322))
-        directory = self.mktemp()
-        os.mkdir(directory)
-        os.chown(directory, 4321, 4322)
-        self.successResultOf(FileTokenStore(directory, self.clock).issue(_record(TOKEN), TOKEN))
-        st = os.stat(os.path.join(directory, ISSUED_FILE_NAME))
-        self.assertEqual((st.st_uid, st.st_gid), (4321, 4322))
-
-    def test_edits_hold_the_lock(self) -> None:
-        """
-        issue appends and revoke reads and replaces only while holding the store's lock file,
-        so two ``vncmux token`` calls cannot interleave (an appended token lost by a revoke's
-        replace, or a revoked one brought back).
-        """
-        path = self.write(self.mktemp(), f"{OTHER}: h:1\n")
-        directory, name = os.path.split(path)
-        store = _LockProbingStore(path, self.clock, os.path.join(directory, f".{name}.lock"))
-        self.successResultOf(store.issue(_record(TOKEN), TOKEN))
-        self.assertIs(self.successResultOf(store.revoke(hash_token(OTHER))), True)
-        self.assertEqual(store.held, [True, True])
-
-        directory = self.mktemp()
-        os.mkdir(directory)
-        store = _LockProbingStore(directory, self.clock, os.path.join(directory, LOCK_FILE_NAME))
-        self.successResultOf(store.issue(_record(TOKEN), TOKEN))
-        self.assertIs(self.successResultOf(store.revoke(hash_token(TOKEN))), True)
-        self.assertEqual(store.held, [True, True])
-        self.assertIsNone(self.target(store, TOKEN))
-
-    def test_unreadable_file_in_directory(self) -> None:
-        """
-        An unreadable file in a token directory is skipped with one warning and not opened
-        again until it changes; the other files keep working, and it is read once readable.
-        """
-        directory = self.mktemp()
-        os.chmod(os.path.dirname(directory), 0o755)  # mktemp's own directory is 0700
-        os.mkdir(directory, 0o755)
-        self.write(os.path.join(directory, "good"), "a: h:1\n")
-        locked = self.write(os.path.join(directory, "locked"), "b: h:2\n")
-        os.chmod(locked, 0)
-        store = FileTokenStore(directory, self.clock)
-        with _unprivileged():
-            for _ in range(5):
-                self.assertEqual(self.target(store, "a"), "h:1")
-                self.clock.advance(1)
-            self.assertIsNone(self.target(store, "b"))
-        self.assertEqual(store.parse_count, 2, "each file was opened once")
-        self.assertEqual(len([m for m in _messages(self.log) if "skipped" in m]), 1)
-        os.chmod(locked, 0o644)
-        self.clock.advance(1)
-        with _unprivileged():
-            self.assertEqual(self.target(store, "b"), "h:2")
-            self.assertEqual(self.target(store, "a"), "h:1")
-        self.assertEqual(store.parse_count, 3)
-
-
-class FileTokenStoreLinkTests(SynchronousTestCase):
-    """Writing a token file never follows a planted symbolic link; loose modes are reported."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.directory = os.path.abspath(self.mktemp())
-        os.mkdir(self.directory, 0o755)
-        self.victim = os.path.join(self.directory, "victim")
-        with open(self.victim, "w") as f:
-            f.write("precious\n")
-
-    def refused(self, deferred: Deferred[Any], path: str) -> None:
-        failure = self.failureResultOf(deferred, TokenStoreUnavailable)
-        self.assertIn(f"{path} is a symbolic link", failure.getErrorMessage())
-        with open(self.victim) as f:
-            self.assertEqual(f.read(), "precious\n")
-
-    def test_token_file_link(self) -> None:
-        """issue and revoke refuse a token file that is a link (to a file or to nowhere) and
-        leave its target alone."""
-        tokens = os.path.join(self.directory, "tokens")
-        os.symlink(self.victim, tokens)
-        store = FileTokenStore(tokens, self.clock)
-        self.refused(store.issue(_record(TOKEN), TOKEN), tokens)
-        self.refused(store.revoke(hash_token("precious")), tokens)
-        dangling = os.path.join(self.directory, "dangling")
-        os.symlink(os.path.join(self.directory, "created"), dangling)
-        self.refused(FileTokenStore(dangling, self.clock).issue(_record(TOKEN), TOKEN), dangling)
-        self.assertFalse(os.path.exists(os.path.join(self.directory, "created")))
-
-    def test_lock_file_link(self) -> None:
-        """A planted ``.NAME.lock`` link creates nothing where it points, and nothing is
-        written to the token file."""
-        tokens = os.path.join(self.directory, "tokens")
-        lock = os.path.join(self.directory, ".tokens.lock")
-        elsewhere = os.path.join(self.directory, "elsewhere")
-        os.symlink(elsewhere, lock)
-        store = FileTokenStore(tokens, self.clock)
-        self.refused(store.issue(_record(TOKEN), TOKEN), lock)
-        self.assertFalse(os.path.exists(elsewhere))
-        self.assertFalse(os.path.exists(tokens))
-        os.unlink(lock)
-        os.symlink(self.victim, lock)
-        self.refused(store.revoke(hash_token(TOKEN)), lock)
-
-    def test_directory_store_links(self) -> None:
-        """In a token directory, a linked issue file or lock file is refused too."""
-        tokens = os.path.join(self.directory, "tokens.d")
-        os.mkdir(tokens)
-        issued = os.path.join(tokens, ISSUED_FILE_NAME)
-        os.symlink(self.victim, issued)
-        store = FileTokenStore(tokens, self.clock)
-        self.refused(store.issue(_record(TOKEN), TOKEN), issued)
-        os.unlink(issued)
-        lock = os.path.join(tokens, LOCK_FILE_NAME)
-        os.unlink(lock)  # the real one, left by the first attempt
-        os.symlink(os.path.join(self.directory, "elsewhere"), lock)
-        self.refused(store.issue(_record(TOKEN), TOKEN), lock)
-        self.assertEqual(os.listdir(tokens), [LOCK_FILE_NAME])
-
-    def test_reading_follows_links(self) -> None:
-        """The proxy only reads: a token file that is a link (a Kubernetes Secret volume
-        is one) still works."""
-        with open(self.victim, "w") as f:
-            f.write("a: h:1\n")
-        tokens = os.path.join(self.directory, "tokens")
-        os.symlink(self.victim, tokens)
-        record = self.successResultOf(FileTokenStore(tokens, self.clock).lookup("a"))
-        self.assertEqual(record.target, "h:1")
-
-    def test_loose_permissions(self) -> None:
-        """A group- or world-writable token file or directory is named once in the log (and
-        by permission_problems, which ``vncmux token`` prints); a sticky shared directory
-        holding a token file is not a problem."""
-        tokens = os.path.join(self.directory, "tokens")
-        with open(tokens, "w") as f:
-            f.write("a: h:1\n")
-        store = FileTokenStore(tokens, self.clock)
-        self.assertEqual(store.permission_problems(), [])
-        os.chmod(tokens, 0o664)
-        os.chmod(self.directory, 0o777)
-        problems = store.permission_problems()
-        self.assertEqual(len(problems), 2, problems)
-        self.assertIn(f"token file {tokens} is writable by group (mode 0664)", problems[0])
-        self.assertIn(f"{self.directory} is writable by group and others", problems[1])
-        for _ in range(3):
-            self.successResultOf(store.ping())
-            self.clock.advance(5)
-        warned = [m for m in _messages(self.log) if "writable by" in m]
-        self.assertEqual(sorted(warned), sorted(problems))
-        os.chmod(self.directory, 0o1777)
-        self.assertEqual(len(store.permission_problems()), 1)
-        os.chmod(self.directory, 0o755)
-
-
-class _LockProbingStore(FileTokenStore):
-    """Records, while a line is appended or a file rewritten, whether the lock is held."""
-
-    def __init__(self, path: str, clock: Clock, lock_path: str) -> None:
-        super().__init__(path, clock)
-        self.lock_path = lock_path
-        self.held: list[bool] = []
-
-    def _probe(self) -> None:
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            self.held.append(False)
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: must conflict
-        except BlockingIOError:
-            self.held.append(True)
-        else:
-            self.held.append(False)
-        finally:
-            os.close(fd)
-
-    def _append_line(self, path: str, line: str) -> None:  # type: ignore[override]
-        self._probe()
-        super()._append_line(path, line)
-
-    def _remove_lines(self, path: str, token_hash: str) -> bool:
-        self._probe()
-        return super()._remove_lines(path, token_hash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -971,7 +386,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         """A HASH per token hash with the record's fields and a TTL; a SET per instance."""
         store = self.redis_store(self.server, expired_grace=60)
         now = reactor.seconds()
-        record = _record(TOKEN, instance_uuid="i-1", issued_at=now, expires_at=now + 600,
+        record = make_record(TOKEN, instance_uuid="i-1", issued_at=now, expires_at=now + 600,
                          password="vnc-pass")  # fmt: skip
         yield store.issue(record, TOKEN)
         key = token_key(hash_token(TOKEN))
@@ -981,7 +396,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.assertEqual(self.redis.smembers(instance), {hash_token(TOKEN)})
         self.assertTrue(600 < self.redis.ttl(instance) <= 661)
 
-        yield store.issue(_record(OTHER, instance_uuid="i-1"), OTHER)
+        yield store.issue(make_record(OTHER, instance_uuid="i-1"), OTHER)
         self.assertEqual(self.redis.ttl(token_key(hash_token(OTHER))), -1, "no expiry, no TTL")
         self.assertEqual(self.redis.ttl(instance), -1, "the set lives as long as its tokens")
 
@@ -989,7 +404,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
     def test_token_is_never_stored(self) -> Any:
         """Neither key names nor values contain the raw token."""
         store = self.redis_store(self.server)
-        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(make_record(TOKEN, instance_uuid="i-1"), TOKEN)
         yield store.claim_use(hash_token(TOKEN))
         dump = []
         for key in self.redis.keys("*"):
@@ -1008,11 +423,11 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         store.startService()
         self.addCleanup(store.stopService)
         yield store.watch_revocations(lambda message: None)
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         client = server.client(password="hunter2", db=3)
         self.addCleanup(client.close)
         self.assertEqual(client.hget(token_key(hash_token(TOKEN)), "port"), "5900")
-        self.assertNotIn("hunter2", "\n".join(_messages(self.log)))
+        self.assertNotIn("hunter2", "\n".join(log_messages(self.log)))
 
     @inlineCallbacks
     def test_websockify_format(self) -> Any:
@@ -1029,7 +444,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.assertEqual((nova.target, nova.instance_uuid), ("10.0.0.3:5902", "u-1"))
         self.assertEqual(nova.token_hash, hash_token("tok-nova"))
         self.assertIsNone((yield store.lookup("tok-missing")))
-        yield self.assertFailure(store.issue(_record(TOKEN), TOKEN), UnsupportedOperation)
+        yield self.assertFailure(store.issue(make_record(TOKEN), TOKEN), UnsupportedOperation)
         yield self.assertFailure(store.revoke(hash_token(TOKEN)), UnsupportedOperation)
         self.assertIs((yield store.claim_use(hash_token("tok-plain"))), True)
         self.assertIs((yield store.claim_use(hash_token("tok-plain"))), False)
@@ -1062,7 +477,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         tokens = ["tok-garbage", "tok-json", "tok-bytes", "tok-hash", "tok-set"]
         for token in tokens:
             self.assertIsNone((yield websockify.lookup(token)), token)
-        messages = _messages(self.log)
+        messages = log_messages(self.log)
         for token in tokens:
             self.assertTrue([m for m in messages if hash_token(token)[:12] in m], token)
         self.assertFalse([m for m in messages if canary in m or "tok-" in m], messages)
@@ -1079,7 +494,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
         self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
         yield self.assertFailure(native.lookup(OTHER), TokenStoreUnavailable)
-        messages = _messages(self.log)
+        messages = log_messages(self.log)
         self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
         for secret in (canary, TOKEN, OTHER):
             self.assertFalse([m for m in messages if secret in m])
@@ -1092,8 +507,8 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.addCleanup(pubsub.close)
         pubsub.subscribe(REVOKE_CHANNEL)
         self.assertEqual(pubsub.get_message(timeout=5)["type"], "subscribe")
-        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
-        yield store.issue(_record(OTHER, instance_uuid="i-2"), OTHER)
+        yield store.issue(make_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(make_record(OTHER, instance_uuid="i-2"), OTHER)
 
         self.assertIs((yield store.revoke(hash_token(TOKEN))), True)
         self.assertEqual(pubsub.get_message(timeout=5)["data"], hash_token(TOKEN))
@@ -1108,8 +523,8 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         """One round trip for many tokens; only forward; deleted keys are not re-created."""
         store = self.redis_store(self.server)
         live, revoked, never = hash_token(TOKEN), hash_token(OTHER), hash_token("never")
-        yield store.issue(_record(TOKEN), TOKEN)
-        yield store.issue(_record(OTHER), OTHER)
+        yield store.issue(make_record(TOKEN), TOKEN)
+        yield store.issue(make_record(OTHER), OTHER)
         yield store.revoke(revoked)
         yield store.ping()
 
@@ -1144,7 +559,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         """The subscriber hears revocations, and again after Redis restarts on the same port;
         the re-check callback runs once, when the pool can read records again."""
         store = self.redis_store(self.server, resubscribe_policy=lambda attempt: 0.05)
-        inbox, reconnects = _Inbox(), []
+        inbox, reconnects = Inbox(), []
         rechecked: Deferred[None] = Deferred()
 
         def on_reconnect() -> None:
@@ -1178,8 +593,8 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
             failure = yield self.assertFailure(store.lookup(TOKEN), TokenStoreUnavailable)
             self.assertLess(reactor.seconds() - started, 0.5 + 0.5, str(failure))
         yield self.assertFailure(store.ping(), TokenStoreUnavailable)
-        yield self.assertFailure(store.issue(_record(TOKEN), TOKEN), TokenStoreUnavailable)
-        messages = _messages(self.log)
+        yield self.assertFailure(store.issue(make_record(TOKEN), TOKEN), TokenStoreUnavailable)
+        messages = log_messages(self.log)
         self.assertTrue([m for m in messages if hash_token(TOKEN)[:12] in m])
         self.assertFalse([m for m in messages if TOKEN in m])
 
@@ -1192,9 +607,9 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         """
         store = self.redis_store(self.server, expired_grace=0)
         instance = INSTANCE_KEY_PREFIX + "i-1"
-        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(make_record(TOKEN, instance_uuid="i-1"), TOKEN)
         expires_at = reactor.seconds() + 600
-        yield store.issue(_record(OTHER, instance_uuid="i-1", expires_at=expires_at), OTHER)
+        yield store.issue(make_record(OTHER, instance_uuid="i-1", expires_at=expires_at), OTHER)
         self.assertEqual(self.redis.ttl(instance), -1)
         yield store.revoke(hash_token(TOKEN))
         self.assertTrue(590 < self.redis.ttl(instance) <= 600, self.redis.ttl(instance))
@@ -1211,12 +626,12 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         instance = INSTANCE_KEY_PREFIX + "i-1"
         tokens = [f"token-{n:03d}" for n in range(INSTANCE_PRUNE_THRESHOLD)]
         for token in tokens[:-1]:
-            yield store.issue(_record(token, instance_uuid="i-1"), token)
+            yield store.issue(make_record(token, instance_uuid="i-1"), token)
         # Their keys expire; Redis does not take the hashes out of the SET.
         self.redis.delete(*[token_key(hash_token(t)) for t in tokens[:-2]])
-        yield store.issue(_record(tokens[-1], instance_uuid="i-1"), tokens[-1])
+        yield store.issue(make_record(tokens[-1], instance_uuid="i-1"), tokens[-1])
         self.assertEqual(self.redis.scard(instance), INSTANCE_PRUNE_THRESHOLD, "not swept yet")
-        yield store.issue(_record(TOKEN, instance_uuid="i-1"), TOKEN)
+        yield store.issue(make_record(TOKEN, instance_uuid="i-1"), TOKEN)
         self.assertEqual(
             self.redis.smembers(instance), {hash_token(t) for t in (tokens[-2], tokens[-1], TOKEN)}
         )
@@ -1253,7 +668,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         yield store.ping()
         self.server.pause()
         looking = store.lookup(TOKEN)
-        issuing = store.issue(_record(OTHER), OTHER)
+        issuing = store.issue(make_record(OTHER), OTHER)
         yield store.stopService()
         for pending in (looking, issuing):
             failure = yield self.assertFailure(pending, TokenStoreUnavailable)
@@ -1267,7 +682,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         works, without a restart.
         """
         store = self.redis_store(self.server, query="reply_timeout=2")
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         self.server.pause()
         for _ in range(2):  # the first aborts its connection; the second waits on another
             started = reactor.seconds()
@@ -1289,7 +704,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
             resubscribe_policy=lambda attempt: 0.1,
             keepalive_interval=0.2,
         )
-        inbox, reconnects = _Inbox(), []
+        inbox, reconnects = Inbox(), []
         yield store.watch_revocations(inbox.put, lambda: reconnects.append(True))
         lost = store.next_subscription_loss()
         self.server.pause()
@@ -1302,7 +717,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         heard = inbox.next()
         self.redis.publish(REVOKE_CHANNEL, "instance:i-3")
         self.assertEqual((yield heard), "instance:i-3")
-        self.assertTrue([m for m in _messages(self.log) if "no answer to PING" in m])
+        self.assertTrue([m for m in log_messages(self.log) if "no answer to PING" in m])
 
     @inlineCallbacks
     def test_wrong_password(self) -> Any:
@@ -1343,7 +758,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         yield gatherResults(backed_off)
         self.assertEqual(subscriber_attempts[:3], [1, 2, 3])
         self.assertEqual(sorted(pool_attempts)[:4], [1, 1, 2, 2])  # two pool connections
-        refused = [m for m in _messages(self.log) if "refused the credentials" in m]
+        refused = [m for m in log_messages(self.log) if "refused the credentials" in m]
         self.assertEqual(len(refused), 3, refused)  # pool, subscriber, the failed lookup
 
         client = server.client(password="right-password")
@@ -1351,7 +766,7 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         client.config_set("requirepass", "wrong-password")
         yield subscribed
         self.assertIsNone((yield store.lookup(TOKEN)))
-        self.assertFalse([m for m in _messages(self.log) if "wrong-password" in m])
+        self.assertFalse([m for m in log_messages(self.log) if "wrong-password" in m])
 
         yield store.stopService()
         gc.collect()  # an errback nobody handled is reported when its Deferred is collected
@@ -1410,9 +825,9 @@ class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
         """rediss:// with the server's CA works for the pool and for the subscriber."""
         server, files = self.start_tls_server()
         store = self.store(f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={files['ca']}")
-        inbox = _Inbox()
+        inbox = Inbox()
         yield store.watch_revocations(inbox.put)
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         self.assertEqual((yield store.lookup(TOKEN)).target, "10.0.0.5:5900")
         heard = inbox.next()
         yield store.revoke(hash_token(TOKEN))
@@ -1427,7 +842,7 @@ class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
         without = self.store(base + "&reply_timeout=0.5")
         yield self.assertFailure(without.ping(), TokenStoreUnavailable)
         store = self.store(base + f"&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}")
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         self.assertEqual((yield store.lookup(TOKEN)).target, "10.0.0.5:5900")
 
     def test_client_certificate_errors(self) -> None:
@@ -1467,9 +882,9 @@ class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
             ready_marker=b"+monitor master",
         )
         store = self.store(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/2")
-        inbox = _Inbox()
+        inbox = Inbox()
         yield store.watch_revocations(inbox.put)
-        yield store.issue(_record(TOKEN), TOKEN)
+        yield store.issue(make_record(TOKEN), TOKEN)
         client = master.client(db=2)
         self.addCleanup(client.close)
         self.assertEqual(client.hget(token_key(hash_token(TOKEN)), "host"), "10.0.0.5")

@@ -48,9 +48,9 @@ from vncmux.tokens import (
     TokenRecord,
     TokenStoreUnavailable,
     UnsupportedOperation,
-    _number_text,
     format_target,
     hash_token,
+    number_text,
     parse_target,
     parse_token_value,
     token_id_of,
@@ -984,7 +984,7 @@ class RedisTokenStore(Service):
         for start in range(0, len(items), _ACTIVITY_BATCH):
             batch = items[start : start + _ACTIVITY_BATCH]
             keys = [token_key(h) for h, _ in batch]
-            args = [_number_text(seconds) for _, seconds in batch]
+            args = [number_text(seconds) for _, seconds in batch]
 
             def evaluate(pool: Any, keys: list[str] = keys, args: list[str] = args) -> Any:
                 return pool.eval(_RECORD_ACTIVITY, keys, args)
@@ -1000,7 +1000,7 @@ class RedisTokenStore(Service):
 
     def claim_use(self, token_hash: str) -> Deferred[bool]:
         """C{True} for the first claim of an existing token, C{False} after (or when gone)."""
-        now = _number_text(self._clock.seconds())
+        now = number_text(self._clock.seconds())
         if self.config.websockify_format:
             return self._run(
                 "claim_use",
