@@ -13,9 +13,8 @@ import functools
 import math
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -51,26 +50,32 @@ from vncmux.tokens import (
     format_target,
     hash_token,
     number_text,
-    parse_target,
     parse_token_value,
     token_id_of,
 )
-
-TOKEN_KEY_PREFIX = "vncmux:token:"
-INSTANCE_KEY_PREFIX = "vncmux:instance:"
-REVOKE_CHANNEL = "vncmux:revoke"
-#: websockify format only: single-use claims, since the token's own key is not ours.
-USED_KEY_PREFIX = "vncmux:used:"
-#: websockify format: keys are ``<namespace>:<token>`` (websockify's TokenRedis namespace).
-#: A prefix is required, so a client's token can only name keys written as tokens, never
-#: any other key of the database.
-DEFAULT_WEBSOCKIFY_NAMESPACE = "websockify"
-
-#: Both stay well below autobahn's default openHandshakeTimeout (5 s), which bounds the lookup.
-DEFAULT_CONNECT_TIMEOUT = 2.0
-DEFAULT_REPLY_TIMEOUT = 2.0
-DEFAULT_REDIS_PORT = 6379
-DEFAULT_SENTINEL_PORT = 26379
+from vncmux.tokens.redis.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REPLY_TIMEOUT,
+    SCHEMES,
+    SENTINEL_TLS_SCHEMES,
+    RedisConfig,
+    describe_connection_error,
+    tls_options,
+)
+from vncmux.tokens.redis.scripts import (
+    CLAIM_USE_SCRIPT,
+    INSTANCE_KEY_PREFIX,
+    INSTANCE_PRUNE_THRESHOLD,
+    ISSUE_SCRIPT,
+    RECORD_ACTIVITY_SCRIPT,
+    REVOKE_CHANNEL,
+    REVOKE_INSTANCE_SCRIPT,
+    REVOKE_SCRIPT,
+    TOKEN_KEY_PREFIX,
+    USED_KEY_PREFIX,
+    instance_key,
+    token_key,
+)
 
 # txredisapi aborts a connection whose reply is late, but only while its own timer runs;
 # our deadline cancels the command (and that timer) at reply_timeout. Its timer is set a
@@ -83,379 +88,9 @@ _USED_TTL = 86400
 #: While subscribed, the revocation connection is PINGed this often (seconds): without
 #: traffic a dropped connection (NAT or firewall timeout, dead host) looks open forever.
 DEFAULT_KEEPALIVE_INTERVAL = 5.0
-#: Issuing a token sweeps its instance SET of members whose token key is gone (expired) only
-#: once the SET has this many members: most issues stay O(1), and a SET of an instance whose
-#: tokens are never revoked, only left to expire, still cannot grow without bound.
-INSTANCE_PRUNE_THRESHOLD = 64
 # TCP keepalive on every Redis socket (seconds, probes): a dead peer is noticed by the
 # kernel within about a minute even on a connection with nothing in flight.
 _TCP_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
-
-SCHEMES = ("redis", "rediss", "redis+sentinel")
-#: Spellings of Sentinel with TLS, refused with a reason: txredisapi's Sentinel client
-#: connects to the master without TLS.
-SENTINEL_TLS_SCHEMES = ("rediss+sentinel", "redis+sentinels")
-
-# Scripts: one round trip each, atomic, and never re-create a key that is gone.
-_COMPAT = "if redis.replicate_commands then redis.replicate_commands() end\n"
-
-_ISSUE = (
-    _COMPAT
-    + """
--- KEYS[1] token key, KEYS[2] instance set (optional)
--- ARGV[1] ttl (0: none), ARGV[2] token hash, ARGV[3] token key prefix,
--- ARGV[4] INSTANCE_PRUNE_THRESHOLD, ARGV[5..] fields
-redis.call('DEL', KEYS[1])
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-if KEYS[2] then
-  if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[4]) then
-    for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-      if redis.call('EXISTS', ARGV[3] .. member) == 0 then
-        redis.call('SREM', KEYS[2], member)
-      end
-    end
-  end
-  local existed = redis.call('EXISTS', KEYS[2])
-  redis.call('SADD', KEYS[2], ARGV[2])
-  if ttl == 0 then
-    redis.call('PERSIST', KEYS[2])
-  else
-    local current = redis.call('TTL', KEYS[2])
-    if existed == 0 or (current >= 0 and current < ttl) then
-      redis.call('EXPIRE', KEYS[2], ttl)
-    end
-  end
-end
-return 1
-"""
-)
-
-_REVOKE = (
-    _COMPAT
-    + """
--- KEYS[1] token key; ARGV[1] token hash, ARGV[2] channel, ARGV[3] instance key prefix,
--- ARGV[4] token key prefix
-local instance = redis.call('HGET', KEYS[1], 'instance_uuid')
-local deleted = redis.call('DEL', KEYS[1])
-if instance and instance ~= '' then
-  local set = ARGV[3] .. instance
-  redis.call('SREM', set, ARGV[1])
-  -- The SET lives as long as its longest-lived token: a revoked token without expiry must
-  -- not leave it PERSISTed forever. -1 once a member has no expiry; gone members leave.
-  local longest = 0
-  for _, member in ipairs(redis.call('SMEMBERS', set)) do
-    local left = redis.call('TTL', ARGV[4] .. member)
-    if left == -2 then
-      redis.call('SREM', set, member)
-    elseif left == -1 then
-      longest = -1
-    elseif longest >= 0 and left > longest then
-      longest = left
-    end
-  end
-  if redis.call('SCARD', set) == 0 then
-    redis.call('DEL', set)
-  elseif longest == -1 then
-    redis.call('PERSIST', set)
-  else
-    redis.call('EXPIRE', set, math.max(longest, 1))
-  end
-end
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return deleted
-"""
-)
-
-_REVOKE_INSTANCE = (
-    _COMPAT
-    + """
--- KEYS[1] instance set; ARGV[1] token key prefix, ARGV[2] channel, ARGV[3] instance uuid
-local deleted = 0
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  deleted = deleted + redis.call('DEL', ARGV[1] .. member)
-end
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], 'instance:' .. ARGV[3])
-return deleted
-"""
-)
-
-_RECORD_ACTIVITY = (
-    _COMPAT
-    + """
--- KEYS: token keys; ARGV: unix seconds, one per key. Keys that are gone stay gone.
-local written = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    local current = tonumber(redis.call('HGET', key, 'last_activity_at') or '') or 0
-    if tonumber(ARGV[i]) > current then
-      redis.call('HSET', key, 'last_activity_at', ARGV[i])
-      written = written + 1
-    end
-  end
-end
-return written
-"""
-)
-
-_CLAIM_USE = (
-    _COMPAT
-    + """
--- KEYS[1] token key; ARGV[1] unix seconds
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return redis.call('HSETNX', KEYS[1], 'used_at', ARGV[1])
-"""
-)
-
-
-def token_key(token_hash: str) -> str:
-    """The HASH key of a token record."""
-    return TOKEN_KEY_PREFIX + token_hash
-
-
-def instance_key(instance_uuid: str) -> str:
-    """The SET key of an instance's token hashes."""
-    return INSTANCE_KEY_PREFIX + instance_uuid
-
-
-@dataclass(frozen=True, slots=True)
-class RedisConfig:
-    """
-    Where the tokens live, parsed from a ``--tokens`` URL: ``redis://[[user]:password@]host
-    [:port][/db]``, ``rediss://…`` (TLS) or ``redis+sentinel://[[user]:password@]h1:p1,h2:p2
-    /master[/db]``. Query options: ``format=websockify``, ``connect_timeout``,
-    ``reply_timeout`` (seconds), ``namespace`` (format=websockify: keys are
-    ``NAMESPACE:TOKEN``, default ``websockify``), ``ssl_ca_certs`` (rediss: PEM file of trusted
-    CAs), ``ssl_certfile`` and ``ssl_keyfile`` (rediss: client certificate and its key, for a
-    server with ``tls-auth-clients yes``; the key may be in the certificate file) and
-    ``sentinel_password`` (redis+sentinel). Passwords never appear in C{repr} or logs.
-    """
-
-    hosts: tuple[tuple[str, int], ...]
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    sentinel_master: str | None = None
-    sentinel_password: str | None = field(default=None, repr=False)
-    websockify_format: bool = False
-    namespace: str = DEFAULT_WEBSOCKIFY_NAMESPACE
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    reply_timeout: float = DEFAULT_REPLY_TIMEOUT
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        connect_timeout: float | None = None,
-        reply_timeout: float | None = None,
-    ) -> RedisConfig:
-        """Parse a token store URL; C{ValueError} (never quoting a password) when it is wrong."""
-        scheme, sep, rest = url.partition("://")
-        scheme = scheme.lower()
-        if not sep or scheme not in SCHEMES:
-            if scheme in SENTINEL_TLS_SCHEMES:
-                raise ValueError(
-                    "Sentinel with TLS is not supported: txredisapi's Sentinel client connects"
-                    " to the master without TLS"
-                )
-            raise ValueError(f"a Redis token store URL starts with {', '.join(SCHEMES)}")
-        rest, _, fragment = rest.partition("#")
-        if fragment:
-            raise ValueError("a Redis URL has no #fragment")
-        rest, _, query = rest.partition("?")
-        netloc, _, path = rest.partition("/")
-        userinfo, at, hostlist = netloc.rpartition("@")
-        username = password = None
-        if at:
-            user, colon, secret = userinfo.partition(":")
-            if not colon:
-                raise ValueError(
-                    "the Redis URL has credentials without a ':'; write redis://:PASSWORD@host"
-                    " or redis://USER:PASSWORD@host"
-                )
-            username = unquote(user) or None
-            password = unquote(secret)
-        sentinel = scheme == "redis+sentinel"
-        default_port = DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_REDIS_PORT
-        parts = hostlist.split(",") if sentinel else [hostlist]
-        hosts = tuple(_parse_host(h, default_port) for h in parts)
-        master = None
-        db_text = path
-        if sentinel:
-            master, _, db_text = path.partition("/")
-            if not master:
-                raise ValueError(
-                    "a redis+sentinel URL names the master: redis+sentinel://h1:p1,h2:p2/master"
-                )
-        db_text = db_text.rstrip("/")
-        if db_text and not db_text.isdigit():
-            raise ValueError(f"Redis database {db_text!r} is not a number")
-        db = int(db_text or 0)
-
-        values: dict[str, str | None] = dict(
-            format="vncmux",
-            ssl_ca_certs=None,
-            ssl_certfile=None,
-            ssl_keyfile=None,
-            sentinel_password=None,
-            namespace=None,
-        )
-        allowed = {"format", "connect_timeout", "reply_timeout", "namespace"}
-        allowed |= {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"} if scheme == "rediss" else set()
-        allowed |= {"sentinel_password"} if sentinel else set()
-        try:
-            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-        except ValueError:
-            raise ValueError("the Redis URL query is not name=value&…") from None
-        for name, value in pairs:
-            if name not in allowed:
-                raise ValueError(
-                    f"unknown Redis URL option {name!r} (known: {', '.join(sorted(allowed))})"
-                )
-            values[name] = value
-        if values["format"] not in ("vncmux", "websockify"):
-            raise ValueError("format must be 'vncmux' or 'websockify'")
-        namespace = values["namespace"]
-        if namespace is not None and values["format"] != "websockify":
-            raise ValueError("namespace is an option of format=websockify")
-        namespace = _namespace(DEFAULT_WEBSOCKIFY_NAMESPACE if namespace is None else namespace)
-        if values["ssl_keyfile"] and not values["ssl_certfile"]:
-            raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
-        return cls(
-            hosts=hosts,
-            db=db,
-            username=username,
-            password=password,
-            tls=scheme == "rediss",
-            ca_certs=values["ssl_ca_certs"],
-            certfile=values["ssl_certfile"],
-            keyfile=values["ssl_keyfile"],
-            sentinel_master=unquote(master) if master else None,
-            sentinel_password=values["sentinel_password"],
-            websockify_format=values["format"] == "websockify",
-            namespace=namespace,
-            connect_timeout=_seconds(
-                "connect_timeout",
-                values.get("connect_timeout", connect_timeout),
-                DEFAULT_CONNECT_TIMEOUT,
-            ),
-            reply_timeout=_seconds(
-                "reply_timeout", values.get("reply_timeout", reply_timeout), DEFAULT_REPLY_TIMEOUT
-            ),
-        )
-
-    def redacted_url(self) -> str:
-        """The URL for logs and errors: the password is shown as ``***``."""
-        scheme = "redis+sentinel" if self.sentinel_master else "rediss" if self.tls else "redis"
-        auth = ""
-        if self.password is not None:
-            auth = f"{quote(self.username or '', safe='')}:***@"
-        hosts = ",".join(format_target(h, p) for h, p in self.hosts)
-        path = f"/{quote(self.sentinel_master, safe='')}" if self.sentinel_master else ""
-        path += f"/{self.db}"
-        query = ""
-        if self.websockify_format:
-            query = f"?format=websockify&namespace={quote(self.namespace, safe='')}"
-        return f"{scheme}://{auth}{hosts}{path}{query}"
-
-    def websockify_key(self, token: str) -> str:
-        """The key websockify's TokenRedis reads for C{token}: ``NAMESPACE:TOKEN``."""
-        return f"{self.namespace}:{token}"
-
-
-def _namespace(text: str) -> str:
-    """A websockify key namespace: required, and apart from vncmux's own keys."""
-    namespace = text.strip().rstrip(":")
-    if not namespace:
-        raise ValueError("namespace must not be empty: without a prefix a token could name any key")
-    if namespace == "vncmux" or namespace.startswith("vncmux:"):
-        raise ValueError("namespace must not be vncmux's own key prefix 'vncmux:'")
-    return namespace
-
-
-def _parse_host(text: str, default_port: int) -> tuple[str, int]:
-    text = unquote(text.strip())
-    if not text:
-        raise ValueError("the Redis URL has no host")
-    try:
-        if text.startswith("[") and text.endswith("]"):
-            return parse_target(f"{text}:{default_port}")
-        if text.count(":") == 1 or text.startswith("["):
-            return parse_target(text)
-        if ":" in text:
-            raise ValueError("put an IPv6 Redis address in brackets: redis://[::1]:6379")
-        return parse_target(f"{text}:{default_port}")
-    except BadTarget:
-        # Not quoted: a URL typo can put the password where the host should be.
-        raise ValueError(
-            "bad Redis host or port in the URL: write host:port or [v6addr]:port"
-        ) from None
-
-
-def _seconds(name: str, value: object, default: float) -> float:
-    """A timeout option: C{default} when not given, else 0 < seconds < 3600."""
-    if value is None:
-        return default
-    try:
-        seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {value!r} is not a number of seconds") from None
-    if not 0 < seconds < 3600:
-        raise ValueError(f"{name} must be a positive number of seconds")
-    return seconds
-
-
-def _tls_options(config: RedisConfig) -> Any:
-    """Verified TLS for ``rediss://``: platform trust, or the CAs in C{ssl_ca_certs}; with
-    C{ssl_certfile} (and C{ssl_keyfile}) a client certificate."""
-    from twisted.internet.ssl import (
-        Certificate,
-        PrivateCertificate,
-        optionsForClientTLS,
-        trustRootFromCertificates,
-    )
-
-    trust = None
-    if config.ca_certs:
-        try:
-            with open(config.ca_certs, encoding="ascii") as f:
-                pem = f.read()
-        except OSError as e:
-            raise ValueError(f"ssl_ca_certs {config.ca_certs}: {e.strerror}") from None
-        end = "-----END CERTIFICATE-----"
-        blocks = [block + end for block in pem.split(end) if "-----BEGIN CERTIFICATE" in block]
-        if not blocks:
-            raise ValueError(f"ssl_ca_certs {config.ca_certs} holds no PEM certificate")
-        trust = trustRootFromCertificates(
-            [Certificate.loadPEM(block.encode("ascii")) for block in blocks]
-        )
-    client = None
-    if config.certfile:
-        client_pem = b""
-        for name, path in (("ssl_certfile", config.certfile), ("ssl_keyfile", config.keyfile)):
-            if path:
-                try:
-                    with open(path, "rb") as f:
-                        client_pem += f.read() + b"\n"
-                except OSError as e:
-                    raise ValueError(f"{name} {path}: {e.strerror}") from None
-        try:
-            client = PrivateCertificate.loadPEM(client_pem)
-        except Exception:  # pyOpenSSL raises its own errors; never quote a key
-            raise ValueError(
-                f"ssl_certfile {config.certfile} (with ssl_keyfile) holds no PEM certificate"
-                " and matching unencrypted private key"
-            ) from None
-    return optionsForClientTLS(config.hosts[0][0], trustRoot=trust, clientCertificate=client)
 
 
 def _keep_alive(transport: object) -> None:
@@ -791,7 +426,7 @@ class RedisTokenStore(Service):
         # Seconds before the pool's n-th consecutive reconnection attempt; None: txredisapi's
         # (1 s, times e, at most 10 s, jittered).
         self._reconnect_policy = reconnect_policy
-        self._tls = _tls_options(config) if config.tls else None
+        self._tls = tls_options(config) if config.tls else None
         self._pool: Any = None
         self._sentinel: Any = None
         self._subscriber: ClientService | None = None
@@ -945,7 +580,10 @@ class RedisTokenStore(Service):
         for name, value in record.to_fields().items():
             args += [name, value]
         return self._run(
-            "issue", _about(token_hash), lambda pool: pool.eval(_ISSUE, keys, args), lambda _: None
+            "issue",
+            _about(token_hash),
+            lambda pool: pool.eval(ISSUE_SCRIPT, keys, args),
+            lambda _: None,
         )
 
     def revoke(self, token_hash: str) -> Deferred[bool]:
@@ -955,7 +593,7 @@ class RedisTokenStore(Service):
         return self._run(
             "revoke",
             _about(token_hash),
-            lambda pool: pool.eval(_REVOKE, [token_key(token_hash)], args),
+            lambda pool: pool.eval(REVOKE_SCRIPT, [token_key(token_hash)], args),
             lambda deleted: _integer(deleted) > 0,
         )
 
@@ -966,7 +604,7 @@ class RedisTokenStore(Service):
         return self._run(
             "revoke_instance",
             f"instance {instance_uuid}",
-            lambda pool: pool.eval(_REVOKE_INSTANCE, [instance_key(instance_uuid)], args),
+            lambda pool: pool.eval(REVOKE_INSTANCE_SCRIPT, [instance_key(instance_uuid)], args),
             _integer,
         )
 
@@ -987,7 +625,7 @@ class RedisTokenStore(Service):
             args = [number_text(seconds) for _, seconds in batch]
 
             def evaluate(pool: Any, keys: list[str] = keys, args: list[str] = args) -> Any:
-                return pool.eval(_RECORD_ACTIVITY, keys, args)
+                return pool.eval(RECORD_ACTIVITY_SCRIPT, keys, args)
 
             batches.append(
                 self._run("record_activity", f"{len(batch)} tokens", evaluate, lambda _: None)
@@ -1013,7 +651,7 @@ class RedisTokenStore(Service):
         return self._run(
             "claim_use",
             _about(token_hash),
-            lambda pool: pool.eval(_CLAIM_USE, [token_key(token_hash)], [now]),
+            lambda pool: pool.eval(CLAIM_USE_SCRIPT, [token_key(token_hash)], [now]),
             lambda claimed: _integer(claimed) == 1,
         )
 
@@ -1201,20 +839,8 @@ class RedisTokenStore(Service):
             )
         return self._redis_endpoint(*config.hosts[0])
 
-    def _describe_connection_error(self, why: str) -> str:
-        """txredisapi's text, naming a refused password as such, and never any password."""
-        text = why.removeprefix("Redis error: ")
-        refused = "could not auth: "
-        if text.startswith(refused):
-            reply = text.removeprefix(refused).rstrip(".")
-            text = f"Redis refused the credentials (AUTH failed: {reply})"
-        for secret in (self.config.password, self.config.sentinel_password):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
-
     def _pool_problem(self, why: str) -> None:
-        text = self._describe_connection_error(why)
+        text = describe_connection_error(self.config, why)
         if text != self._connection_problem:
             self._log.warn("token store: {why}; retrying with backoff", why=text)
         self._connection_problem = text
@@ -1283,7 +909,7 @@ class RedisTokenStore(Service):
 
     def _subscriber_problem(self, why: str) -> None:
         """Logged once until the subscription works again, not at every retry."""
-        text = self._describe_connection_error(why)
+        text = describe_connection_error(self.config, why)
         if text != self._subscriber_trouble:
             self._log.warn("revocations: {why}", why=text)
         self._subscriber_trouble = text

@@ -17,13 +17,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.tokens.support import (
-    OTHER,
-    TOKEN,
-    log_messages,
-    make_record,
-    unprivileged,
-)
+from tests.tokens.support import OTHER, TOKEN, log_messages, make_record, unprivileged
 from vncmux.tokens import (
     ISSUED_FILE_NAME,
     LOCK_FILE_NAME,

@@ -10,18 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.tokens.support import (
-    TOKEN,
-    make_record,
-    record_objects,
-)
-from vncmux.tokens import (
-    BadTarget,
-    TokenRecord,
-    hash_token,
-    parse_target,
-    parse_token_value,
-)
+from tests.tokens.support import TOKEN, make_record, record_objects
+from vncmux.tokens import BadTarget, TokenRecord, hash_token, parse_target, parse_token_value
 
 
 class TokenRecordTests(SynchronousTestCase):

@@ -8,16 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.tokens.support import (
-    hosts,
-    ports,
-)
-from vncmux.tokens import (
-    BadTarget,
-    check_target,
-    format_target,
-    parse_target,
-)
+from tests.tokens.support import hosts, ports
+from vncmux.tokens import BadTarget, check_target, format_target, parse_target
 
 
 class ParseTargetTests(SynchronousTestCase):
