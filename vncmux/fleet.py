@@ -36,11 +36,16 @@ from zope.interface import implementer
 from vncmux.admin import session_json
 from vncmux.interfaces import ISessionDirectory, ISessionObserver, ISharedLimits
 from vncmux.options import BY_NAME
-from vncmux.redisstore import REVOKE_CHANNEL, RedisTokenStore
 from vncmux.refusals import STORE_UNAVAILABLE, TOKEN_REVOKED, TOO_MANY_SESSIONS, Refused
 from vncmux.relay import Session
 from vncmux.supervisor import INSTANCE_PREFIX, Supervisor
-from vncmux.tokens import TokenRecord, TokenStoreUnavailable, token_id_of
+from vncmux.tokens import (
+    REVOKE_CHANNEL,
+    RedisTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    token_id_of,
+)
 from vncmux.tokens.redis.scripts import REPLICATE_COMMANDS
 
 #: The SET of instance ids; it lives as long as the longest TTL any instance gave it.

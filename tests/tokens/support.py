@@ -14,8 +14,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent
 
 from tests.redis_server import RedisServer, start_redis
-from vncmux.redisstore import RedisConfig, RedisTokenStore
-from vncmux.tokens import TokenRecord, hash_token
+from vncmux.tokens import RedisConfig, RedisTokenStore, TokenRecord, hash_token
 
 TOKEN = "s3cr3t-T0ken_abcdefghijklmnopqrstuvwxyz012345"
 OTHER = "another-secret-token-9876543210zyxwvutsrqponm"

@@ -10,9 +10,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tokens.support import TOKEN
-from vncmux.redisstore import RedisTokenStore, open_token_store
-from vncmux.tokens import FileTokenStore, TokenStoreUnavailable
-from vncmux.tokens.redis.config import RedisConfig
+from vncmux.tokens import (
+    FileTokenStore,
+    RedisConfig,
+    RedisTokenStore,
+    TokenStoreUnavailable,
+    open_token_store,
+)
 
 
 class RedisConfigTests(SynchronousTestCase):

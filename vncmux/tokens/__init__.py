@@ -1,6 +1,8 @@
 """
-Token storage, split by concern: records and hashing (L{record}), targets (L{targets}) and
-the stores (L{memory}, L{file}). The names other modules use are exported here.
+Token storage, split by concern: records and hashing (L{record}), targets (L{targets}), the
+stores (L{memory}, L{file}, L{redis}, and nova's in L{vncmux.novadb}) and
+L{open_token_store}, which picks one for ``--tokens``. The names other modules use are
+exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from vncmux.tokens.file import (
     loose_permissions,
 )
 from vncmux.tokens.memory import MemoryTokenStore
+from vncmux.tokens.open import NOVA_SOURCE_PREFIX, open_token_store
 from vncmux.tokens.record import (
     TOKEN_ID_LENGTH,
     TokenRecord,
@@ -21,6 +24,19 @@ from vncmux.tokens.record import (
     parse_token_value,
     token_id_of,
 )
+from vncmux.tokens.redis.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REPLY_TIMEOUT,
+    RedisConfig,
+)
+from vncmux.tokens.redis.scripts import (
+    INSTANCE_KEY_PREFIX,
+    REVOKE_CHANNEL,
+    TOKEN_KEY_PREFIX,
+    instance_key,
+    token_key,
+)
+from vncmux.tokens.redis.store import RedisTokenStore
 from vncmux.tokens.targets import (
     BadTarget,
     check_instance,
@@ -31,12 +47,20 @@ from vncmux.tokens.targets import (
 )
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_REPLY_TIMEOUT",
+    "INSTANCE_KEY_PREFIX",
     "ISSUED_FILE_NAME",
     "LOCK_FILE_NAME",
+    "NOVA_SOURCE_PREFIX",
+    "REVOKE_CHANNEL",
     "TOKEN_ID_LENGTH",
+    "TOKEN_KEY_PREFIX",
     "BadTarget",
     "FileTokenStore",
     "MemoryTokenStore",
+    "RedisConfig",
+    "RedisTokenStore",
     "TokenRecord",
     "TokenStoreUnavailable",
     "UnsupportedOperation",
@@ -44,10 +68,13 @@ __all__ = [
     "check_target",
     "format_target",
     "hash_token",
+    "instance_key",
     "loose_permissions",
     "number_text",
     "parse_port",
     "parse_target",
+    "open_token_store",
     "parse_token_value",
     "token_id_of",
+    "token_key",
 ]

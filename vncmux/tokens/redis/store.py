@@ -1,29 +1,26 @@
 """
-The Redis token store (docs/running.md, "The Redis layout"), and L{open_token_store} for
-``--tokens``.
+The Redis token store (docs/running.md, "The Redis layout"): every call bounded by
+C{reply_timeout} on the injected clock, whatever txredisapi does, and every failure turned
+into L{TokenStoreUnavailable} with one log line.
 
 txredisapi imports and uses the global reactor; it is imported lazily and stays inside
-L{RedisTokenStore}, so importing this module installs no reactor. Every call is bounded by
-C{reply_timeout} on the injected clock, whatever txredisapi does.
+L{RedisTokenStore}, so importing this module installs no reactor.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,33 +32,23 @@ from vncmux.interfaces import (
     ITokenAdmin,
     ITokenStore,
 )
-from vncmux.novadb import (
-    DEFAULT_RECHECK_INTERVAL,
-    SOURCE_PREFIX,
-    NovaDatabase,
-    NovaTokenStore,
-)
-from vncmux.tokens import (
-    BadTarget,
-    FileTokenStore,
+from vncmux.tokens.errors import TokenStoreUnavailable, UnsupportedOperation
+from vncmux.tokens.record import (
     TokenRecord,
-    TokenStoreUnavailable,
-    UnsupportedOperation,
-    format_target,
     hash_token,
     number_text,
     parse_token_value,
     token_id_of,
 )
-from vncmux.tokens.redis.config import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_REPLY_TIMEOUT,
-    SCHEMES,
-    SENTINEL_TLS_SCHEMES,
-    RedisConfig,
-    describe_connection_error,
-    tls_options,
+from vncmux.tokens.redis.client import (
+    FOREIGN_TYPE,
+    RedisNotConnected,
+    SentinelMasterEndpoint,
+    foreign_type,
+    pool_factories,
+    sentinel_class,
 )
+from vncmux.tokens.redis.config import RedisConfig, describe_connection_error, tls_options
 from vncmux.tokens.redis.scripts import (
     CLAIM_USE_SCRIPT,
     INSTANCE_KEY_PREFIX,
@@ -76,6 +63,8 @@ from vncmux.tokens.redis.scripts import (
     instance_key,
     token_key,
 )
+from vncmux.tokens.redis.subscription import RevocationSubscription, SubscriptionState
+from vncmux.tokens.targets import BadTarget, format_target
 
 # txredisapi aborts a connection whose reply is late, but only while its own timer runs;
 # our deadline cancels the command (and that timer) at reply_timeout. Its timer is set a
@@ -88,291 +77,6 @@ _USED_TTL = 86400
 #: While subscribed, the revocation connection is PINGed this often (seconds): without
 #: traffic a dropped connection (NAT or firewall timeout, dead host) looks open forever.
 DEFAULT_KEEPALIVE_INTERVAL = 5.0
-# TCP keepalive on every Redis socket (seconds, probes): a dead peer is noticed by the
-# kernel within about a minute even on a connection with nothing in flight.
-_TCP_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
-
-
-def _keep_alive(transport: object) -> None:
-    """
-    TCP keepalive on a Redis connection (best effort: a transport without a socket, or a
-    platform without the options, is left as it is).
-    """
-    set_keepalive = getattr(transport, "setTcpKeepAlive", None)
-    get_handle = getattr(transport, "getHandle", None)
-    if set_keepalive is None or get_handle is None:
-        return
-    try:
-        set_keepalive(1)
-        handle = get_handle()
-        for option, value in _TCP_KEEPALIVE:
-            if hasattr(socket, option):
-                handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-    except (OSError, AttributeError):
-        pass
-
-
-@functools.cache
-def _subscriber_protocol() -> type:
-    """txredisapi's SubscriberProtocol, subscribing to the revocation channel when ready."""
-    import txredisapi
-
-    class RevocationSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
-        """
-        Subscribes, then PINGs every C{keepalive_interval} on the store's clock: Redis answers
-        PING in subscribe mode, and a SUBSCRIBE or PING without an answer within the reply
-        timeout aborts the connection, so ClientService reconnects and the store calls
-        C{on_reconnect}. Without this a silently dropped connection would look open forever.
-        """
-
-        factory: _SubscriberFactory
-        _keepalive: LoopingCall | None = None
-
-        def connectionMade(self) -> Any:
-            _keep_alive(self.transport)
-            ready = super().connectionMade()  # AUTH first, when a password is set
-            self.whenConnected().addCallback(self._subscribe)
-            return ready
-
-        def _deadline(self, waiting: Deferred[Any]) -> Deferred[Any]:
-            store = self.factory.store
-            return waiting.addTimeout(store.config.reply_timeout, store._clock)
-
-        def _subscribe(self, _: object) -> None:
-            subscribing = self._deadline(self.subscribe(REVOKE_CHANNEL))
-            subscribing.addCallbacks(self._subscribed, self._failed, errbackArgs=("SUBSCRIBE",))
-
-        def _subscribed(self, _: object) -> None:
-            store = self.factory.store
-            self._keepalive = LoopingCall(self._ping)
-            self._keepalive.clock = store._clock
-            self._keepalive.start(store.keepalive_interval, now=False)
-            store._subscribed()
-
-        def _ping(self) -> Deferred[Any]:
-            try:
-                sent = self.execute_command("PING", apply_timeout=False)
-            except Exception:
-                sent = fail()
-            # Returned, so LoopingCall never sends a PING while one is still unanswered.
-            return self._deadline(sent).addErrback(self._failed, "PING")
-
-        def _failed(self, failure: Failure, command: str) -> None:
-            if failure.check(defer.TimeoutError):
-                timeout = self.factory.store.config.reply_timeout
-                why = f"no answer to {command} within {timeout:g} s; reconnecting"
-            elif failure.check(txredisapi.ConnectionError):
-                return  # the connection is already gone; ClientService reconnects
-            else:
-                why = f"{command} failed: {failure.getErrorMessage()}"
-            self.factory.store._subscriber_problem(why)
-            self.transport.abortConnection()
-
-        def messageReceived(self, pattern: object, channel: object, message: object) -> None:
-            self.factory.store._revocation_message(message)
-
-        def connectionLost(self, why: Failure) -> None:
-            if self._keepalive is not None and self._keepalive.running:
-                self._keepalive.stop()
-            try:
-                super().connectionLost(why)
-            finally:
-                self.factory.store._unsubscribed()
-
-    return RevocationSubscriber
-
-
-class _SubscriberFactory(Factory):
-    """Builds the revocation subscriber; ClientService reconnects it."""
-
-    noisy = False
-    # Read by txredisapi only to decide whether to log a failed AUTH itself, at every retry;
-    # the store logs it once instead.
-    isLazy = False
-
-    def __init__(self, store: RedisTokenStore) -> None:
-        self.store = store
-
-    def buildProtocol(self, addr: object) -> Any:
-        config = self.store.config
-        protocol = _subscriber_protocol()(
-            charset="utf-8",
-            replyTimeout=config.reply_timeout,
-            password=config.password,
-            dbid=None,
-            convertNumbers=False,
-            username=config.username,
-        )
-        protocol.factory = self
-        return protocol
-
-    def stopTrying(self) -> None:
-        """txredisapi calls this when AUTH fails: keep retrying, with backoff."""
-
-    def connectionError(self, why: str) -> None:
-        self.store._subscriber_problem(why)
-
-
-@functools.cache
-def _pool_factories() -> tuple[type, type]:
-    """
-    txredisapi's pool factories (plain and Sentinel), changed where its own behaviour hurts a
-    long-running server. When AUTH or SELECT fails, txredisapi stops reconnecting for good
-    (the store would stay down after the password is fixed) and errbacks a Deferred nobody
-    holds ("Unhandled error in Deferred"); these keep reconnecting, each pool slot backing
-    off across connections that never became usable, and tell the store, which names the
-    failure in its errors and logs it once.
-    """
-    import txredisapi
-
-    class AbandonedOnTimeout:
-        """
-        txredisapi fails a command whose reply is late, and only then aborts its connection:
-        a command sent from that failure's callbacks (a retry, the next lookup) would still
-        pick the doomed connection and fail at once. Marking it dead first makes the pool
-        skip it.
-        """
-
-        def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-            result: Deferred[Any] = super().execute_command(*args, **kwargs)  # type: ignore[misc]
-            return result.addErrback(self._timed_out)
-
-        def _timed_out(self, failure: Failure) -> Failure:
-            if failure.check(txredisapi.TimeoutError):
-                self.connected = 0
-            return failure
-
-    class PoolProtocol(AbandonedOnTimeout, txredisapi.RedisProtocol):  # type: ignore[misc]
-        pass
-
-    class SentinelPoolProtocol(AbandonedOnTimeout, txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
-        pass
-
-    class StorePoolFactory:
-        def __init__(self, *args: Any, store: RedisTokenStore, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.store = store
-            self.isLazy = False  # as in _SubscriberFactory: the store logs a failed AUTH
-
-        def stopTrying(self) -> Deferred[None]:
-            """Called by txredisapi when AUTH or SELECT fails: keep trying, with backoff."""
-            return succeed(None)
-
-        def retryDelay(self, attempt: int) -> float:
-            policy = self.store._reconnect_policy
-            return policy(attempt) if policy is not None else super().retryDelay(attempt)  # type: ignore[misc]
-
-        def connectionError(self, why: str) -> None:
-            self.store._pool_problem(why)
-
-        def addConnection(self, conn: Any) -> None:
-            super().addConnection(conn)  # type: ignore[misc]
-            if conn in self.pool:  # type: ignore[attr-defined]
-                _keep_alive(conn.transport)
-                self.store._pool_connected(_peer_of(conn.transport))
-
-        # txredisapi calls delConnection when a pool connection is gone, and sets `stopped`
-        # on disconnect(); both undocumented, pinned by tests/integration/test_faults.py
-        # (RedisStoppedTests: 4503 at once) and every test that stops a store.
-        def delConnection(self, conn: Any) -> None:
-            super().delConnection(conn)  # type: ignore[misc]
-            if not self.pool and not self.stopped:  # type: ignore[attr-defined]
-                self.store._pool_lost()
-
-    class PoolFactory(StorePoolFactory, txredisapi.RedisFactory):  # type: ignore[misc]
-        protocol = PoolProtocol
-
-    class SentinelPoolFactory(StorePoolFactory, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
-        protocol = SentinelPoolProtocol
-
-    return PoolFactory, SentinelPoolFactory
-
-
-@functools.cache
-def _sentinel_class() -> type:
-    """
-    txredisapi's Sentinel client, with master discovery bounded on the store's clock and
-    cancelled by C{disconnect()}. txredisapi's own C{discover_master} arms a timer on the
-    global reactor that only an answer naming a healthy master cancels: during a failover
-    (every Sentinel reports the master down) a store stopped meanwhile left it behind.
-    Relies on txredisapi's C{sentinels} (one lazy connection per Sentinel),
-    C{check_master_state} and C{discovery_timeout}, which both the pool's and the
-    subscriber's endpoints go through; pinned by the Sentinel tests in tests/test_tokens.py
-    and tests/integration/test_sentinel.py.
-    """
-    import txredisapi
-
-    class StoreSentinel(txredisapi.Sentinel):  # type: ignore[misc]
-        def __init__(self, *args: Any, clock: IReactorTime, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.clock = clock
-            self.discoveries: set[Deferred[tuple[str, int]]] = set()
-
-        def discover_master(self, service_name: str) -> Deferred[tuple[str, int]]:
-            found: Deferred[tuple[str, int]] = Deferred()
-
-            def answered(masters: object) -> None:
-                state = masters.get(service_name) if isinstance(masters, dict) else None
-                if not found.called and state and self.check_master_state(state):
-                    found.callback((state["ip"], int(state["port"])))
-
-            for sentinel in self.sentinels:
-                sentinel.sentinel_masters().addCallbacks(answered, lambda _: None)
-
-            def not_found(failure: Failure) -> Failure:
-                if failure.check(defer.TimeoutError):
-                    return Failure(
-                        txredisapi.MasterNotFoundError(f"No master found for {service_name}")
-                    )
-                return failure
-
-            def forget(result: object) -> object:
-                self.discoveries.discard(found)
-                return result
-
-            self.discoveries.add(found)
-            found.addBoth(forget)
-            return found.addTimeout(self.discovery_timeout, self.clock).addErrback(not_found)
-
-        def disconnect(self) -> Deferred[Any]:
-            for discovery in list(self.discoveries):
-                discovery.cancel()
-            return super().disconnect()  # type: ignore[no-any-return]
-
-    return StoreSentinel
-
-
-def _peer_of(transport: Any) -> str:
-    """``host:port`` of the Redis server at the other end of C{transport}."""
-    try:
-        peer = transport.getPeer()
-        return format_target(peer.host, peer.port)
-    except (AttributeError, BadTarget):
-        return "an unknown address"
-
-
-class RedisNotConnected(Exception):
-    """Every connection of the pool is lost: a call fails at once rather than waiting for
-    the reconnection (a browser is better served by a quick 4503 than by a slow one)."""
-
-
-@implementer(IStreamClientEndpoint)
-class _SentinelMasterEndpoint:
-    """Asks Sentinel where the master is before every connection attempt."""
-
-    def __init__(self, sentinel: Any, master: str, reactor: Any, timeout: float) -> None:
-        self._sentinel = sentinel
-        self._master = master
-        self._reactor = reactor
-        self._timeout = timeout
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        def connect_to(address: tuple[str, int]) -> Deferred[Any]:
-            endpoint = HostnameEndpoint(self._reactor, address[0], address[1], self._timeout)
-            return endpoint.connect(factory)
-
-        discovering: Deferred[tuple[str, int]] = self._sentinel.discover_master(self._master)
-        return discovering.addCallback(connect_to)
 
 
 @implementer(ITokenStore, ITokenAdmin, IActivitySink, ISingleUse, IRevocationFeed)
@@ -415,33 +119,17 @@ class RedisTokenStore(Service):
         if not keepalive_interval > 0:
             raise ValueError("keepalive_interval must be positive")
         self.config = config
-        self.keepalive_interval = keepalive_interval
         self._clock = clock
         self._reactor = reactor
         self._poolsize = poolsize
         self._expired_grace = expired_grace
-        self._resubscribe_policy = resubscribe_policy or backoffPolicy(
-            initialDelay=0.25, maxDelay=10.0, factor=2.0
-        )
         # Seconds before the pool's n-th consecutive reconnection attempt; None: txredisapi's
         # (1 s, times e, at most 10 s, jittered).
-        self._reconnect_policy = reconnect_policy
+        self.reconnect_policy = reconnect_policy
         self._tls = tls_options(config) if config.tls else None
         self._pool: Any = None
         self._sentinel: Any = None
-        self._subscriber: ClientService | None = None
         self._pending: set[Deferred[Any]] = set()
-        self._watchers: list[Callable[[str], object]] = []
-        self._reconnect_watchers: list[Callable[[], object]] = []
-        self._subscribed_now = False
-        self._subscriptions = 0
-        self._subscription_waiters: list[Deferred[None]] = []
-        self._loss_waiters: list[Deferred[None]] = []
-        # Subscriber connections made since the last successful SUBSCRIBE: ClientService
-        # forgets failed attempts once TCP connects, so without this a refused AUTH would be
-        # retried at the first backoff step forever.
-        self._unusable_connections = 0
-        self._subscriber_trouble: str | None = None
         # Why the pool cannot connect (a refused AUTH, a bad database), until it can again.
         self._connection_problem: str | None = None
         # Every pool connection was lost and none is back yet (not set while the pool makes
@@ -449,8 +137,15 @@ class RedisTokenStore(Service):
         self._pool_down = False
         self._redis_address: str | None = None
         self._reconnection_waiters: list[Deferred[None]] = []
-        # Re-subscribed while the pool had no connection: the watchers' re-check waits for it.
-        self._recheck_when_connected = False
+        self._subscription = RevocationSubscription(
+            config,
+            clock,
+            endpoint=self._subscriber_endpoint,
+            retry_policy=resubscribe_policy
+            or backoffPolicy(initialDelay=0.25, maxDelay=10.0, factor=2.0),
+            keepalive_interval=keepalive_interval,
+            pool_down=lambda: self._pool_down,
+        )
         #: How often the pool connected again after losing every connection (Redis restarted,
         #: or a Sentinel failover to another master): ``vncmux_token_store_reconnects_total``.
         self.reconnects = 0
@@ -469,7 +164,7 @@ class RedisTokenStore(Service):
         super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._pool_down = False
         config = self.config
-        pool_factory, sentinel_pool_factory = _pool_factories()
+        pool_factory, sentinel_pool_factory = pool_factories()
         common: dict[str, Any] = dict(
             password=config.password,
             username=config.username,
@@ -478,7 +173,7 @@ class RedisTokenStore(Service):
             poolsize=self._poolsize,
         )
         if config.sentinel_master:
-            self._sentinel = _sentinel_class()(
+            self._sentinel = sentinel_class()(
                 list(config.hosts),
                 clock=self._clock,
                 password=config.sentinel_password,
@@ -504,17 +199,17 @@ class RedisTokenStore(Service):
             factory.startConnecting(self._redis_endpoint(*config.hosts[0]))
             self._pool = factory.handler
         self._log.info("token store: {url}", url=config.redacted_url())
-        if self._watchers:
-            self._start_subscriber()
+        if self._subscription.watched:
+            self._subscription.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         for pending in list(self._pending):
             pending.cancel()
         stopping: list[Deferred[Any]] = []
-        if self._subscriber is not None:
-            stopping.append(self._subscriber.stopService())
-            self._subscriber = None
+        subscription_stopped = self._subscription.stop()
+        if subscription_stopped is not None:
+            stopping.append(subscription_stopped)
         if self._pool is not None:
             stopping.append(self._pool.disconnect())
             self._pool = None
@@ -533,7 +228,7 @@ class RedisTokenStore(Service):
             return self._run(
                 "lookup",
                 _about(token_hash),
-                lambda pool: pool.get(key).addErrback(_foreign_type),
+                lambda pool: pool.get(key).addErrback(foreign_type),
                 lambda value: self._websockify_record(token_hash, value),
             )
         return self.lookup_hash(token_hash)
@@ -669,20 +364,16 @@ class RedisTokenStore(Service):
 
         @return: a Deferred that fires once the subscription is active.
         """
-        self._watchers.append(on_revoke)
-        if on_reconnect is not None:
-            self._reconnect_watchers.append(on_reconnect)
-        if self.running and self._subscriber is None:
-            self._start_subscriber()
-        if self._subscribed_now:
+        self._subscription.watch(on_revoke, on_reconnect)
+        if self.running:
+            self._subscription.start()
+        if self._subscription.state is SubscriptionState.SUBSCRIBED:
             return succeed(None)
-        return self.next_subscription()
+        return self._subscription.next_subscription()
 
     def next_subscription(self) -> Deferred[None]:
         """A Deferred that fires the next time the revocation subscription becomes active."""
-        waiter: Deferred[None] = Deferred()
-        self._subscription_waiters.append(waiter)
-        return waiter
+        return self._subscription.next_subscription()
 
     def next_reconnection(self) -> Deferred[None]:
         """A Deferred that fires the next time the pool connects again after losing every
@@ -693,9 +384,7 @@ class RedisTokenStore(Service):
 
     def next_subscription_loss(self) -> Deferred[None]:
         """A Deferred that fires the next time an active revocation subscription is lost."""
-        waiter: Deferred[None] = Deferred()
-        self._loss_waiters.append(waiter)
-        return waiter
+        return self._subscription.next_loss()
 
     # internals
 
@@ -771,7 +460,7 @@ class RedisTokenStore(Service):
         if value is None:
             return None
         problem = None
-        if value is _FOREIGN_TYPE:
+        if value is FOREIGN_TYPE:
             problem = "is not a string key"
         elif not isinstance(value, str):
             problem = "is not UTF-8 text"
@@ -794,23 +483,6 @@ class RedisTokenStore(Service):
         remaining = max(0, math.ceil(expires_at - self._clock.seconds()))
         return max(1, remaining + math.ceil(self._expired_grace))
 
-    def _start_subscriber(self) -> None:
-        self._unusable_connections = 0
-        self._subscriber = ClientService(
-            self._subscriber_endpoint(),
-            _SubscriberFactory(self),
-            retryPolicy=self._resubscribe_delay,
-            clock=self._clock,
-            prepareConnection=self._subscriber_connected,
-        )
-        self._subscriber.startService()
-
-    def _resubscribe_delay(self, attempt: int) -> float:
-        return self._resubscribe_policy(max(attempt, self._unusable_connections))
-
-    def _subscriber_connected(self, protocol: object) -> None:
-        self._unusable_connections += 1  # until it has subscribed
-
     def _connecting_reactor(self) -> Any:
         if self._reactor is not None:
             return self._reactor
@@ -831,7 +503,7 @@ class RedisTokenStore(Service):
     def _subscriber_endpoint(self) -> IStreamClientEndpoint:
         config = self.config
         if config.sentinel_master:
-            return _SentinelMasterEndpoint(
+            return SentinelMasterEndpoint(
                 self._sentinel,
                 config.sentinel_master,
                 self._connecting_reactor(),
@@ -839,13 +511,19 @@ class RedisTokenStore(Service):
             )
         return self._redis_endpoint(*config.hosts[0])
 
-    def _pool_problem(self, why: str) -> None:
+    # the pool factory's reports (client.pool_factories)
+
+    def pool_problem(self, why: str) -> None:
+        """A pool connection failed (refused AUTH, bad database): logged once, and named in
+        every error until the pool connects."""
         text = describe_connection_error(self.config, why)
         if text != self._connection_problem:
             self._log.warn("token store: {why}; retrying with backoff", why=text)
         self._connection_problem = text
 
-    def _pool_connected(self, address: str) -> None:
+    def pool_connected(self, address: str) -> None:
+        """A pool connection to C{address} is ready: the first after every one was lost ends
+        the fail-at-once state (and runs a re-check the subscription owes)."""
         previous, self._redis_address = self._redis_address, address
         was_down, self._pool_down = self._pool_down, False
         if was_down and previous is not None and previous != address:
@@ -860,14 +538,13 @@ class RedisTokenStore(Service):
         self._connection_problem = None
         if was_down:
             self.reconnects += 1
-            if self._recheck_when_connected:
-                self._recheck_when_connected = False
-                self._notify_reconnect_watchers()
+            self._subscription.pool_back()
             waiters, self._reconnection_waiters = self._reconnection_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
-    def _pool_lost(self) -> None:
+    def pool_lost(self) -> None:
+        """The pool's last connection is gone: calls fail at once until one is back."""
         if self._pool_down or not self.running:
             return
         self._pool_down = True
@@ -876,57 +553,6 @@ class RedisTokenStore(Service):
             " until it is back",
             address=self._redis_address or "an unknown address",
         )
-
-    def _subscribed(self) -> None:
-        self._subscribed_now = True
-        self._subscriptions += 1
-        self._unusable_connections = 0
-        self._subscriber_trouble = None
-        if self._subscriptions > 1:
-            self._log.info("revocations: subscribed again")
-            # The re-check reads records through the pool: while it has no connection every
-            # read would fail at once, so it runs when the pool is back instead.
-            self._recheck_when_connected = self._pool_down
-            if not self._pool_down:
-                self._notify_reconnect_watchers()
-        waiters, self._subscription_waiters = self._subscription_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def _notify_reconnect_watchers(self) -> None:
-        for on_reconnect in list(self._reconnect_watchers):
-            self._call_watcher(on_reconnect)
-
-    def _unsubscribed(self) -> None:
-        if not self._subscribed_now:
-            return
-        self._subscribed_now = False
-        if self.running:
-            self._log.warn("revocations: lost the Redis subscription; reconnecting")
-        waiters, self._loss_waiters = self._loss_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def _subscriber_problem(self, why: str) -> None:
-        """Logged once until the subscription works again, not at every retry."""
-        text = describe_connection_error(self.config, why)
-        if text != self._subscriber_trouble:
-            self._log.warn("revocations: {why}", why=text)
-        self._subscriber_trouble = text
-
-    def _revocation_message(self, message: object) -> None:
-        if isinstance(message, bytes):
-            message = message.decode("utf-8", "replace")
-        if not isinstance(message, str):
-            return
-        for on_revoke in list(self._watchers):
-            self._call_watcher(on_revoke, message)
-
-    def _call_watcher(self, callback: Callable[..., object], *args: str) -> None:
-        try:
-            callback(*args)
-        except Exception:
-            self._log.failure("revocations: a callback failed")
 
 
 def _about(token_hash: str) -> str:
@@ -953,72 +579,3 @@ def _from_hash_fields(token_hash: str, fields: object) -> TokenRecord | None:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
         raise UnicodeError("the token record is not UTF-8 text")
     return TokenRecord.from_fields(token_hash, fields)
-
-
-#: What a GET of a key of another type (a hash, a set...) answers, instead of an error.
-_FOREIGN_TYPE = object()
-
-
-def _foreign_type(failure: Failure) -> object:
-    import txredisapi
-
-    if failure.check(txredisapi.ResponseError) and "WRONGTYPE" in failure.getErrorMessage():
-        return _FOREIGN_TYPE
-    return failure
-
-
-def open_token_store(
-    source: str,
-    clock: IReactorTime,
-    *,
-    connect_timeout: float | None = None,
-    reply_timeout: float | None = None,
-    reactor: Any = None,
-    nova_recheck_interval: float = DEFAULT_RECHECK_INTERVAL,
-) -> FileTokenStore | RedisTokenStore | NovaTokenStore:
-    """
-    The token store a ``--tokens`` value names: ``file:PATH`` (relative to the current
-    directory), ``redis://…``, ``rediss://…``, ``redis+sentinel://…`` or ``nova:URL`` (nova's
-    ``[database] connection`` URL). Redis and nova stores are IServices: start them (e.g.
-    C{setServiceParent}) before use. C{ValueError} for anything else.
-    """
-    if source.startswith("file:"):
-        path = source[len("file:") :]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError("file: needs a path, e.g. file:etc/tokens")
-        return FileTokenStore(path, clock)
-    if source.startswith(SOURCE_PREFIX):
-        return NovaTokenStore(
-            NovaDatabase.from_url(source[len(SOURCE_PREFIX) :]),
-            clock,
-            reactor=reactor,
-            reply_timeout=reply_timeout or DEFAULT_REPLY_TIMEOUT,
-            recheck_interval=nova_recheck_interval,
-        )
-    scheme = source.partition("://")[0].lower() if "://" in source else ""
-    if scheme in SCHEMES or scheme in SENTINEL_TLS_SCHEMES:
-        config = RedisConfig.from_url(
-            source, connect_timeout=connect_timeout, reply_timeout=reply_timeout
-        )
-        return RedisTokenStore(config, clock, reactor=reactor)
-    shown = f"{scheme}://…" if scheme else "this value"
-    raise ValueError(
-        f"unknown token source ({shown}): use file:PATH, redis://[:password@]host:port/db,"
-        " rediss://…, redis+sentinel://h1:p1,h2:p2/master or nova:DATABASE_URL"
-    )
-
-
-__all__ = [
-    "DEFAULT_CONNECT_TIMEOUT",
-    "DEFAULT_REPLY_TIMEOUT",
-    "INSTANCE_KEY_PREFIX",
-    "REVOKE_CHANNEL",
-    "TOKEN_KEY_PREFIX",
-    "RedisConfig",
-    "RedisTokenStore",
-    "instance_key",
-    "open_token_store",
-    "token_key",
-]
