@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["vncmux", "twisted.plugins"],
+    packages=["vncmux", "vncmux.tokens", "vncmux.tokens.redis", "twisted.plugins"],
     package_data={
         "twisted.plugins": ["vncmux_plugin.py"],
         "vncmux": ["py.typed", "pages/*.html"],

@@ -28,11 +28,10 @@ from tests.fakes import ClosingOwner, FakePeer
 from tests.redis_server import RedisServer, find_redis_server
 from vncmux.events import Observers
 from vncmux.fleet import FleetInstance, FleetLimits
-from vncmux.redisstore import RedisConfig, RedisTokenStore
 from vncmux.refusals import TOKEN_REVOKED
 from vncmux.relay import RelayStats, Session
 from vncmux.supervisor import Limits, Supervisor
-from vncmux.tokens import TokenRecord
+from vncmux.tokens import RedisConfig, RedisTokenStore, TokenRecord
 
 #: Commands that are not the registry's (the measurement's own INFO, the revocation
 #: subscriber's keepalive PING and SUBSCRIBE, connection set-up).

@@ -21,8 +21,7 @@ from vncmux.attempts import (
     RedisFailedAttempts,
     attempts_for,
 )
-from vncmux.redisstore import RedisConfig, RedisTokenStore
-from vncmux.tokens import MemoryTokenStore
+from vncmux.tokens import MemoryTokenStore, RedisConfig, RedisTokenStore
 
 CLIENT = "192.0.2.7"
 OTHER = "2001:db8::7"

@@ -22,8 +22,7 @@ from tests.fakes import ResolvingClock
 from tests.redis_server import start_redis
 from vncmux.cli import NO_REVOCATION_CHANNEL, parse_arguments, run
 from vncmux.issuing import DEFAULT_BASE_URL
-from vncmux.redisstore import token_key
-from vncmux.tokens import FileTokenStore, hash_token
+from vncmux.tokens import FileTokenStore, hash_token, token_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 URL = re.compile(r"^url: (?P<url>\S+)$", re.M)

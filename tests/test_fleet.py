@@ -34,11 +34,17 @@ from vncmux.fleet import (
     heartbeat_ttl,
 )
 from vncmux.interfaces import ISessionDirectory, ISessionObserver, ISharedLimits
-from vncmux.redisstore import RedisConfig, RedisTokenStore
 from vncmux.refusals import STORE_UNAVAILABLE, TOKEN_REVOKED, TOO_MANY_SESSIONS, Refused
 from vncmux.relay import RelayStats, Session
 from vncmux.supervisor import Limits, Supervisor
-from vncmux.tokens import FileTokenStore, TokenRecord, TokenStoreUnavailable, hash_token
+from vncmux.tokens import (
+    FileTokenStore,
+    RedisConfig,
+    RedisTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    hash_token,
+)
 
 
 @dataclass

@@ -43,12 +43,11 @@ from vncmux.interfaces import (
 )
 from vncmux.novaconf import read_nova_config
 from vncmux.novadb import NovaDatabase, NovaTokenStore
-from vncmux.redisstore import open_token_store
 from vncmux.refusals import TOKEN_REVOKED
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
 from vncmux.tap import Options, build_service
-from vncmux.tokens import TokenStoreUnavailable, hash_token
+from vncmux.tokens import TokenStoreUnavailable, hash_token, open_token_store
 
 TOKEN = "0f1e2d3c-4b5a-4697-8877-665544332211"  # nova's tokens are UUID4s
 OTHER = "11111111-2222-4333-8444-555555555555"

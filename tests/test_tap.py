@@ -15,11 +15,11 @@ from tests.redis_server import make_tls_files
 from vncmux.firstrun import StartupHints
 from vncmux.fleet import FleetInstance, FleetLimits
 from vncmux.hangup import ReloadOnHangup
-from vncmux.redisstore import RedisTokenStore
 from vncmux.service import Listener, ProxyService
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
 from vncmux.tap import Options, build_service
+from vncmux.tokens import RedisTokenStore
 from vncmux.web import WebRoot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -129,7 +129,7 @@ _BLOCKED = "return redis.call('EXISTS', KEYS[1])"
 class RedisFailedAttempts:
     """
     The same limiter with its counters in Redis, shared by every proxy using C{store}
-    (a L{vncmux.redisstore.RedisTokenStore}): ``vncmux:failed:<address>`` counts failures
+    (a L{vncmux.tokens.RedisTokenStore}): ``vncmux:failed:<address>`` counts failures
     (expiring with the window), ``vncmux:blocked:<address>`` exists during a cooldown.
     Redis errors are logged by the store and answered as "not blocked".
     """

@@ -23,7 +23,6 @@ from vncmux.handshake import IPNetwork
 from vncmux.interfaces import IRevocationFeed
 from vncmux.issuing import DEFAULT_BASE_URL, TokenRequest, check_base_url, issue_token
 from vncmux.options import read_options_file
-from vncmux.redisstore import open_token_store
 from vncmux.refusals import Refused
 from vncmux.rfbsecurity import decrypt_vncpasswd
 from vncmux.settings import DEFAULT_TOKENS
@@ -36,6 +35,7 @@ from vncmux.tokens import (
     check_instance,
     check_target,
     hash_token,
+    open_token_store,
     parse_port,
     token_id_of,
 )

@@ -24,8 +24,8 @@ from twisted.logger import Logger
 
 from vncmux.issuing import DEFAULT_BASE_URL, access_url
 from vncmux.novadb import SOURCE_PREFIX
-from vncmux.redisstore import RedisConfig
 from vncmux.service import Listener
+from vncmux.tokens import RedisConfig
 from vncmux.web import NOVNC_PAGE, is_novnc_core
 
 

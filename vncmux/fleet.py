@@ -36,11 +36,17 @@ from zope.interface import implementer
 from vncmux.admin import session_json
 from vncmux.interfaces import ISessionDirectory, ISessionObserver, ISharedLimits
 from vncmux.options import BY_NAME
-from vncmux.redisstore import _COMPAT, REVOKE_CHANNEL, RedisTokenStore
 from vncmux.refusals import STORE_UNAVAILABLE, TOKEN_REVOKED, TOO_MANY_SESSIONS, Refused
 from vncmux.relay import Session
 from vncmux.supervisor import INSTANCE_PREFIX, Supervisor
-from vncmux.tokens import TokenRecord, TokenStoreUnavailable, token_id_of
+from vncmux.tokens import (
+    REVOKE_CHANNEL,
+    RedisTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    token_id_of,
+)
+from vncmux.tokens.redis.scripts import REPLICATE_COMMANDS
 
 #: The SET of instance ids; it lives as long as the longest TTL any instance gave it.
 INSTANCES_KEY = "vncmux:fleet:instances"
@@ -61,7 +67,7 @@ TTL_HEARTBEATS = 3
 # and they leave the SET (they expire by themselves too; this only tidies up sooner).
 # ARGV[1] own id, ARGV[2] alive prefix, ARGV[3] sessions prefix, ARGV[4] counts prefix.
 _LIVE_OTHERS = (
-    _COMPAT
+    REPLICATE_COMMANDS
     + """
 local function live_others(set)
   local live = {}
@@ -81,7 +87,7 @@ end
 )
 
 _WRITE = (
-    _COMPAT
+    REPLICATE_COMMANDS
     + """
 -- KEYS[1] alive, KEYS[2] sessions, KEYS[3] counts, KEYS[4] instance SET
 -- ARGV[1] mode: 'delta' (sessions started and ended), 'beat' (also renew every TTL),

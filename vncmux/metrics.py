@@ -107,7 +107,7 @@ class Metrics:
     @param sessions: the supervisor's live table (id to session), read at scrape time.
     @param relay_stats: the relay's pause counters, read at scrape time.
     @param store_reconnects: how often the token store connected again after losing every
-        connection (L{vncmux.redisstore.RedisTokenStore.reconnects}), read at scrape time;
+        connection (L{vncmux.tokens.RedisTokenStore.reconnects}), read at scrape time;
         by default none (a token file never disconnects).
     """
 

@@ -44,17 +44,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vncmux.interfaces import IRevocationFeed, ITokenStore
-from vncmux.tokens import (
-    BadTarget,
-    TokenRecord,
-    TokenStoreUnavailable,
-    check_target,
-    format_target,
-    hash_token,
-    token_id_of,
-)
+from vncmux.tokens.errors import TokenStoreUnavailable
+from vncmux.tokens.open import NOVA_SOURCE_PREFIX as SOURCE_PREFIX
+from vncmux.tokens.record import TokenRecord, hash_token, token_id_of
+from vncmux.tokens.targets import BadTarget, check_target, format_target
 
-SOURCE_PREFIX = "nova:"
 TABLE = "console_auth_tokens"
 #: Seconds between re-checks of live sessions against the table (``--nova-recheck-interval``).
 DEFAULT_RECHECK_INTERVAL = 10.0

@@ -19,8 +19,8 @@ from vncmux.health import Liveness, Readiness, write_json
 from vncmux.interfaces import ISessionDirectory, ITokenStore
 from vncmux.issuing import DEFAULT_BASE_URL
 from vncmux.metrics import Metrics, MetricsPage, new_registry
-from vncmux.redisstore import RedisTokenStore
 from vncmux.service import Listener
+from vncmux.tokens import RedisTokenStore
 
 if TYPE_CHECKING:
     from vncmux.relay import RelayStats

@@ -21,9 +21,9 @@ from vncmux.novaconf import log_not_applied, read_nova_config
 from vncmux.novadb import SOURCE_PREFIX
 from vncmux.observability import build_observability
 from vncmux.options import BY_NAME, OPTIONS, Option, read_options_file
-from vncmux.redisstore import open_token_store
 from vncmux.service import ProxyService, build_console
 from vncmux.settings import Settings
+from vncmux.tokens import open_token_store
 
 
 def _parameters() -> list[list[Any]]:

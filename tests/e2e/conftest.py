@@ -376,7 +376,7 @@ def proxy_on_redis(e2e_run: E2ERun, records: list[TokenRecord], name: str) -> It
     when there is none) holding C{records}; its log is printed when it stops.
     """
     from tests.redis_server import INSTALL_HINT, RedisServer, find_redis_server
-    from vncmux.redisstore import token_key
+    from vncmux.tokens import token_key
 
     binary = find_redis_server()
     if binary is None:

@@ -39,8 +39,14 @@ from tests.support import (
     listen_proxy,
 )
 from vncmux.metrics import Metrics
-from vncmux.redisstore import RedisConfig, RedisTokenStore
-from vncmux.tokens import MemoryTokenStore, TokenRecord, TokenStoreUnavailable, hash_token
+from vncmux.tokens import (
+    MemoryTokenStore,
+    RedisConfig,
+    RedisTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    hash_token,
+)
 
 TOKEN = "fault-token"
 

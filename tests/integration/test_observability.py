@@ -41,9 +41,8 @@ from vncmux.interfaces import ITokenStore
 from vncmux.logformat import JsonLineObserver
 from vncmux.metrics import Metrics
 from vncmux.observability import build_observability
-from vncmux.redisstore import open_token_store
 from vncmux.settings import Limits
-from vncmux.tokens import MemoryTokenStore, TokenStoreUnavailable
+from vncmux.tokens import MemoryTokenStore, TokenStoreUnavailable, open_token_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALERTS = os.path.join(ROOT, "etc", "prometheus", "vncmux-alerts.yml")

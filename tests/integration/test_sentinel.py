@@ -16,8 +16,7 @@ from tests.redis_server import SentinelCluster, start_redis, start_sentinel_clus
 from tests.support import async_test, listen_fake_vnc, listen_proxy
 from vncmux.metrics import new_registry
 from vncmux.observability import build_observability
-from vncmux.redisstore import RedisConfig, RedisTokenStore
-from vncmux.tokens import TokenRecord, TokenStoreUnavailable
+from vncmux.tokens import RedisConfig, RedisTokenStore, TokenRecord, TokenStoreUnavailable
 
 #: Bound on the promotion: the master is down after 0.4 s, an election and the promotion
 #: take a few seconds more, and the pool's backoff between attempts grows to about 2 s.
