@@ -2,7 +2,7 @@
 
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 with open("vncmux/__init__.py", encoding="utf-8") as f:
     VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)  # type: ignore[union-attr]
@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["vncmux", "vncmux.tokens", "vncmux.tokens.redis", "twisted.plugins"],
+    packages=[*find_packages(include=["vncmux", "vncmux.*"]), "twisted.plugins"],
     package_data={
         "twisted.plugins": ["vncmux_plugin.py"],
         "vncmux": ["py.typed", "pages/*.html"],
