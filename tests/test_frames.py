@@ -182,6 +182,15 @@ def test_frames_of_one_read_delivered_at_once() -> None:
     assert reader.delivered == [b"".join(bytes([5, i, 0, 1, 0, 2]) for i in range(10))]
 
 
+def test_bulk_pieces_not_joined_to_the_rest() -> None:
+    """A bulk frame (1 KiB and more) in a read between small ones goes on by itself, after
+    the small ones before it and before those after it: order kept, never joined (a copy)."""
+    mask = b"\x0a\x0b\x0c\x0d"
+    bulk = bytes(range(256)) * 8
+    wire = b"".join(masked_frame(p, mask) for p in (b"k1", b"k2", bulk, b"k3", b"k4"))
+    assert Reader().feed([wire]).delivered == [b"k1k2", bulk, b"k3k4"]
+
+
 def test_payload_before_a_control_frame_goes_first() -> None:
     """Payload read before a control frame is delivered before the control frame is handed
     over (a close must not overtake the bytes sent before it), and what follows comes after."""

@@ -7,8 +7,9 @@ pong: at most 125 bytes) whole, for autobahn to act on. autobahn therefore never
 frame, and only this reader knows whether a fragmented message is open: there is no second
 idea of the stream's state to drift out of step.
 
-The payload of all the data frames in one read goes on in one piece: a burst of pointer
-events is one write (one send) to the VNC server, not one per frame. Message boundaries mean
+Small payloads of one read go on in one piece: a burst of pointer events is one write (one
+send) to the VNC server, not one per frame. Bulk pieces (from 1 KiB) go on as they are
+unmasked, never joined to the rest, which would copy them once more. Message boundaries mean
 nothing to a console, so this is the stream the browser sent.
 """
 
@@ -103,7 +104,7 @@ class ClientFrameReader:
             self._head = b""
         size = len(data)
         pos = 0
-        payload: list[bytes] = []  # unmasked data of this read, handed on in one piece
+        payload: list[bytes] = []  # small unmasked pieces, handed on together
         while pos < size:
             remaining = self._remaining
             if remaining:
@@ -120,13 +121,14 @@ class ClientFrameReader:
                 else:
                     offset = self._offset
                     self._offset = offset + (end - pos)
-                    if not pos and end == size:
-                        chunk: bytes | memoryview = data
-                    elif end - pos < _SMALL:
-                        chunk = data[pos:end]
-                    else:  # a view, not a copy, of bulk payload
-                        chunk = memoryview(data)[pos:end]
-                    payload.append(unmask(chunk, self._mask, offset))
+                    if end - pos < _SMALL:
+                        payload.append(unmask(data[pos:end], self._mask, offset))
+                    else:
+                        # Bulk goes on at once, without joining it to the rest (a copy);
+                        # a view, not a slice, of the read is unmasked.
+                        chunk = memoryview(data)[pos:end] if pos or end < size else data
+                        self._deliver(payload)
+                        self.deliver(unmask(chunk, self._mask, offset))
                     pos = end
                 continue
             header_end = self._parse_header(data, pos, size)
