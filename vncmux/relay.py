@@ -97,10 +97,10 @@ def write_now(transport: object, data: bytes, header: bytes = b"") -> None:
 
 def send_now(transport: object, size: int) -> None:
     """
-    Send a small write at once instead of on the next reactor pass: a keystroke or a small
-    screen update saves a trip through the event loop. Bulk writes keep Twisted's own
-    pacing. Only for transports that are sockets themselves (not wrappers such as the
-    PROXY-protocol one), and never while the transport is closing.
+    Send a small write that autobahn queued with Twisted (a close frame) at once instead of
+    on the next reactor pass; the relay's own writes go through L{write_now}. Bulk writes
+    keep Twisted's own pacing. Only for transports that are sockets themselves (not wrappers
+    such as the PROXY-protocol one), and never while the transport is closing.
     """
     if (
         size <= SEND_NOW_LIMIT
