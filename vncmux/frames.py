@@ -146,12 +146,11 @@ class ClientFrameReader:
                 control, self._control_frame = self._control_frame, None
                 self._deliver(payload)
                 self._control(control)  # an empty control frame
-        if payload:
-            self.deliver(payload[0] if len(payload) == 1 else b"".join(payload))
+        self._deliver(payload)
 
     def _deliver(self, payload: list[bytes]) -> None:
-        """Hand on the payload read so far (and forget it): before a control frame or a
-        failure acts, so that everything the browser sent before it is relayed first."""
+        """Hand on the small pieces read so far (and forget them): at the end of a read,
+        and before a bulk piece, a control frame or a failure, so that the order holds."""
         if not payload:
             return
         chunk = payload[0] if len(payload) == 1 else b"".join(payload)
