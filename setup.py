@@ -11,7 +11,10 @@ with open("README.md", encoding="utf-8") as f:
 
 # Every range runs from the version the test suite ran with (`pip list` in .venv) to the
 # next major version: vncmux uses a few private attributes of Twisted and autobahn, so a new
-# major version must pass the suite before it is allowed.
+# major version must pass the suite before it is allowed. Twisted and autobahn number their
+# releases by date (YY.MM), and the relay reads Twisted's write queue (tests/test_relay.py,
+# WriteNowTests, pins it) and drives autobahn's protocol state: their ranges stop at the next
+# release series.
 NOVA = ["PyMySQL>=1.2.4,<2", "psycopg[binary]>=3.3.9,<4"]
 
 setup(
@@ -28,10 +31,10 @@ setup(
         "vncmux": ["py.typed", "pages/*.html"],
     },
     install_requires=[
-        "Twisted[tls]>=26.10,<27",
+        "Twisted[tls]>=26.10.0,<26.11",
         # DES for VncAuth comes from cryptography.hazmat.decrepit (43 and later).
         "cryptography>=50.0,<51",
-        "autobahn[twisted]>=26.10,<27",
+        "autobahn[twisted]>=26.10.2,<26.11",
         "txredisapi>=1.6,<2",
         "prometheus_client>=0.26,<1",
     ],

@@ -151,3 +151,105 @@ def test_unmask_matches_reference(payload: bytes, mask: bytes, offset: int) -> N
     """Both unmasking paths (Python integers, C) equal the byte-by-byte definition."""
     expected = bytes(b ^ mask[(i + offset) % 4] for i, b in enumerate(payload))
     assert unmask(payload, mask, offset) == expected
+
+
+class OrderedReader(Reader):
+    """A L{Reader} that also records the order of deliveries, control frames and failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, bytes]] = []
+        self.reader = ClientFrameReader(self.on_data, self.on_control, self.fail)
+
+    def on_data(self, chunk: bytes) -> None:
+        self.delivered.append(chunk)
+        self.events.append(("data", chunk))
+
+    def on_control(self, frame: bytes) -> None:
+        self.controls.append(frame)
+        self.events.append(("control", frame))
+
+    def fail(self, code: int, why: str) -> None:
+        super().fail(code, why)
+        self.events.append(("fail", str(code).encode()))
+
+
+def test_frames_of_one_read_delivered_at_once() -> None:
+    """Several data frames that arrive in one read (a burst of pointer events) go on as one
+    chunk, i.e. one write to the VNC server, not one per frame."""
+    frames = [masked_frame(bytes([5, i, 0, 1, 0, 2]), bytes([i, 2, 3, 4])) for i in range(10)]
+    reader = Reader().feed([b"".join(frames)])
+    assert reader.delivered == [b"".join(bytes([5, i, 0, 1, 0, 2]) for i in range(10))]
+
+
+def test_bulk_pieces_not_joined_to_the_rest() -> None:
+    """A bulk frame (1 KiB and more) in a read between small ones goes on by itself, after
+    the small ones before it and before those after it: order kept, never joined (a copy)."""
+    mask = b"\x0a\x0b\x0c\x0d"
+    bulk = bytes(range(256)) * 8
+    wire = b"".join(masked_frame(p, mask) for p in (b"k1", b"k2", bulk, b"k3", b"k4"))
+    assert Reader().feed([wire]).delivered == [b"k1k2", bulk, b"k3k4"]
+
+
+def test_payload_before_a_control_frame_goes_first() -> None:
+    """Payload read before a control frame is delivered before the control frame is handed
+    over (a close must not overtake the bytes sent before it), and what follows comes after."""
+    mask = b"\x09\x08\x07\x06"
+    close = masked_frame(b"\x03\xe8", mask, opcode=8)
+    reader = OrderedReader().feed(
+        [
+            masked_frame(b"one", mask)
+            + masked_frame(b"two", mask)
+            + close
+            + masked_frame(b"three", mask)
+        ]
+    )
+    assert reader.events == [
+        ("data", b"onetwo"),
+        ("control", close),
+        ("data", b"three"),
+    ]
+
+
+def test_payload_before_a_bad_frame_goes_first() -> None:
+    """Payload of the same read before a forbidden frame reaches the session before the
+    failure (which ends the session and stops deliveries)."""
+    mask = b"\x01\x01\x02\x02"
+    reader = OrderedReader().feed(
+        [
+            masked_frame(b"kept", mask)
+            + masked_frame(b"text", mask, opcode=1)
+            + masked_frame(b"dropped", mask)
+        ]
+    )
+    assert reader.events == [("data", b"kept"), ("fail", b"1003")]
+
+
+def test_mask_offsets_across_reads_on_both_unmasking_paths() -> None:
+    """A frame split at every offset: the mask continues where the last read stopped, on the
+    Python-integer path (small pieces) and the C path (pieces of 1 KiB and more)."""
+    payload = bytes(range(256)) * 12  # 3,072 bytes: pieces on both sides of _SMALL
+    mask = b"\xa1\xb2\xc3\xd4"
+    wire = masked_frame(payload, mask)
+    header = len(wire) - len(payload)
+    for first in (*range(header, header + 9), header + 1023, header + 1024, header + 1025):
+        for second in (first + 1, first + 3, first + 1024, first + 2047):
+            reader = Reader().feed([wire[:first], wire[first:second], wire[second:]])
+            assert reader.data == payload, (first, second)
+            assert reader.failures == []
+
+
+def test_length_encodings_at_their_boundaries() -> None:
+    """Payloads of 125, 126, 65535 and 65536 bytes (the edges of the 7-bit, 16-bit and 64-bit
+    length forms) are read whole, alone and back to back, whole or a byte at a time around
+    the header."""
+    mask = b"\x11\x22\x33\x44"
+    payloads = [bytes([n % 251]) * n for n in (0, 125, 126, 65535, 65536)]
+    wire = b"".join(masked_frame(p, mask) for p in payloads)
+    assert Reader().feed([wire]).data == b"".join(payloads)
+    for p in payloads:
+        frame = masked_frame(p, mask)
+        pieces = [frame[i : i + 1] for i in range(16)] + [frame[16:]]
+        reader = Reader().feed(pieces)
+        assert reader.data == p
+        assert reader.failures == []

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.main import CONNECTION_LOST
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.tcp import Connection
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,7 +31,9 @@ from vncmux.relay import (
     SEND_NOW_LIMIT,
     RelayStats,
     Session,
+    queue_empty,
     send_now,
+    write_now,
 )
 from vncmux.rfb import ClientActivityScanner
 from vncmux.supervisor import Reservation, Supervisor
@@ -263,3 +273,221 @@ class SendNowTests(SynchronousTestCase):
         send_now(transport, 6)
         send_now(StringTransport(), 6)
         self.assertEqual(transport.flushes, 0)
+
+
+class FdReactor:
+    """What a transport asks of its reactor when it queues output: only recorded."""
+
+    def __init__(self) -> None:
+        self.writers: set[object] = set()
+
+    def addWriter(self, writer: object) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: object) -> None:
+        self.writers.discard(writer)
+
+
+class ScriptedSocket:
+    """A socket that takes C{accept} bytes at the first send, then raises C{error} or takes
+    everything; it records what it was given."""
+
+    def __init__(self, accept: int, error: OSError | None = None) -> None:
+        self.accept = accept
+        self.error = error
+        self.sent = b""
+        self.calls = 0
+
+    def _take(self, data: bytes) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            if self.error is not None:
+                raise self.error
+            data = data[: self.accept]
+        self.sent += bytes(data)
+        return len(data)
+
+    def send(self, data: bytes) -> int:
+        return self._take(data)
+
+    def sendmsg(self, buffers: tuple[bytes, ...]) -> int:
+        return self._take(b"".join(buffers))
+
+
+class TLSLayer:
+    """Stands for the TLS protocol that Twisted's startTLS puts under a TCP transport."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writeSequence(self, data: tuple[bytes, ...]) -> None:
+        self.written.extend(data)
+
+
+class WriteNowTests(SynchronousTestCase):
+    """
+    Writes go straight to a plain TCP socket when Twisted holds nothing for it, and through
+    Twisted otherwise, in order. These tests also pin the parts of Twisted's write queue that
+    L{queue_empty} reads (not an API): they fail if a Twisted release changes them.
+    """
+
+    def setUp(self) -> None:
+        self.near, self.far = socket.socketpair()
+        self.addCleanup(self.near.close)
+        self.addCleanup(self.far.close)
+        self.reactor = FdReactor()
+        self.transport = Connection(self.near, Protocol(), self.reactor)
+        self.transport.connected = True
+
+    def received(self) -> bytes:
+        """Everything the far end can read now."""
+        self.far.setblocking(False)
+        data = b""
+        try:
+            while chunk := self.far.recv(1 << 20):
+                data += chunk
+        except BlockingIOError:
+            pass
+        return data
+
+    def test_sent_at_once(self) -> None:
+        """With nothing queued, header and payload leave in one send in the same pass: the
+        socket is never registered for writing."""
+        write_now(self.transport, b"payload", b"\x82\x07")
+        write_now(self.transport, b"more")
+        self.assertEqual(self.received(), b"\x82\x07payloadmore")
+        self.assertEqual(self.reactor.writers, set())
+        self.assertTrue(queue_empty(self.transport))
+
+    def test_queue_state_pinned(self) -> None:
+        """L{queue_empty} follows Twisted's queue: false once a write waits (in the list of
+        pending writes, or half sent in the buffer), true once doWrite has sent it all."""
+        self.assertTrue(queue_empty(self.transport))
+        self.transport.write(b"x" * 10)
+        self.assertFalse(queue_empty(self.transport))
+        self.transport.doWrite()
+        self.assertTrue(queue_empty(self.transport))
+        self.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.transport.write(b"y" * (1 << 20))
+        self.transport.doWrite()  # part of it sent, the rest in Twisted's buffer
+        self.assertFalse(queue_empty(self.transport))
+        self.assertIn(self.transport, self.reactor.writers)
+
+    def test_order_kept_behind_queued_output(self) -> None:
+        """A write that finds output queued joins the queue instead of overtaking it; what
+        the socket did not take is queued; the far end gets everything in order."""
+        self.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        bulk = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes at once
+        write_now(self.transport, bulk, b"H1")
+        self.assertFalse(queue_empty(self.transport))
+        write_now(self.transport, b"after", b"H2")
+        write_now(self.transport, b"last")
+        got = b""
+        for _ in range(10_000):
+            got += self.received()
+            if queue_empty(self.transport):
+                break
+            self.transport.doWrite()
+        got += self.received()
+        self.assertEqual(got, b"H1" + bulk + b"H2afterlast")
+
+    def test_partial_sends(self) -> None:
+        """Whatever part the socket takes (none, part of the header, the header, part of the
+        payload), the rest goes to Twisted and the bytes arrive whole and in order."""
+        for accept in (0, 1, 2, 5, 7):
+            self.transport.socket = sock = ScriptedSocket(accept)
+            write_now(self.transport, b"12345", b"HD")
+            self.assertEqual(sock.calls, 1)
+            self.transport.doWrite()
+            self.assertEqual(sock.sent, b"HD12345", accept)
+            self.assertTrue(queue_empty(self.transport))
+
+    def test_errors_left_to_twisted(self) -> None:
+        """A send that would block queues the bytes; a broken connection is left to Twisted's
+        own write, which reports it as lost the usual way."""
+        self.transport.socket = ScriptedSocket(0, BlockingIOError(errno.EAGAIN, "again"))
+        write_now(self.transport, b"later")
+        self.assertIn(self.transport, self.reactor.writers)
+        self.transport.doWrite()
+        self.assertEqual(self.transport.socket.sent, b"later")
+        broken = ScriptedSocket(0, OSError(errno.EPIPE, "broken pipe"))
+        self.transport.socket = broken
+        write_now(self.transport, b"lost")
+        broken.calls = 0  # Twisted's own send fails the same way
+        self.assertIs(self.transport.doWrite(), CONNECTION_LOST)
+
+    def test_other_transports_use_twisted(self) -> None:
+        """A closing transport, a TLS one and anything that is not a TCP socket (wrappers,
+        test transports) get a plain write, header first."""
+        tls = TLSLayer()
+        self.transport.protocol, self.transport.TLS = tls, True  # as startTLS leaves it
+        write_now(self.transport, b"secret", b"H")
+        self.assertEqual(tls.written, [b"H", b"secret"])
+        self.assertEqual(self.received(), b"")
+        self.transport.TLS = False
+        self.transport.disconnecting = True
+        write_now(self.transport, b"bye", b"H")
+        self.assertFalse(queue_empty(self.transport))
+        self.assertEqual(self.received(), b"")
+        transport = StringTransport()
+        write_now(transport, b"payload", b"\x82\x07")
+        self.assertEqual(transport.value(), b"\x82\x07payload")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=4),
+            st.integers(min_value=0, max_value=64)
+            | st.integers(min_value=20_000, max_value=70_000),
+            st.sampled_from(["write_now", "twisted", "flush", "read"]),
+        ),
+        max_size=12,
+    )
+)
+def test_write_now_keeps_order_whatever_the_mix(steps: list[tuple[bytes, int, str]]) -> None:
+    """Direct sends, Twisted's own writes (as autobahn's pongs take), flushes and reads of the
+    far end in any order, on a socket with a small send buffer: the far end gets every byte
+    once, in the order written."""
+    near, far = socket.socketpair()
+    try:
+        near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        far.setblocking(False)
+        transport = Connection(near, Protocol(), FdReactor())
+        transport.connected = True
+        expected, got = b"", bytearray()
+
+        def read() -> None:
+            try:
+                while chunk := far.recv(1 << 20):
+                    got.extend(chunk)
+            except BlockingIOError:
+                pass
+
+        for step, (header, size, action) in enumerate(steps):
+            payload = bytes((step + i) & 0xFF for i in range(min(size, 256))) * (size // 256 + 1)
+            payload = payload[:size]
+            if action == "write_now":
+                write_now(transport, payload, header)
+                expected += header + payload
+            elif action == "twisted":
+                transport.write(header + payload or b"-")
+                expected += header + payload or b"-"
+            elif action == "flush" and not queue_empty(transport):
+                transport.doWrite()
+            else:
+                read()
+        for _ in range(10_000):
+            read()
+            if queue_empty(transport):
+                break
+            transport.doWrite()
+        read()
+        assert bytes(got) == expected
+    finally:
+        near.close()
+        far.close()

@@ -33,7 +33,7 @@ from vncmux.refusals import (
     Ending,
     Refused,
 )
-from vncmux.relay import send_now, set_interactive
+from vncmux.relay import set_interactive, write_now
 from vncmux.rfbsecurity import SecurityPolicy, ServerSecurity, TlsMode
 from vncmux.tls import VencryptTLS
 from vncmux.tokens import TokenRecord, format_target
@@ -186,8 +186,7 @@ class BackendProtocol(Protocol):
     # IPeer, as the relay sees the VNC server
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-        send_now(self.transport, len(data))
+        write_now(self.transport, data)
 
     def pause(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]

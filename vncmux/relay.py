@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.tcp import Connection as TCPConnection
 from zope.interface import implementer
 
 from vncmux.refusals import Ending
@@ -43,12 +44,63 @@ def set_interactive(transport: object) -> None:
         transport.setTcpKeepAlive(True)
 
 
+def queue_empty(transport: TCPConnection) -> bool:
+    """
+    Whether Twisted holds nothing unsent for C{transport}. Twisted has no public way to
+    ask: this reads its write queue (C{dataBuffer}, C{offset}, C{_tempDataLen}), which
+    tests/test_relay.py pins for the Twisted versions setup.py allows.
+    """
+    return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+
+
+def write_now(transport: object, data: bytes, header: bytes = b"") -> None:
+    """
+    Write C{header} then C{data}, straight to the socket when that is safe, else through
+    Twisted.
+
+    Twisted queues every write, registers the socket for writability and, on the next
+    reactor pass, joins the queue into one bytes object and sends it: two epoll_ctl calls
+    and a copy of every byte (header and payload joined) per write. When the transport is
+    a plain TCP socket with nothing queued, one send (sendmsg: header and payload as two
+    buffers, never joined) does it in the same pass; whatever the socket does not take
+    then goes to Twisted, behind nothing, so the order holds. Anything else (TLS, a
+    wrapped transport, a closing one, output already queued) takes Twisted's own path.
+    """
+    if (
+        isinstance(transport, TCPConnection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and queue_empty(transport)
+    ):
+        try:
+            if header:
+                sent = transport.socket.sendmsg((header, data))
+            else:
+                sent = transport.socket.send(data)
+        except OSError:
+            # Would block, or the connection failed: Twisted's write path sends it later
+            # or meets the same error and loses the connection the usual way.
+            sent = 0
+        if sent == len(header) + len(data):
+            return
+        if sent > len(header):
+            header, data = b"", data[sent - len(header) :]
+        elif sent:
+            header = header[sent:]
+    if header:
+        transport.writeSequence((header, data))  # type: ignore[attr-defined]
+    else:
+        transport.write(data)  # type: ignore[attr-defined]
+
+
 def send_now(transport: object, size: int) -> None:
     """
-    Send a small write at once instead of on the next reactor pass: a keystroke or a small
-    screen update saves a trip through the event loop. Bulk writes keep Twisted's own
-    pacing. Only for transports that are sockets themselves (not wrappers such as the
-    PROXY-protocol one), and never while the transport is closing.
+    Send a small write that autobahn queued with Twisted (a close frame) at once instead of
+    on the next reactor pass; the relay's own writes go through L{write_now}. Bulk writes
+    keep Twisted's own pacing. Only for transports that are sockets themselves (not wrappers
+    such as the PROXY-protocol one), and never while the transport is closing.
     """
     if (
         size <= SEND_NOW_LIMIT

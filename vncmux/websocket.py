@@ -5,7 +5,7 @@ connection's lifecycle (L{vncmux.lifecycle}), to which this protocol only report
 the upgrade, every byte from the browser goes through one L{ClientFrameReader}: binary payload
 goes straight to the session (or to the refusing RFB server), and whole control frames go to
 autobahn, which answers pings and the closing handshake. Backend chunks go out as one frame
-each, header and payload written together without joining them first.
+each, header and payload as two buffers of one send (L{write_now}), never joined.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from vncmux.refusals import (
     Ending,
     Refused,
 )
-from vncmux.relay import RelayStats, SessionRegistry, send_now, set_interactive
+from vncmux.relay import RelayStats, SessionRegistry, send_now, set_interactive, write_now
 from vncmux.web import WebChannel, WebSite, http_response
 
 if TYPE_CHECKING:
@@ -358,9 +358,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def write(self, data: bytes) -> None:
         if self.state == _OPEN:
-            size = len(data)
-            self.transport.writeSequence((binary_frame_header(size), data))  # type: ignore[union-attr]
-            send_now(self.transport, size)
+            write_now(self.transport, data, binary_frame_header(len(data)))
 
     def pause(self) -> None:
         self._hold(_BACKEND_FULL, True)
