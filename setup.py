@@ -49,7 +49,7 @@ setup(
             # The packaging test builds the sdist and the wheel.
             "build>=1.6,<2",
         ],
-        "bench": ["websockify>=0.13,<1", "numpy>=2.4,<3"],
+        "bench": ["websockify>=0.13,<1", "numpy>=2.4,<3", "matplotlib>=3.10,<4"],
     },
     entry_points={"console_scripts": ["vncmux = vncmux.cli:main"]},
     classifiers=[
