@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import selectors
 import shlex
@@ -74,7 +75,7 @@ BUILTIN_KINDS = {
 def parse_variant(text: str, store: str) -> KindSpec:
     """``NAME=ARGS`` (``--variant``/``--redis-variant``): vncmux with ARGS, as kind NAME."""
     name, sep, argstr = text.partition("=")
-    if not sep or not name or name in BUILTIN_KINDS or "," in name:
+    if not sep or not re.fullmatch(r"[A-Za-z][\w.-]*", name) or name in BUILTIN_KINDS:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected NAME=ARGS with a new NAME (not {', '.join(BUILTIN_KINDS)})"
         )
