@@ -108,6 +108,18 @@ def read_stat(pid: int) -> tuple[int, int, int] | None:
     return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
 
 
+def schedstat_seconds(pid: int) -> float | None:
+    """CPU time of every live thread of a process, from schedstat (ns); None if unreadable."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
 def group_members(pgid: int) -> list[int]:
     """Every live or zombie process of a process group."""
     out = []
@@ -334,18 +346,24 @@ class ProxyInstance:
 
         The leader's utime+stime, plus cutime+cstime (children it has reaped: websockify
         reaps through multiprocessing.active_children() on SIGCHLD, i.e. waitpid), plus the
-        utime+stime of members still alive or not yet reaped. Read it only when the group is
+        CPU time of members still alive or not yet reaped. Read it only when the group is
         quiescent (see ``ProxySet.quiesce``) so that no child is reaped between reads.
+
+        A live child's time comes from its threads' schedstat, in nanoseconds: utime+stime
+        are whole clock ticks per process, and a thousand forked children that each used a
+        few milliseconds would lose up to a tick each.
         """
-        total = 0
+        total = 0.0
         for pid in self.members():
             st = read_stat(pid)
             if st is None:
                 continue
-            total += st[1]
             if pid == self.proc.pid:
-                total += st[2]
-        return total / CLK_TCK
+                total += (st[1] + st[2]) / CLK_TCK
+            else:
+                exact = schedstat_seconds(pid)
+                total += st[1] / CLK_TCK if exact is None else exact
+        return total
 
     def memory(self) -> tuple[int, int, int]:
         """(sum of Pss KiB, sum of Rss KiB, number of processes) of the tree."""
@@ -720,7 +738,7 @@ class CpuSampler(threading.Thread):
 def cpu_window(ctx: Ctx, ps: ProxySet, live: bool = False) -> Iterator[dict[str, float]]:
     """
     Proxy and backend CPU seconds spent inside the block (proxy quiescent at both ends;
-    ``live``: sessions are open at the start, so only their CPU time must have settled).
+    ``live``: sessions are open at both ends, so only their CPU time must have settled).
     """
     out: dict[str, float] = {}
     q0 = ps.quiesce(live=live)
@@ -732,7 +750,7 @@ def cpu_window(ctx: Ctx, ps: ProxySet, live: bool = False) -> Iterator[dict[str,
     yield out
     if sampler is not None:
         out["proxy_cpu_sampled"] = sampler.finish()
-    q1 = ps.quiesce()
+    q1 = ps.quiesce(live=live)
     out["proxy_cpu"] = ps.cpu() - p0
     if sampler is not None:
         # everything the machine did, minus this script, its reaped clients and the backends
@@ -1052,7 +1070,9 @@ def sc_sessions(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
     try:
         with cpu_window(ctx, ps, live=True) as cpu:
             send_line(proc, "go")
-            res = wait_event(proc, "result", a.client_timeout + 10)
+            res = wait_event(proc, "done", a.client_timeout + 10)
+        send_line(proc, "close")
+        wait_event(proc, "result", 60)
     finally:
         ctx.reg.stop(proc)
     if res["complete"] < res["sessions"]:
@@ -1105,11 +1125,16 @@ def sc_rtt_paced(ctx: Ctx, ps: ProxySet, bulk: bool) -> Measure:
             warmup=5,
             timeout=a.client_timeout,
         )
-        with cpu_window(ctx, ps, live=bulk) as cpu:
+        if background is None:
+            with cpu_window(ctx, ps) as cpu:
+                (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
+        else:  # the proxy's CPU time is the bulk's: not a figure of the round trips
+            cpu: dict[str, float] = {}
             (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
-        if background is not None:
             send_line(background, "stop")
-            bg_result = wait_event(background, "result", 60)
+            bg_result = wait_event(background, "done", 60)
+            send_line(background, "close")
+            wait_event(background, "result", 60)
     finally:
         if background is not None:
             ctx.reg.stop(background)
