@@ -1,13 +1,15 @@
 """
-Side-by-side benchmark of vncmux and websockify on loopback.
+Side-by-side benchmark of vncmux, websockify and socat on loopback.
 
 Starts fake VNC backends (``backend.py``, one process per mode and instance), one token file
-that both proxies read, ``--proxies K`` vncmux processes and K websockify processes (each in
-its own process group, on free loopback ports), then runs every scenario for both proxies in
-alternating order (A B, B A, A B, ...) for ``--rounds`` rounds. The load comes from
-``client.py`` in separate processes. Proxy CPU time is read from /proc around each run (for
-websockify's forked children: the parent's cutime/cstime after it reaped them, see
-``ProxyInstance.cpu``). Prints a table and writes ``benchmarks/results/latest.json``.
+that the proxies read (and a real redis-server for the kinds with the Redis store), the proxy
+kinds of ``--kinds`` (``--proxies K`` instances of each; socat: one relay per backend, which
+the client reaches over raw TCP), each in its own process group on free loopback ports, then
+runs every scenario for every kind in rotating order (A B C, B C A, ...) for ``--rounds``
+rounds. The load comes from ``client.py`` in separate processes. Proxy CPU time is read from
+/proc around each run (for forked children: the parent's cutime/cstime after it reaped them,
+see ``ProxyInstance.cpu``). The fleet scenario runs K instances of one Redis-backed kind.
+Prints a table and writes ``benchmarks/results/latest.json``; ``plot.py`` draws it.
 
     .venv/bin/python benchmarks/run.py --quick
 """
@@ -170,12 +172,31 @@ def descriptors_needed(sessions: int) -> int:
     return 2 * sessions + 1024
 
 
+def workers_of(args: Sequence[str]) -> int:
+    """The worker processes a vncmux command line asks for (``--workers N|auto``; 1)."""
+    workers = "1"
+    for i, arg in enumerate(args):
+        if arg.startswith("--workers="):
+            workers = arg.split("=", 1)[1]
+        elif arg == "--workers" and i + 1 < len(args):
+            workers = args[i + 1]
+    return os.cpu_count() or 1 if workers == "auto" else int(workers)
+
+
+def relay_processes(ps: ProxySet) -> int:
+    """How many processes share the sessions of one instance (forking proxies: any)."""
+    if ps.spec.program != "vncmux":
+        return 1 << 30  # websockify and socat fork a process per session
+    return workers_of([*ps.extra, *ps.spec.args])
+
+
 def nofile_advice(sessions: int, soft: int) -> str:
     """Why ``sessions`` do not fit, and what to do about it."""
     return (
-        f"{sessions} sessions need about {descriptors_needed(sessions)} descriptors in the proxy"
-        f" process, but RLIMIT_NOFILE is {soft} and its hard limit could not be raised: run"
-        f" as root, or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, limits.conf)"
+        f"{sessions} sessions in one process need about {descriptors_needed(sessions)}"
+        f" descriptors, but RLIMIT_NOFILE is {soft} and its hard limit could not be raised"
+        f" (that needs CAP_SYS_RESOURCE): raise the hard limit (ulimit -Hn, systemd"
+        f" LimitNOFILE=, limits.conf), or spread the sessions over --workers"
     )
 
 
@@ -893,10 +914,10 @@ def sc_idle(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
     process → one round trip on every session (all must answer) → close.
     """
     a = ctx.args
-    need = descriptors_needed(sessions)
+    per_process = -(-sessions // relay_processes(ps))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if need > soft:
-        raise Skipped(nofile_advice(sessions, soft))
+    if descriptors_needed(per_process) > soft:
+        raise Skipped(nofile_advice(per_process, soft))
     estimate = ctx.pss_per_session.get(ps.kind, 0.0) * sessions
     if estimate > 0.7 * mem_available_kib():
         raise Skipped(
@@ -1752,7 +1773,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     soft = raise_nofile(descriptors_needed(largest))
     if soft < descriptors_needed(largest):
-        print(f"! RLIMIT_NOFILE: {nofile_advice(largest, soft)}", file=sys.stderr)
+        print(f"! RLIMIT_NOFILE: {nofile_advice(largest, soft)}; the sizes that do not fit"
+              " in one proxy process (or worker) are skipped", file=sys.stderr)  # fmt: skip
     use_redis = "fleet" in wanted or any(args.specs[k].store == "redis" for k in kinds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     logs = RESULTS / "logs"

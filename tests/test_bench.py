@@ -149,6 +149,13 @@ class KindTests(TestCase):
         self.assertEqual(argv[2:], ["idle", "--ports", "1,2", "--tokens", "t", "--raw",
                                     "--close-wait", "2.5"])  # fmt: skip
 
+    def test_workers_share_the_descriptors(self) -> None:
+        """--workers N (either spelling, auto = the cores) divides an instance's sessions."""
+        self.assertEqual(run.workers_of(["--idle-timeout=0"]), 1)
+        self.assertEqual(run.workers_of(["--workers=2"]), 2)
+        self.assertEqual(run.workers_of(["--workers", "3", "--foo"]), 3)
+        self.assertEqual(run.workers_of(["--workers=auto"]), os.cpu_count())
+
     def test_nofile_advice_names_the_limit_and_the_fix(self) -> None:
         """Too low a descriptor limit is reported with the numbers and what to change."""
         text = run.nofile_advice(10_000, 4096)
