@@ -6,8 +6,9 @@ hold its scenarios; every point is the median over the run's rounds.
 
     .venv/bin/python benchmarks/plot.py benchmarks/results/latest.json --out docs/img
 
-Several results files may be given (say one run before and one after a change): their
-kinds are drawn side by side, a kind seen again gets the file's name in its label.
+Several results files may be given: a kind's scenarios from different files make one line
+(idle sizes measured in two runs); a kind measured again in the same scenario (one run
+before and one after a change) is drawn as its own line, labelled with the file's name.
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ OTHER_COLOURS = ("tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink", 
 
 
 def load(paths: Sequence[Path]) -> Runs:
-    """The ``runs`` of every file, merged; a kind already seen is renamed ``kind (file)``."""
+    """
+    The ``runs`` of every file, merged: a kind's scenarios from several files make one
+    line; a scenario a kind already has from an earlier file is kept as ``kind (file)``.
+    """
     merged: Runs = {}
-    seen: set[str] = set()
     for path in paths:
         runs: Runs = json.loads(path.read_text())["runs"]
-        kinds = {k for by_kind in runs.values() for k in by_kind}
-        rename = {k: f"{k} ({path.stem})" if k in seen else k for k in kinds}
-        seen |= set(rename.values())
+        clash = {k for scenario, by_kind in runs.items() for k in by_kind
+                 if k in merged.get(scenario, {})}  # fmt: skip
         for scenario, by_kind in runs.items():
             for kind, measures in by_kind.items():
-                merged.setdefault(scenario, {})[rename[kind]] = measures
+                name = f"{kind} ({path.stem})" if kind in clash else kind
+                merged.setdefault(scenario, {})[name] = measures
     return merged
 
 

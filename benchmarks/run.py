@@ -1470,7 +1470,8 @@ def build_table(
     kind's paired ratio to the reference kind; ``ratio``/``a_leads``: the first kind's.
     Kinds that only some scenarios measured (the fleet's) get columns too.
     """
-    kinds = list(kinds) + sorted({k for by in runs.values() for k in by} - set(kinds))
+    measured = {k for by in runs.values() for k, ms in by.items() if ms}
+    kinds = [k for k in kinds if k in measured] + sorted(measured - set(kinds)) or list(kinds)
     ref = reference_kind(kinds)
     others = [k for k in kinds if k != ref]
     rows = []
@@ -1837,13 +1838,14 @@ def main(argv: list[str] | None = None) -> int:
             for k in kinds
         }
         ctx.proxies = proxies
-        for ps in proxies.values():
+        plan = scenario_plan(args)
+        for ps in proxies.values() if plan else ():
             ps.start()
         if METRICS_ON in proxies:
             scraper = Scraper(proxies[METRICS_ON], deadline)
             scraper.start()
             env["scrapes"] = scraper.counts
-        for name, fn in scenario_plan(args):
+        for name, fn in plan:
             runs[name] = {k: [] for k in kinds}
             for r in range(args.rounds):
                 if time.monotonic() > deadline:
