@@ -101,6 +101,7 @@ def _lines(
         ax.plot(xs, ys, marker="o", label=kind, color=colour(kind, kinds))
     if log_x:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:,.0f}")
     if log_y:
         ax.set_yscale("log")
     else:
@@ -119,6 +120,13 @@ def chart_throughput(runs: Runs, plt: Any) -> Any | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     _lines(left, speed, "MB/s, all sessions together", "concurrent sessions")
     left.set_title("backend→browser throughput")
+    for kind, points in series(runs, "sessions_", "sessions_ok").items():
+        for n, held in points:
+            if held < n:  # websockify cannot hold 1,000 sessions: say so at the point
+                y = dict(speed[kind])[n]
+                note = f"{kind}: {held:,.0f} of {n:,} sessions"
+                left.annotate(note, (n, y), textcoords="offset points", xytext=(-150, -14),
+                              fontsize=8)  # fmt: skip
     _lines(right, series(runs, "sessions_", "cpu_per_gb"), "proxy CPU, core·s per GB",
            "concurrent sessions")  # fmt: skip
     right.set_title("proxy CPU per GB relayed")
