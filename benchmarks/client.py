@@ -9,17 +9,24 @@ It is built to cost less than the proxy it measures:
   connection, so the masked payload is computed once per connection, not per frame;
 - small messages are masked with one big-integer XOR.
 
+With ``--raw`` every subcommand speaks plain TCP instead (the same RFB bytes, no WebSocket
+and no token: one port per backend), for a byte relay such as socat.
+
 Subcommands (each prints one JSON object per line on stdout):
 
 ``bulk-down``  RFB handshake against a ``blast`` backend, time until all bytes arrived.
+``bulk-many``  ``--streams`` such sessions opened first (``ready``), started together on
+               ``go`` from stdin, timed until each has exactly its bytes or until ``stop``
+               (``done``), closed on ``close``.
 ``bulk-up``    RFB handshake against a ``sink`` backend, send ClientCutText frames, then a
                KeyEvent, and time until the backend's Bell comes back.
-``latency``    RFB handshake against an ``echo`` backend, then sequential 6-byte PointerEvent
-               round trips.
+``latency``    RFB handshake against an ``echo`` backend, then 6-byte PointerEvent round
+               trips: back to back, or ``--rate`` per second on each of ``--streams``.
 ``setup``      repeated connect + upgrade + token lookup + backend connect + RFB greeting,
-               then close; ``--concurrency`` workers.
+               then close; ``--concurrency`` workers; every latency is reported.
 ``idle``       open ``--sessions`` sessions (full RFB handshake) and hold them; commands on
-               stdin: ``check`` (one round trip on every session), ``close``.
+               stdin: ``check`` (one round trip on every session), ``closes`` (wait until
+               every session was closed, say when each was), ``close``.
 
 Every loop is bounded by a count and by ``--timeout`` seconds.
 """
