@@ -110,6 +110,34 @@ def read_stat(pid: int) -> tuple[int, int, int] | None:
     return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
 
 
+def process_tree(leader: int) -> list[int]:
+    """The live or zombie processes of ``leader``'s process group and all its descendants."""
+    parents: dict[int, int] = {}
+    tree: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()  # fields[1] ppid, fields[2] pgrp
+        parents[int(name)] = int(fields[1])
+        if int(fields[2]) == leader:
+            tree.add(int(name))
+    if leader in parents:
+        tree.add(leader)
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return sorted(tree)
+
+
 def schedstat_seconds(pid: int) -> float | None:
     """CPU time of every live thread of a process, from schedstat (ns); None if unreadable."""
     total = 0
@@ -358,8 +386,9 @@ class ProxyInstance:
     target: str | None = None
 
     def members(self) -> list[int]:
-        """The leader and every child in its process group."""
-        return group_members(self.proc.pid)
+        """The leader, every process in its group, and every descendant (a worker that
+        made a group of its own still counts)."""
+        return process_tree(self.proc.pid)
 
     def cpu(self) -> float:
         """
@@ -372,7 +401,8 @@ class ProxyInstance:
 
         A live child's time comes from its threads' schedstat, in nanoseconds: utime+stime
         are whole clock ticks per process, and a thousand forked children that each used a
-        few milliseconds would lose up to a tick each.
+        few milliseconds would lose up to a tick each (long-lived children, such as
+        vncmux's workers, lose at most one tick each either way).
         """
         total = 0.0
         for pid in self.members():
@@ -382,8 +412,9 @@ class ProxyInstance:
             if pid == self.proc.pid:
                 total += (st[1] + st[2]) / CLK_TCK
             else:
+                # schedstat misses threads that ended, the ticks never do: the larger
                 exact = schedstat_seconds(pid)
-                total += st[1] / CLK_TCK if exact is None else exact
+                total += max(st[1] / CLK_TCK, exact or 0.0)
         return total
 
     def memory(self) -> tuple[int, int, int]:
@@ -412,6 +443,8 @@ class ProxySet:
     redis_url: str | None = None
     instances: list[ProxyInstance] = field(default_factory=list)
     starts: int = 0
+    #: Processes of all instances when no session is open (vncmux's workers count).
+    idle_procs: int = 0
 
     @property
     def kind(self) -> str:
@@ -496,6 +529,18 @@ class ProxySet:
                 self.reg.stop(proc)
             else:
                 raise SystemExit(f"{self.kind} did not start; log {log}:\n{proc.log_tail()}")
+        self.idle_procs = self.settled_procs()
+
+    def settled_procs(self, timeout: float = 15.0) -> int:
+        """The process count once it stayed the same for 0.5 s (workers still starting)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.nprocs(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < 0.5:
+            time.sleep(0.1)
+            now = self.nprocs()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
 
     def stop(self) -> None:
         """Stop every instance (process groups: websockify's children go too)."""
@@ -537,14 +582,15 @@ class ProxySet:
 
     def quiesce(self, timeout: float = 15.0, live: bool = False) -> bool:
         """
-        Wait until only the leaders are left (websockify reaped its children) and CPU time
-        stopped moving for 0.2 s; ``live``: sessions are held open, so only the latter.
+        Wait until only the processes of an idle proxy are left (websockify reaped its
+        children) and CPU time stopped moving for 0.2 s; ``live``: sessions are held open,
+        so only the latter.
         Bounded by ``timeout``; returns False if not reached.
         """
         deadline = time.monotonic() + timeout
         last = -1.0
         while time.monotonic() < deadline:
-            if live or self.nprocs() == len(self.instances):
+            if live or self.nprocs() == self.idle_procs:
                 now = self.cpu()
                 if now == last:
                     return True

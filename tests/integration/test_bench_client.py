@@ -111,3 +111,31 @@ class BenchClientTests(TestCase):
         result = self.event(proc, "result")
         self.assertGreaterEqual(result["round_trips"], 20)
         self.assertLessEqual(result["round_trips"], 2 * 40 * 0.5 + 4)
+
+
+class ProcessTreeTests(TestCase):
+    """What run.py counts as one proxy's processes (its CPU time and memory)."""
+
+    def test_descendants_in_a_group_of_their_own_count(self) -> None:
+        """A child that started a new session (a worker that left the proxy's process group)
+        is still counted with the proxy; an unrelated process is not."""
+        from tests.test_bench import run
+
+        script = (
+            "import subprocess, sys, time\n"
+            "child = subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(30)\n"
+        )
+        leader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                  start_new_session=True)  # fmt: skip
+        self.addCleanup(leader.wait)
+        self.addCleanup(leader.kill)
+        assert leader.stdout is not None
+        grandchild = int(leader.stdout.readline())
+        self.addCleanup(lambda: subprocess.run(["kill", str(grandchild)], check=False))
+        other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(other.wait)
+        self.addCleanup(other.kill)
+        tree = run.process_tree(leader.pid)
+        self.assertEqual(tree, sorted([leader.pid, grandchild]))
