@@ -55,7 +55,7 @@ setup(
             "mypy>=2.4,<3",
             "mypy-zope>=1.0.17,<2",
         ],
-        "bench": ["websockify>=0.13,<1", "numpy>=2.4,<3"],
+        "bench": ["websockify>=0.13,<1", "numpy>=2.4,<3", "matplotlib>=3.10,<4"],
     },
     entry_points={"console_scripts": ["vncmux = vncmux.cli:main"]},
     classifiers=[

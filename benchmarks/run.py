@@ -1,13 +1,15 @@
 """
-Side-by-side benchmark of vncmux and websockify on loopback.
+Side-by-side benchmark of vncmux, websockify and socat on loopback.
 
 Starts fake VNC backends (``backend.py``, one process per mode and instance), one token file
-that both proxies read, ``--proxies K`` vncmux processes and K websockify processes (each in
-its own process group, on free loopback ports), then runs every scenario for both proxies in
-alternating order (A B, B A, A B, ...) for ``--rounds`` rounds. The load comes from
-``client.py`` in separate processes. Proxy CPU time is read from /proc around each run (for
-websockify's forked children: the parent's cutime/cstime after it reaped them, see
-``ProxyInstance.cpu``). Prints a table and writes ``benchmarks/results/latest.json``.
+that the proxies read (and a real redis-server for the kinds with the Redis store), the proxy
+kinds of ``--kinds`` (``--proxies K`` instances of each; socat: one relay per backend, which
+the client reaches over raw TCP), each in its own process group on free loopback ports, then
+runs every scenario for every kind in rotating order (A B C, B C A, ...) for ``--rounds``
+rounds. The load comes from ``client.py`` in separate processes. Proxy CPU time is read from
+/proc around each run (for forked children: the parent's cutime/cstime after it reaped them,
+see ``ProxyInstance.cpu``). The fleet scenario runs K instances of one Redis-backed kind.
+Prints a table and writes ``benchmarks/results/latest.json``; ``plot.py`` draws it.
 
     .venv/bin/python benchmarks/run.py --quick
 """
@@ -16,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import selectors
+import shlex
 import signal
 import socket
 import statistics
@@ -40,10 +45,43 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-PROXIES = ("vncmux", "websockify")
 #: vncmux with its metrics endpoint on and scraped every second: the B side of --baseline.
 METRICS_ON = "vncmux-metrics"
+#: The proxy every other kind's paired ratio is taken against, when it is measured.
+REFERENCE = "websockify"
 MiB = 2**20
+MB = 10**6
+GB = 10**9
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """One proxy kind: which program, which token store, which extra options."""
+
+    name: str
+    program: str  # vncmux, websockify or socat
+    store: str = "file"  # vncmux's token store: file (the shared token file) or redis
+    args: tuple[str, ...] = ()
+
+
+BUILTIN_KINDS = {
+    "vncmux": KindSpec("vncmux", "vncmux"),
+    "vncmux-redis": KindSpec("vncmux-redis", "vncmux", store="redis"),
+    METRICS_ON: KindSpec(METRICS_ON, "vncmux"),
+    "websockify": KindSpec("websockify", "websockify"),
+    # A C byte relay without WebSocket: one socat per backend, raw TCP from the client.
+    "socat": KindSpec("socat", "socat"),
+}
+
+
+def parse_variant(text: str, store: str) -> KindSpec:
+    """``NAME=ARGS`` (``--variant``/``--redis-variant``): vncmux with ARGS, as kind NAME."""
+    name, sep, argstr = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z][\w.-]*", name) or name in BUILTIN_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=ARGS with a new NAME (not {', '.join(BUILTIN_KINDS)})"
+        )
+    return KindSpec(name, "vncmux", store, tuple(shlex.split(argstr)))
 
 
 def venv_bin(name: str) -> str:
@@ -70,6 +108,46 @@ def read_stat(pid: int) -> tuple[int, int, int] | None:
     fields = raw[raw.rindex(b")") + 2 :].split()
     # fields[0] is field 3 (state): pgrp is field 5, utime..cstime are fields 14..17
     return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def process_tree(leader: int) -> list[int]:
+    """The live or zombie processes of ``leader``'s process group and all its descendants."""
+    parents: dict[int, int] = {}
+    tree: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()  # fields[1] ppid, fields[2] pgrp
+        parents[int(name)] = int(fields[1])
+        if int(fields[2]) == leader:
+            tree.add(int(name))
+    if leader in parents:
+        tree.add(leader)
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return sorted(tree)
+
+
+def schedstat_seconds(pid: int) -> float | None:
+    """CPU time of every live thread of a process, from schedstat (ns); None if unreadable."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
 
 
 def group_members(pgid: int) -> list[int]:
@@ -114,9 +192,52 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def raise_nofile() -> int:
-    """Raise our soft RLIMIT_NOFILE to the hard limit; children inherit it."""
+def descriptors_needed(sessions: int) -> int:
+    """
+    Descriptors one process needs for ``sessions`` relayed sessions: a proxy holds two per
+    session (browser and VNC server sides), plus room for listeners, logs and pipes.
+    """
+    return 2 * sessions + 1024
+
+
+def workers_of(args: Sequence[str]) -> int:
+    """The worker processes a vncmux command line asks for (``--workers N|auto``; 1)."""
+    workers = "1"
+    for i, arg in enumerate(args):
+        if arg.startswith("--workers="):
+            workers = arg.split("=", 1)[1]
+        elif arg == "--workers" and i + 1 < len(args):
+            workers = args[i + 1]
+    return os.cpu_count() or 1 if workers == "auto" else int(workers)
+
+
+def relay_processes(ps: ProxySet) -> int:
+    """How many processes share the sessions of one instance (forking proxies: any)."""
+    if ps.spec.program != "vncmux":
+        return 1 << 30  # websockify and socat fork a process per session
+    return workers_of([*ps.extra, *ps.spec.args])
+
+
+def nofile_advice(sessions: int, soft: int) -> str:
+    """Why ``sessions`` do not fit, and what to do about it."""
+    return (
+        f"{sessions} sessions in one process need about {descriptors_needed(sessions)}"
+        f" descriptors, but RLIMIT_NOFILE is {soft} and its hard limit could not be raised"
+        f" (that needs CAP_SYS_RESOURCE): raise the hard limit (ulimit -Hn, systemd"
+        f" LimitNOFILE=, limits.conf), or spread the sessions over --workers"
+    )
+
+
+def raise_nofile(need: int = 0) -> int:
+    """
+    Raise our soft RLIMIT_NOFILE to the hard limit, and the hard limit too when ``need``
+    is above it and we may (root); children inherit both. Returns the soft limit now.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need > hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
@@ -204,27 +325,34 @@ class Backend:
     index: int
     proc: Proc
     port: int
+    #: What the backend is for, when not just its mode (a blast size: ``blast-n100``).
+    label: str = ""
 
     @property
     def token(self) -> str:
         """Its token in the shared token file."""
-        return f"{self.mode}{self.index}"
+        return f"{self.label}-{self.index}" if self.label else f"{self.mode}{self.index}"
 
 
 def start_backend(
-    reg: Registry, logs: Path, mode: str, index: int, blast: int, extra: Sequence[str] = ()
+    reg: Registry,
+    logs: Path,
+    mode: str,
+    index: int,
+    blast: int,
+    extra: Sequence[str] = (),
+    label: str = "",
 ) -> Backend:
     """Start one backend (``extra``: more backend.py options) and read the port it printed."""
     argv = [python(), str(HERE / "backend.py"), "--mode", mode, "--blast-bytes", str(blast)]
     argv += extra
-    proc = reg.start(
-        f"backend-{mode}{index}", argv, logs / f"backend-{mode}{index}.log", stdout=subprocess.PIPE
-    )
+    name = f"{label or mode}{index}"
+    proc = reg.start(f"backend-{name}", argv, logs / f"backend-{name}.log", stdout=subprocess.PIPE)
     assert proc.popen.stdout is not None
     line = read_line(proc.popen.stdout, 20.0)
     if not line or not line.startswith("PORT "):
-        raise SystemExit(f"backend {mode}{index} did not start:\n{proc.log_tail()}")
-    return Backend(mode, index, proc, int(line.split()[1]))
+        raise SystemExit(f"backend {name} did not start:\n{proc.log_tail()}")
+    return Backend(mode, index, proc, int(line.split()[1]), label)
 
 
 def read_line(stream: IO[bytes], timeout: float) -> str | None:
@@ -254,10 +382,13 @@ class ProxyInstance:
     port: int
     proc: Proc
     metrics_port: int | None = None
+    #: socat: the token of the one backend this relay leads to.
+    target: str | None = None
 
     def members(self) -> list[int]:
-        """The leader and every child in its process group."""
-        return group_members(self.proc.pid)
+        """The leader, every process in its group, and every descendant (a worker that
+        made a group of its own still counts)."""
+        return process_tree(self.proc.pid)
 
     def cpu(self) -> float:
         """
@@ -265,18 +396,26 @@ class ProxyInstance:
 
         The leader's utime+stime, plus cutime+cstime (children it has reaped: websockify
         reaps through multiprocessing.active_children() on SIGCHLD, i.e. waitpid), plus the
-        utime+stime of members still alive or not yet reaped. Read it only when the group is
+        CPU time of members still alive or not yet reaped. Read it only when the group is
         quiescent (see ``ProxySet.quiesce``) so that no child is reaped between reads.
+
+        A live child's time comes from its threads' schedstat, in nanoseconds: utime+stime
+        are whole clock ticks per process, and a thousand forked children that each used a
+        few milliseconds would lose up to a tick each (long-lived children, such as
+        vncmux's workers, lose at most one tick each either way).
         """
-        total = 0
+        total = 0.0
         for pid in self.members():
             st = read_stat(pid)
             if st is None:
                 continue
-            total += st[1]
             if pid == self.proc.pid:
-                total += st[2]
-        return total / CLK_TCK
+                total += (st[1] + st[2]) / CLK_TCK
+            else:
+                # schedstat misses threads that ended, the ticks never do: the larger
+                exact = schedstat_seconds(pid)
+                total += max(st[1] / CLK_TCK, exact or 0.0)
+        return total
 
     def memory(self) -> tuple[int, int, int]:
         """(sum of Pss KiB, sum of Rss KiB, number of processes) of the tree."""
@@ -292,21 +431,40 @@ class ProxyInstance:
 
 @dataclass
 class ProxySet:
-    """K instances of one proxy kind."""
+    """K instances of one proxy kind (socat: one relay per backend)."""
 
-    kind: str
+    spec: KindSpec
     count: int
     token_file: Path
     logs: Path
     reg: Registry
     extra: list[str] = field(default_factory=list)
+    backends: list[Backend] = field(default_factory=list)
+    redis_url: str | None = None
     instances: list[ProxyInstance] = field(default_factory=list)
     starts: int = 0
+    #: Processes of all instances when no session is open (vncmux's workers count).
+    idle_procs: int = 0
 
-    def argv(self, port: int, metrics_port: int | None = None) -> list[str]:
-        """The command line of one instance."""
-        if self.kind.startswith("vncmux"):
+    @property
+    def kind(self) -> str:
+        """The kind's name, as in the tables."""
+        return self.spec.name
+
+    @property
+    def raw(self) -> bool:
+        """Clients speak raw TCP (no WebSocket) to this kind."""
+        return self.spec.program == "socat"
+
+    def argv(self, port: int, metrics_port: int | None = None, target: int = 0) -> list[str]:
+        """The command line of one instance (``target``: socat's backend port)."""
+        if self.spec.program == "vncmux":
             metrics = f"tcp:{metrics_port}:interface=127.0.0.1" if metrics_port else "none"
+            if self.spec.store == "redis":
+                assert self.redis_url is not None, "no redis-server was started"
+                tokens = self.redis_url
+            else:
+                tokens = f"file:{self.token_file}"
             return [
                 venv_bin("twistd"),
                 "-n",
@@ -315,7 +473,7 @@ class ProxySet:
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
                 "--tokens",
-                f"file:{self.token_file}",
+                tokens,
                 "--metrics",
                 metrics,
                 # Thousands of sessions from 127.0.0.1 on a few tokens: the limits that
@@ -323,7 +481,15 @@ class ProxySet:
                 "--max-sessions=0",
                 "--max-sessions-per-token=0",
                 "--max-sessions-per-client=0",
+                "--max-pending-per-client=0",
                 *self.extra,
+                *self.spec.args,
+            ]
+        if self.spec.program == "socat":
+            return [
+                "socat",
+                f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
+                f"TCP:127.0.0.1:{target}",
             ]
         return [
             venv_bin("websockify"),
@@ -335,26 +501,46 @@ class ProxySet:
             f"127.0.0.1:{port}",
         ]
 
-    @property
-    def ports(self) -> list[int]:
-        """The listening ports."""
-        return [i.port for i in self.instances]
+    def route(self, tokens: Sequence[str]) -> tuple[list[int], list[str]]:
+        """(ports, tokens) for a client: every instance, or socat's relay for each token."""
+        if not self.raw:
+            return self.ports, list(tokens)
+        by_target = {i.target: i.port for i in self.instances}
+        return [by_target[t] for t in tokens], list(tokens)
 
     def start(self) -> None:
         """Start every instance and wait until each accepts connections."""
         self.starts += 1
-        for k in range(self.count):
+        plan: list[Backend | None] = list(self.backends) if self.raw else [None] * self.count
+        for k, backend in enumerate(plan):
             for _attempt in range(3):
                 port = free_port()
                 metrics_port = free_port() if self.kind == METRICS_ON else None
                 log = self.logs / f"{self.kind}{k}.log"
-                proc = self.reg.start(f"{self.kind}{k}", self.argv(port, metrics_port), log)
+                argv = self.argv(port, metrics_port, backend.port if backend else 0)
+                proc = self.reg.start(f"{self.kind}{k}", argv, log)
                 if wait_listening(port, proc, 30.0):
-                    self.instances.append(ProxyInstance(self.kind, port, proc, metrics_port))
+                    self.instances.append(
+                        ProxyInstance(
+                            self.kind, port, proc, metrics_port, backend.token if backend else None
+                        )
+                    )
                     break
                 self.reg.stop(proc)
             else:
                 raise SystemExit(f"{self.kind} did not start; log {log}:\n{proc.log_tail()}")
+        self.idle_procs = self.settled_procs()
+
+    def settled_procs(self, timeout: float = 15.0) -> int:
+        """The process count once it stayed the same for 0.5 s (workers still starting)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.nprocs(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < 0.5:
+            time.sleep(0.1)
+            now = self.nprocs()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
 
     def stop(self) -> None:
         """Stop every instance (process groups: websockify's children go too)."""
@@ -366,6 +552,11 @@ class ProxySet:
         """Fresh processes, for the memory scenario."""
         self.stop()
         self.start()
+
+    @property
+    def ports(self) -> list[int]:
+        """The listening ports."""
+        return [i.port for i in self.instances]
 
     def check_alive(self) -> None:
         """Fail loudly if an instance died."""
@@ -389,15 +580,17 @@ class ProxySet:
         """Processes in every instance's group, zombies included."""
         return sum(len(i.members()) for i in self.instances)
 
-    def quiesce(self, timeout: float = 15.0) -> bool:
+    def quiesce(self, timeout: float = 15.0, live: bool = False) -> bool:
         """
-        Wait until only the leaders are left (websockify reaped its children) and CPU time
-        stopped moving for 0.2 s. Bounded by ``timeout``; returns False if not reached.
+        Wait until only the processes of an idle proxy are left (websockify reaped its
+        children) and CPU time stopped moving for 0.2 s; ``live``: sessions are held open,
+        so only the latter.
+        Bounded by ``timeout``; returns False if not reached.
         """
         deadline = time.monotonic() + timeout
         last = -1.0
         while time.monotonic() < deadline:
-            if self.nprocs() == len(self.instances):
+            if live or self.nprocs() == self.idle_procs:
                 now = self.cpu()
                 if now == last:
                     return True
@@ -492,7 +685,10 @@ def client_argv(
         ",".join(tokens),
     ]
     for k, v in opts.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        if v is True:
+            argv.append(f"--{k.replace('_', '-')}")
+        elif v is not False:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv
 
 
@@ -533,10 +729,29 @@ class Ctx:
     backends: dict[str, list[Backend]]
     proxies: dict[str, ProxySet]
     pss_per_session: dict[str, float] = field(default_factory=dict)
+    redis: Any = None  # tests.redis_server.RedisServer, when a kind uses the Redis store
+    #: The backends' tokens in the Redis store (issued by `vncmux token add`), by file token.
+    redis_tokens: dict[str, str] = field(default_factory=dict)
 
     def tokens(self, mode: str) -> list[str]:
         """The tokens of every backend instance of a mode."""
         return [b.token for b in self.backends[mode]]
+
+    def route(self, ps: ProxySet, mode: str) -> tuple[list[int], list[str]]:
+        """(ports, tokens) that reach the backends of ``mode`` through ``ps``."""
+        tokens = self.tokens(mode)
+        if ps.spec.store == "redis":
+            tokens = [self.redis_tokens[t] for t in tokens]
+        return ps.route(tokens)
+
+    def issue_redis_token(self, port: int) -> str:
+        """A new token for a backend in the Redis store, with the operator's command."""
+        out = subprocess.run(
+            [venv_bin("vncmux"), "token", "add", "--tokens", self.redis.url(),
+             "--host", "127.0.0.1", "--port", str(port), "--ttl", "86400"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        return out.split("token: ", 1)[1].split()[0]
 
     def backend_procs(self) -> list[Proc]:
         """Every backend process."""
@@ -587,10 +802,13 @@ class CpuSampler(threading.Thread):
 
 
 @contextlib.contextmanager
-def cpu_window(ctx: Ctx, ps: ProxySet) -> Iterator[dict[str, float]]:
-    """Proxy and backend CPU seconds spent inside the block (proxy quiescent at both ends)."""
+def cpu_window(ctx: Ctx, ps: ProxySet, live: bool = False) -> Iterator[dict[str, float]]:
+    """
+    Proxy and backend CPU seconds spent inside the block (proxy quiescent at both ends;
+    ``live``: sessions are open at both ends, so only their CPU time must have settled).
+    """
     out: dict[str, float] = {}
-    q0 = ps.quiesce()
+    q0 = ps.quiesce(live=live)
     p0, b0, t0 = ps.cpu(), proc_cpu(ctx.backend_procs()), time.monotonic()
     sampler = CpuSampler(ps) if ctx.args.verify_cpu else None
     if sampler is not None:
@@ -599,7 +817,7 @@ def cpu_window(ctx: Ctx, ps: ProxySet) -> Iterator[dict[str, float]]:
     yield out
     if sampler is not None:
         out["proxy_cpu_sampled"] = sampler.finish()
-    q1 = ps.quiesce()
+    q1 = ps.quiesce(live=live)
     out["proxy_cpu"] = ps.cpu() - p0
     if sampler is not None:
         # everything the machine did, minus this script, its reaped clients and the backends
@@ -617,8 +835,8 @@ def sc_bulk(ctx: Ctx, ps: ProxySet, direction: str) -> Measure:
     mode = "blast" if direction == "down" else "sink"
     argv = client_argv(
         f"bulk-{direction}",
-        ps.ports,
-        ctx.tokens(mode),
+        *ctx.route(ps, mode),
+        raw=ps.raw,
         bytes=a.bulk_bytes,
         streams=a.streams,
         timeout=a.client_timeout,
@@ -660,10 +878,12 @@ def util(cpu: dict[str, float], res: dict[str, Any], secs: float) -> dict[str, f
 def sc_latency(ctx: Ctx, ps: ProxySet) -> Measure:
     """Sequential small round trips through the echo backend."""
     a = ctx.args
+    ports, tokens = ctx.route(ps, "echo")
     argv = client_argv(
         "latency",
-        ps.ports,
-        ctx.tokens("echo")[:1],
+        ports,
+        tokens[:1],
+        raw=ps.raw,
         count=a.rtt_count,
         duration=a.rtt_seconds,
         streams=1,
@@ -681,16 +901,22 @@ def sc_latency(ctx: Ctx, ps: ProxySet) -> Measure:
     }
 
 
-def sc_setup(ctx: Ctx, ps: ProxySet) -> Measure:
-    """Connection setup rate: several client processes, each with several workers."""
+def sc_setup(ctx: Ctx, ps: ProxySet, clients: int = 0, inflight: int = 0) -> Measure:
+    """
+    Connection setup rate: several client processes, each with several workers (default
+    ``--setup-clients`` and ``--setup-concurrency`` in all). The latencies of every
+    connection are kept, for their distribution.
+    """
     a = ctx.args
-    n = a.setup_clients
-    per = max(1, a.setup_concurrency // n)
+    n = clients or a.setup_clients
+    per = max(1, (inflight or a.setup_concurrency) // n)
+    ports, tokens = ctx.route(ps, "echo")
     argvs = [
         client_argv(
             "setup",
-            ps.ports[i % len(ps.ports) :] + ps.ports[: i % len(ps.ports)],
-            ctx.tokens("echo"),
+            ports[i % len(ports) :] + ports[: i % len(ports)],
+            tokens[i % len(tokens) :] + tokens[: i % len(tokens)],
+            raw=ps.raw,
             count=max(1, a.setup_count // n),
             duration=a.setup_seconds,
             concurrency=per,
@@ -707,9 +933,12 @@ def sc_setup(ctx: Ctx, ps: ProxySet) -> Measure:
             errors[k] = errors.get(k, 0) + v
     span = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
     client_cpu = sum(r["client_cpu"] for r in results)
+    latencies = sorted(x for r in results for x in r["latencies_ms"])
     return {
         "rate": done / span,
-        "setup_p50": statistics.median(r["latency_ms"]["p50"] for r in results),
+        "setup_p50": percentile(latencies, 50) if latencies else None,
+        "setup_p99": percentile(latencies, 99) if latencies else None,
+        "latency_quantiles_ms": quantiles(latencies, 200) if latencies else [],
         "cpu_per_conn": cpu["proxy_cpu"] / done * 1e3 if done else None,
         "completed": done,
         "errors": errors,
@@ -731,6 +960,10 @@ def sc_idle(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
     process → one round trip on every session (all must answer) → close.
     """
     a = ctx.args
+    per_process = -(-sessions // relay_processes(ps))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if descriptors_needed(per_process) > soft:
+        raise Skipped(nofile_advice(per_process, soft))
     estimate = ctx.pss_per_session.get(ps.kind, 0.0) * sessions
     if estimate > 0.7 * mem_available_kib():
         raise Skipped(
@@ -738,11 +971,13 @@ def sc_idle(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
             f"(from the smaller size), more than 70% of MemAvailable"
         )
     ps.restart()
+    ports, tokens = ctx.route(ps, "echo")
     warm = client_argv(
         "setup",
-        ps.ports,
-        ctx.tokens("echo"),
-        count=2 * len(ps.ports),
+        ports,
+        tokens,
+        raw=ps.raw,
+        count=2 * len(ports),
         concurrency=1,
         duration=10,
         timeout=30,
@@ -752,8 +987,9 @@ def sc_idle(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
     pss0, rss0, n0 = ps.memory()
     argv = client_argv(
         "idle",
-        ps.ports,
-        ctx.tokens("echo"),
+        ports,
+        tokens,
+        raw=ps.raw,
         sessions=sessions,
         concurrency=a.idle_concurrency,
         open_timeout=a.idle_open_timeout,
@@ -828,6 +1064,307 @@ def wait_event(proc: Proc, event: str, timeout: float, guard_memory: bool = Fals
     raise ClientFailed(f"{proc.name}: no '{event}' within {timeout:.0f} s")
 
 
+def send_line(proc: Proc, line: str) -> None:
+    """A command to a client on its stdin."""
+    assert proc.popen.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it ended early: its output says why
+        proc.popen.stdin.write(line.encode() + b"\n")
+        proc.popen.stdin.flush()
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of sorted values, linear between closest ranks."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def quantiles(sorted_values: Sequence[float], steps: int) -> list[float]:
+    """``steps + 1`` evenly spaced percentiles, 0 to 100: a distribution small enough to keep."""
+    return [round(percentile(sorted_values, 100 * i / steps), 3) for i in range(steps + 1)]
+
+
+def session_bytes(total_mib: int, sessions: int) -> int:
+    """Bytes per session when ``sessions`` share ``total_mib``: whole 64 KiB chunks, >= 1."""
+    chunk = 64 * 1024
+    return max(chunk, total_mib * MiB // sessions // chunk * chunk)
+
+
+def start_bulk_many(
+    ctx: Ctx, ps: ProxySet, mode: str, sessions: int, per_session: int, seconds: float
+) -> tuple[Proc, dict]:
+    """A ``bulk-many`` client with its sessions open (``ready`` read), waiting for ``go``."""
+    a = ctx.args
+    argv = client_argv(
+        "bulk-many",
+        *ctx.route(ps, mode),
+        raw=ps.raw,
+        bytes=per_session,
+        streams=sessions,
+        concurrency=a.idle_concurrency,
+        open_timeout=a.idle_open_timeout,
+        duration=seconds,
+        timeout=a.idle_open_timeout + seconds + 30,
+    )
+    proc = ctx.reg.start(
+        f"client-bulk-many-{sessions}",
+        argv,
+        ctx.logs / "client.log",
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+    )
+    try:
+        ready = wait_event(proc, "ready", a.idle_open_timeout + 10, guard_memory=True)
+    except BaseException:
+        ctx.reg.stop(proc)
+        raise
+    return proc, ready
+
+
+def sc_sessions(ctx: Ctx, ps: ProxySet, sessions: int) -> Measure:
+    """
+    Backend→browser throughput with ``sessions`` at once: all are opened first, then all
+    start their transfer together; the time runs until the last one has every byte of
+    its share of ``--sessions-total-mib`` (each session's count is checked exactly). The
+    proxy CPU is read around the transfer only, not the opening.
+    """
+    a = ctx.args
+    per = session_bytes(a.sessions_total_mib, sessions)
+    proc, ready = start_bulk_many(ctx, ps, f"blast-n{sessions}", sessions, per, a.client_timeout)
+    try:
+        with cpu_window(ctx, ps, live=True) as cpu:
+            send_line(proc, "go")
+            res = wait_event(proc, "done", a.client_timeout + 10)
+        send_line(proc, "close")
+        wait_event(proc, "result", 60)
+    finally:
+        ctx.reg.stop(proc)
+    if res["complete"] < res["sessions"]:
+        raise ClientFailed(
+            f"{res['sessions'] - res['complete']} of {res['sessions']} open sessions did not"
+            f" get exactly {per} bytes: {res['errors']}"
+        )
+    if res["sessions"] < sessions:
+        print(
+            f"  ! {ps.kind}: {res['sessions']} of {sessions} sessions opened: {ready['errors']}",
+            file=sys.stderr,
+        )
+    return {
+        "throughput_mb": res["bytes"] / MB / res["seconds"],
+        "cpu_per_gb": cpu["proxy_cpu"] / (res["bytes"] / GB) if res["bytes"] else None,
+        "sessions_ok": res["complete"],
+        "requested": sessions,
+        "bytes_per_session": per,
+        "open_errors": ready["errors"],
+        "util": util(cpu, res, res["seconds"]),
+        **cpu_fields(cpu),
+    }
+
+
+def sc_rtt_paced(ctx: Ctx, ps: ProxySet, bulk: bool) -> Measure:
+    """
+    ``--rtt-sessions`` sessions sending ``--rtt-rate`` small messages a second each, every
+    one echoed; with ``bulk``, while ``--rtt-bulk-sessions`` other sessions stream
+    backend→browser as fast as they can (until the round trips are done).
+    """
+    a = ctx.args
+    background: Proc | None = None
+    bg_result: dict = {}
+    if bulk:
+        background, _ = start_bulk_many(
+            ctx, ps, "blast-bg", a.rtt_bulk_sessions, BACKGROUND_BYTES, a.rtt_paced_seconds + 60
+        )
+        send_line(background, "go")
+    try:
+        ports, tokens = ctx.route(ps, "echo")
+        argv = client_argv(
+            "latency",
+            ports,
+            tokens,
+            raw=ps.raw,
+            count=int(2 * a.rtt_rate * a.rtt_paced_seconds * a.rtt_sessions) + 1,
+            duration=a.rtt_paced_seconds,
+            streams=a.rtt_sessions,
+            rate=a.rtt_rate,
+            warmup=5,
+            timeout=a.client_timeout,
+        )
+        if background is None:
+            with cpu_window(ctx, ps) as cpu:
+                (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
+        else:  # the proxy's CPU time is the bulk's: not a figure of the round trips
+            cpu: dict[str, float] = {}
+            (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
+            send_line(background, "stop")
+            bg_result = wait_event(background, "done", 60)
+            send_line(background, "close")
+            wait_event(background, "result", 60)
+    finally:
+        if background is not None:
+            ctx.reg.stop(background)
+    n = res["round_trips"]
+    out: Measure = {
+        "rtt_p50": res["rtt_us"]["p50"],
+        "rtt_p99": res["rtt_us"]["p99"],
+        "round_trips": n,
+        **cpu_fields(cpu),
+    }
+    if bulk:
+        out["bulk_mb_s"] = bg_result["bytes"] / MB / bg_result["seconds"]
+    else:
+        out["cpu_per_rt"] = cpu["proxy_cpu"] / n * 1e6 if n else None
+    return out
+
+
+#: Bytes a background bulk session asks for: more than it can get before it is stopped.
+BACKGROUND_BYTES = 64 * 2**30
+
+
+# -- fleet: K instances sharing one Redis ------------------------------------------------
+class RevocationWatch(threading.Thread):
+    """
+    Subscribes to the store's revocation channel and notes when the revocation arrives:
+    the moment every proxy of the fleet can learn it, the start of each session's timer.
+    """
+
+    def __init__(self, redis_client: Any, channel: str) -> None:
+        super().__init__(daemon=True)
+        self.pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel)
+        self.pubsub.get_message(timeout=1.0)  # the subscription's confirmation: it is active
+        self.seen_at: float | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while self.seen_at is None and time.monotonic() < deadline:
+            if self.pubsub.get_message(timeout=0.5) is not None:
+                self.seen_at = time.monotonic()
+        self.pubsub.close()
+
+
+def sc_revoke(ctx: Ctx, ps: ProxySet) -> Measure:
+    """
+    ``--revoke-sessions`` sessions of one fresh token, spread evenly over the instances,
+    each answering a round trip; then `vncmux token revoke`; every session's close is
+    timed from the moment the revocation was published.
+    """
+    from vncmux.redisstore import REVOKE_CHANNEL
+
+    a = ctx.args
+    token = ctx.issue_redis_token(ctx.backends["echo"][0].port)
+    argv = client_argv(
+        "idle",
+        ps.ports,
+        [token],
+        sessions=a.revoke_sessions,
+        concurrency=a.idle_concurrency,
+        open_timeout=a.idle_open_timeout,
+        close_wait=REVOKE_WAIT,
+        timeout=a.idle_open_timeout + 120,
+    )
+    proc = ctx.reg.start(
+        "client-revoke",
+        argv,
+        ctx.logs / "client.log",
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+    )
+    try:
+        ready = wait_event(proc, "ready", a.idle_open_timeout + 10, guard_memory=True)
+        send_line(proc, "check")
+        checked = wait_event(proc, "checked", 120)
+        with ctx.redis.client() as client:
+            watch = RevocationWatch(client, REVOKE_CHANNEL)
+            watch.start()
+            t0 = time.monotonic()
+            subprocess.run(
+                [venv_bin("vncmux"), "token", "revoke", token, "--tokens", ctx.redis.url()],
+                capture_output=True, timeout=60, check=True,
+            )  # fmt: skip
+            t1 = time.monotonic()
+            send_line(proc, "closes")
+            closes = wait_event(proc, "closes", REVOKE_WAIT + 30)
+            watch.join(5)
+        send_line(proc, "close")
+        wait_event(proc, "result", 60)
+    finally:
+        ctx.reg.stop(proc)
+    if watch.seen_at is None:
+        raise ClientFailed("the revocation was not seen on the store's channel")
+    delays = sorted((c - watch.seen_at) * 1e3 for c in closes["closed_at"])
+    return {
+        "revoke_sessions": checked["alive"],
+        "revoke_closed_4002": closes["codes"].get("4002", 0),
+        "revoke_still_open": closes["still_open"],
+        "revoke_p50_ms": percentile(delays, 50) if delays else None,
+        "revoke_p99_ms": percentile(delays, 99) if delays else None,
+        "revoke_last_ms": delays[-1] if delays else None,
+        "revoke_codes": closes["codes"],
+        "revoke_cli_s": t1 - t0,
+        "revoke_published_after_s": watch.seen_at - t0,
+        "opened": ready["opened"],
+    }
+
+
+#: Seconds a revocation's sessions get to close before the rest count as still open.
+REVOKE_WAIT = 10.0
+
+
+def sc_fleet(ctx: Ctx, ps: ProxySet) -> Measure:
+    """One fleet round on K running instances: setup rate, bulk throughput, revocation."""
+    a = ctx.args
+    setup = sc_setup(ctx, ps)
+    ports, tokens = ctx.route(ps, "blast")
+    streams = max(a.fleet_streams, len(ps.instances))
+    per = session_bytes(a.bulk_mib, streams)
+    argv = client_argv(
+        "bulk-down", ports, tokens, bytes=per, streams=streams, timeout=a.client_timeout
+    )
+    with cpu_window(ctx, ps) as cpu:
+        (res,) = run_clients(ctx.reg, ctx.logs, [argv], a.client_timeout + 10)
+    return {
+        "setup_rate": setup["rate"],
+        "setup_p99": setup["setup_p99"],
+        "throughput_mb": res["bytes"] / MB / res["seconds"],
+        "cpu_per_gb": cpu["proxy_cpu"] / (res["bytes"] / GB),
+        "instances": len(ps.instances),
+        **sc_revoke(ctx, ps),
+    }
+
+
+def run_fleet(
+    ctx: Ctx, spec: KindSpec, failures: list[str], deadline: float
+) -> dict[str, dict[str, list[Measure]]]:
+    """``--rounds`` rounds; in each, every fleet size K (order rotated) on fresh instances."""
+    a = ctx.args
+    sizes = a.fleet_sizes
+    runs: dict[str, dict[str, list[Measure]]] = {f"fleet_{k}": {spec.name: []} for k in sizes}
+    for r in range(a.rounds):
+        for k in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
+            if time.monotonic() > deadline:
+                failures.append(f"fleet_{k}: stopped in round {r + 1} (--max-minutes)")
+                return runs
+            ps = ProxySet(spec, k, Path(), ctx.logs, ctx.reg, list(a.vncmux_arg),
+                          redis_url=ctx.redis.url())  # fmt: skip
+            try:
+                ps.start()
+                m = sc_fleet(ctx, ps)
+            except (ClientFailed, RuntimeError, subprocess.SubprocessError) as e:
+                failures.append(f"fleet_{k} round {r + 1}: {e}")
+                print(f"  ! {failures[-1]}", file=sys.stderr)
+                continue
+            finally:
+                ps.stop()
+            m["round"] = r + 1
+            runs[f"fleet_{k}"][spec.name].append(m)
+            brief = {mm.key: fmt(m.get(mm.key)) for mm in metrics_for(f"fleet_{k}")}
+            print(f"  fleet_{k} round {r + 1}: {brief}", file=sys.stderr, flush=True)
+    return runs
+
+
 # -- metrics table ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
@@ -852,10 +1389,26 @@ def scenario_plan(args: argparse.Namespace) -> list[tuple[str, Callable[[Ctx, Pr
         plan.append(("latency", sc_latency))
     if "setup" in wanted:
         plan.append(("setup", sc_setup))
+    if "setup_dist" in wanted:
+        plan.append(("setup_dist", lambda c, p: sc_setup(c, p, 1, c.args.setup_inflight)))
+    if "sessions" in wanted:
+        for n in args.session_counts:
+            plan.append((f"sessions_{n}", lambda c, p, n=n: sc_sessions(c, p, n)))
+    if "rtt_paced" in wanted:
+        plan.append(("rtt_paced", lambda c, p: sc_rtt_paced(c, p, bulk=False)))
+    if "rtt_paced_bulk" in wanted:
+        plan.append(("rtt_paced_bulk", lambda c, p: sc_rtt_paced(c, p, bulk=True)))
     if "idle" in wanted:
         for s in args.idle_sessions:
             plan.append((f"idle_{s}", lambda c, p, s=s: sc_idle(c, p, s)))
     return plan
+
+
+SCENARIOS = (
+    "bulk_down", "bulk_up", "latency", "setup", "setup_dist", "sessions", "rtt_paced",
+    "rtt_paced_bulk", "idle", "fleet",
+)  # fmt: skip
+DEFAULT_SCENARIOS = "bulk_down,bulk_up,latency,setup,idle"
 
 
 def metrics_for(name: str) -> list[Metric]:
@@ -871,11 +1424,36 @@ def metrics_for(name: str) -> list[Metric]:
             Metric(name, "rtt_p99", "round trip p99", "µs", False),
             Metric(name, "cpu_per_rt", "proxy CPU per round trip", "µs", False),
         ]
-    if name == "setup":
+    if name in ("setup", "setup_dist"):
         return [
             Metric(name, "rate", "connections per second", "conn/s", True),
             Metric(name, "setup_p50", "setup latency p50", "ms", False),
+            Metric(name, "setup_p99", "setup latency p99", "ms", False),
             Metric(name, "cpu_per_conn", "proxy CPU per connection", "ms", False),
+        ]
+    if name.startswith("sessions_"):
+        return [
+            Metric(name, "throughput_mb", "throughput, all sessions", "MB/s", True),
+            Metric(name, "cpu_per_gb", "proxy CPU per GB", "core-s", False),
+            Metric(name, "sessions_ok", f"sessions with every byte, of {name[9:]}", "n", True),
+        ]
+    if name.startswith("rtt_paced"):
+        rows = [
+            Metric(name, "rtt_p50", "round trip p50", "µs", False),
+            Metric(name, "rtt_p99", "round trip p99", "µs", False),
+        ]
+        if name == "rtt_paced_bulk":
+            return [*rows, Metric(name, "bulk_mb_s", "background bulk, all sessions", "MB/s", True)]
+        return [*rows, Metric(name, "cpu_per_rt", "proxy CPU per round trip", "µs", False)]
+    if name.startswith("fleet_"):
+        return [
+            Metric(name, "setup_rate", "setups per second, all instances", "conn/s", True),
+            Metric(name, "setup_p99", "setup latency p99", "ms", False),
+            Metric(name, "throughput_mb", "bulk throughput, all instances", "MB/s", True),
+            Metric(name, "revoke_p50_ms", "revocation: to a session's close p50", "ms", False),
+            Metric(name, "revoke_p99_ms", "revocation: to a session's close p99", "ms", False),
+            Metric(name, "revoke_last_ms", "revocation: to the last close", "ms", False),
+            Metric(name, "revoke_closed_4002", "sessions closed with 4002", "n", True),
         ]
     return [
         Metric(name, "pss_per_session", "Pss per idle session", "KiB", False),
@@ -925,10 +1503,23 @@ def fmt(v: float | None) -> str:
     return f"{v:.2f}"
 
 
+def reference_kind(kinds: Sequence[str]) -> str:
+    """The kind every paired ratio is taken against: websockify if measured, else the last."""
+    return REFERENCE if REFERENCE in kinds else kinds[-1]
+
+
 def build_table(
     runs: dict[str, dict[str, list[Measure]]], kinds: Sequence[str]
 ) -> tuple[list, str]:
-    """Rows for the JSON and the text table."""
+    """
+    Rows for the JSON and the text table: per kind median/min/max; ``ratios``: each other
+    kind's paired ratio to the reference kind; ``ratio``/``a_leads``: the first kind's.
+    Kinds that only some scenarios measured (the fleet's) get columns too.
+    """
+    measured = {k for by in runs.values() for k, ms in by.items() if ms}
+    kinds = [k for k in kinds if k in measured] + sorted(measured - set(kinds)) or list(kinds)
+    ref = reference_kind(kinds)
+    others = [k for k in kinds if k != ref]
     rows = []
     for scenario, by_proxy in runs.items():
         for m in metrics_for(scenario):
@@ -938,36 +1529,41 @@ def build_table(
                 "label": m.label,
                 "unit": m.unit,
                 "better": "higher" if m.higher_is_better else "lower",
+                "reference": ref,
             }
             for kind in kinds:
                 row[kind] = summarize([r.get(m.key) for r in by_proxy.get(kind, [])])
-            a, b = kinds[0], kinds[-1]
+            row["ratios"] = {k: paired_ratio(by_proxy, m.key, k, ref) for k in others}
+            a, b = kinds[0], ref
             v, w = row.get(a), row.get(b)
-            row["ratio_of_medians"] = v["median"] / w["median"] if v and w and w["median"] else None
-            ratio = paired_ratio(by_proxy, m.key, a, b) if len(kinds) > 1 else None
+            row["ratio_of_medians"] = (
+                v["median"] / w["median"] if a != b and v and w and w["median"] else None
+            )
+            ratio = row["ratios"].get(a)
             row["ratio"] = ratio
             row["a_leads"] = (
                 None if ratio is None or ratio == 1 else (ratio > 1) == m.higher_is_better
             )
             rows.append(row)
-    head = f"{'scenario':<11} {'metric (unit)':<36} {'better':<6} "
+    head = f"{'scenario':<15} {'metric (unit)':<44} {'better':<6} "
     head += "".join(f"{k + ' median [min-max]':>32}" for k in kinds)
-    head += f" {'A/B':>7}  lead"
+    head += "".join(f" {k + '/' + ref:>18}" for k in others)
+    head += f"  {kinds[0]} leads" if others and kinds[0] != ref else ""
     lines = [head, "-" * len(head)]
     for row in rows:
         cells = ""
         for k in kinds:
-            s = row[k]
+            st = row[k]
             cells += (
-                f"{fmt(s['median']):>12} [{fmt(s['min'])}-{fmt(s['max'])}]".rjust(32)
-                if s
+                f"{fmt(st['median']):>12} [{fmt(st['min'])}-{fmt(st['max'])}]".rjust(32)
+                if st
                 else f"{'-':>32}"
             )
-        ratio = row["ratio"]
-        lead = {True: "yes", False: "NO", None: "tie" if ratio == 1 else ""}[row["a_leads"]]
+        cells += "".join(f" {fmt_ratio(row['ratios'][k]):>18}" for k in others)
+        lead = {True: "yes", False: "NO", None: "tie" if row["ratio"] == 1 else ""}[row["a_leads"]]
         lines.append(
-            f"{row['scenario']:<11} {row['label'] + ' (' + row['unit'] + ')':<36} "
-            f"{row['better']:<6} {cells} {fmt_ratio(ratio):>7}  {lead}"
+            f"{row['scenario']:<15} {row['label'] + ' (' + row['unit'] + ')':<44} "
+            f"{row['better']:<6} {cells}  {lead}"
         )
     return rows, "\n".join(lines)
 
@@ -1000,9 +1596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="A/B rounds per scenario (>= 1)")
     p.add_argument("--proxies", type=int, default=1, help="instances of each proxy")
     p.add_argument("--backends", type=int, default=1, help="backend processes per mode")
-    p.add_argument(
-        "--only", choices=PROXIES, help="measure one proxy (default: both if vncmux is present)"
-    )
+    p.add_argument("--only", metavar="KIND", help="measure one proxy kind (see --kinds)")
     p.add_argument(
         "--baseline",
         choices=("websockify", METRICS_ON),
@@ -1011,9 +1605,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with its metrics endpoint on and scraped every second",
     )
     p.add_argument(
+        "--kinds",
+        help="comma-separated proxy kinds, measured in rotating order in every round: "
+        f"{', '.join(BUILTIN_KINDS)} and the --variant names (default: vncmux, the variants,"
+        " then the --baseline); ratios are paired against websockify when it is measured",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=lambda t: parse_variant(t, "file"),
+        metavar="NAME=ARGS",
+        help="a kind NAME: vncmux with these extra options, e.g. vncmux-w2=--workers=2",
+    )
+    p.add_argument(
+        "--redis-variant",
+        action="append",
+        default=[],
+        type=lambda t: parse_variant(t, "redis"),
+        metavar="NAME=ARGS",
+        help="the same with the Redis token store (a redis-server the run starts)",
+    )
+    p.add_argument(
         "--scenarios",
-        default="bulk_down,bulk_up,latency,setup,idle",
-        help="comma-separated subset of bulk_down,bulk_up,latency,setup,idle",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})",
+    )
+    p.add_argument(
+        "--session-counts",
+        type=int_list,
+        help="concurrent sessions of the sessions scenario (quick 1,10,100; full 1,10,100,1000)",
+    )
+    p.add_argument(
+        "--sessions-total-mib",
+        type=int,
+        help="MiB the sessions of one sessions run share (quick 512, full 1024)",
+    )
+    p.add_argument("--rtt-sessions", type=int, default=100, help="sessions of rtt_paced")
+    p.add_argument("--rtt-rate", type=float, default=10.0, help="messages/s per rtt session")
+    p.add_argument("--rtt-paced-seconds", type=float, help="rtt_paced run time (quick 5, full 10)")
+    p.add_argument(
+        "--rtt-bulk-sessions", type=int, default=100, help="bulk sessions in rtt_paced_bulk"
+    )
+    p.add_argument("--setup-inflight", type=int, default=8, help="connections in setup_dist")
+    p.add_argument(
+        "--fleet-sizes", type=int_list, default=[1, 2, 4], help="instances K of the fleet"
+    )
+    p.add_argument(
+        "--fleet-kind",
+        default="vncmux-redis",
+        help="the kind run K times for the fleet (vncmux-redis or a --redis-variant)",
+    )
+    p.add_argument("--fleet-streams", type=int, default=8, help="bulk streams over the fleet")
+    p.add_argument(
+        "--revoke-sessions", type=int, default=1000, help="sessions of the revoked token"
     )
     p.add_argument("--bulk-mib", type=int, help="MiB per bulk stream (quick 512, full 2048)")
     p.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
@@ -1025,7 +1670,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setup-concurrency", type=int, default=16, help="workers, all clients")
     p.add_argument(
         "--idle-sessions",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=int_list,
         help="session counts for the memory scenario (quick 100,1000; full 100,1000,3000)",
     )
     p.add_argument("--idle-concurrency", type=int, default=32, help="sessions being opened at once")
@@ -1060,9 +1705,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.setup_count = a.setup_count or (1500 if q else 5000)
     a.setup_seconds = a.setup_seconds or (4.0 if q else 10.0)
     a.idle_sessions = a.idle_sessions or ([100, 1000] if q else [100, 1000, 3000])
+    a.session_counts = a.session_counts or ([1, 10, 100] if q else [1, 10, 100, 1000])
+    a.sessions_total_mib = a.sessions_total_mib or (512 if q else 1024)
+    a.rtt_paced_seconds = a.rtt_paced_seconds or (5.0 if q else 10.0)
     if a.rounds < 1 or a.proxies < 1 or a.backends < 1:
         p.error("--rounds, --proxies and --backends must be at least 1")
+    unknown = set(a.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+    a.specs = dict(BUILTIN_KINDS) | {v.name: v for v in a.variant + a.redis_variant}
+    a.kinds = select_kinds(a, p)
+    if (
+        "fleet" in a.scenarios.split(",")
+        and a.specs.get(a.fleet_kind, KindSpec("", "")).store != "redis"
+    ):
+        p.error(
+            "--fleet-kind must name a kind with the Redis store (vncmux-redis, --redis-variant)"
+        )
     return a
+
+
+def int_list(text: str) -> list[int]:
+    """``1,10,100`` as a list of positive integers."""
+    values = [int(x) for x in text.split(",")]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def select_kinds(a: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The kinds measured, from --kinds, --only, the variants and --baseline."""
+    if a.kinds:
+        kinds = tuple(a.kinds.split(","))
+    elif a.only:
+        kinds = (a.only,)
+    else:
+        kinds = ("vncmux", *(v.name for v in a.variant + a.redis_variant), a.baseline)
+    unknown = [k for k in kinds if k not in a.specs]
+    if unknown or len(set(kinds)) != len(kinds):
+        p.error(f"kinds {', '.join(kinds)}: each once, from {', '.join(a.specs)}")
+    return kinds
 
 
 def environment(args: argparse.Namespace, kinds: Sequence[str]) -> dict[str, Any]:
@@ -1087,8 +1769,30 @@ def environment(args: argparse.Namespace, kinds: Sequence[str]) -> dict[str, Any
         "git_head": commit,
         "loadavg_at_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "options": {k: v for k, v in vars(args).items() if k != "out"},
+        "options": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "specs", "variant", "redis_variant")
+        },
+        "kind_specs": {
+            name: dataclasses.asdict(spec)
+            for name, spec in args.specs.items()
+            if name in kinds or name == args.fleet_kind
+        },
     }
+
+
+def start_redis_server() -> Any:
+    """A real redis-server on a free loopback port, as the integration tests start one."""
+    sys.path.insert(0, str(REPO))
+    from tests.redis_server import INSTALL_HINT, RedisServer, find_redis_server
+
+    binary = find_redis_server()
+    if binary is None:
+        raise SystemExit(INSTALL_HINT)
+    server = RedisServer(binary)
+    server.start()
+    return server
 
 
 def cpu_model() -> str:
@@ -1103,14 +1807,22 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     args = parse_args(argv)
-    if args.only:
-        kinds: tuple[str, ...] = (args.only,)
-    elif (REPO / "vncmux" / "tap.py").exists():
-        kinds = ("vncmux", args.baseline)
-    else:
-        print("vncmux/tap.py not found: measuring websockify only", file=sys.stderr)
-        kinds = ("websockify",)
-    raise_nofile()
+    kinds: tuple[str, ...] = args.kinds
+    wanted = set(args.scenarios.split(","))
+    if not (REPO / "vncmux" / "tap.py").exists():
+        print("vncmux/tap.py not found: measuring websockify and socat only", file=sys.stderr)
+        kinds = tuple(k for k in kinds if args.specs[k].program != "vncmux") or ("websockify",)
+        wanted.discard("fleet")
+    largest = max(
+        [*(args.idle_sessions if "idle" in wanted else []),
+         *(args.session_counts if "sessions" in wanted else []),
+         *([args.revoke_sessions] if "fleet" in wanted else []), 1]
+    )  # fmt: skip
+    soft = raise_nofile(descriptors_needed(largest))
+    if soft < descriptors_needed(largest):
+        print(f"! RLIMIT_NOFILE: {nofile_advice(largest, soft)}; the sizes that do not fit"
+              " in one proxy process (or worker) are skipped", file=sys.stderr)  # fmt: skip
+    use_redis = "fleet" in wanted or any(args.specs[k].store == "redis" for k in kinds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     logs = RESULTS / "logs"
     logs.mkdir(exist_ok=True)
@@ -1127,13 +1839,21 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     skipped: list[str] = []
     env = environment(args, kinds)
+    redis = None
     try:
+        modes = {"echo": ("echo", args.bulk_bytes), "sink": ("sink", args.bulk_bytes),
+                 "blast": ("blast", args.bulk_bytes)}  # fmt: skip
+        if "sessions" in wanted:
+            for n in args.session_counts:
+                modes[f"blast-n{n}"] = ("blast", session_bytes(args.sessions_total_mib, n))
+        if "rtt_paced_bulk" in wanted:
+            modes["blast-bg"] = ("blast", BACKGROUND_BYTES)
         backends = {
-            mode: [
-                start_backend(reg, logs, mode, i, args.bulk_bytes, args.backend_arg)
+            label: [
+                start_backend(reg, logs, mode, i, size, args.backend_arg, label)
                 for i in range(args.backends)
             ]
-            for mode in ("echo", "sink", "blast")
+            for label, (mode, size) in modes.items()
         }
         with tempfile.NamedTemporaryFile(
             "w", dir=RESULTS, prefix="tokens-", suffix=".txt", delete=False
@@ -1142,31 +1862,43 @@ def main(argv: list[str] | None = None) -> int:
                 for b in bs:
                     tf.write(f"{b.token}: 127.0.0.1:{b.port}\n")
         token_file = Path(tf.name)
+        ctx = Ctx(args, reg, logs, backends, {})
+        if use_redis:
+            redis = start_redis_server()
+            ctx.redis = redis
+            for bs in backends.values():
+                for b in bs:
+                    ctx.redis_tokens[b.token] = ctx.issue_redis_token(b.port)
+        all_backends = [b for bs in backends.values() for b in bs]
         proxies = {
             k: ProxySet(
-                k,
+                args.specs[k],
                 args.proxies,
                 token_file,
                 logs,
                 reg,
                 extra=args.websockify_arg if k == "websockify" else args.vncmux_arg,
+                backends=all_backends,
+                redis_url=redis.url() if redis is not None else None,
             )
             for k in kinds
         }
-        for ps in proxies.values():
+        ctx.proxies = proxies
+        plan = scenario_plan(args)
+        for ps in proxies.values() if plan else ():
             ps.start()
         if METRICS_ON in proxies:
             scraper = Scraper(proxies[METRICS_ON], deadline)
             scraper.start()
             env["scrapes"] = scraper.counts
-        ctx = Ctx(args, reg, logs, backends, proxies)
-        for name, fn in scenario_plan(args):
+        for name, fn in plan:
             runs[name] = {k: [] for k in kinds}
             for r in range(args.rounds):
                 if time.monotonic() > deadline:
                     failures.append(f"{name}: stopped after {r} rounds (--max-minutes)")
                     break
-                order = kinds if r % 2 == 0 else tuple(reversed(kinds))
+                # rotating order: A B C, B C A, C A B, ... (A B, B A for two kinds)
+                order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
                 for kind in order:
                     try:
                         m = fn(ctx, proxies[kind])
@@ -1184,10 +1916,16 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name][kind].append(m)
                     brief = {mm.key: fmt(m.get(mm.key)) for mm in metrics_for(name)}
                     print(f"  {name} round {r + 1} {kind}: {brief}", file=sys.stderr, flush=True)
+        if "fleet" in wanted:
+            for ps in proxies.values():  # the fleet has the cores to itself
+                ps.stop()
+            runs.update(run_fleet(ctx, args.specs[args.fleet_kind], failures, deadline))
     except KeyboardInterrupt:
         failures.append("interrupted")
     finally:
         reg.stop_all()
+        if redis is not None:
+            redis.cleanup()
         for tf_path in RESULTS.glob("tokens-*.txt"):
             tf_path.unlink()
     rows, table = build_table(runs, kinds)
