@@ -30,7 +30,8 @@ from vncmux.events import Observers
 from vncmux.fleet import FleetInstance, FleetLimits
 from vncmux.refusals import TOKEN_REVOKED
 from vncmux.relay import RelayStats, Session
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tokens import RedisConfig, RedisTokenStore, TokenRecord
 
 #: Commands that are not the registry's (the measurement's own INFO, the revocation

@@ -1251,7 +1251,7 @@ def sc_revoke(ctx: Ctx, ps: ProxySet) -> Measure:
     each answering a round trip; then `vncmux token revoke`; every session's close is
     timed from the moment the revocation was published.
     """
-    from vncmux.redisstore import REVOKE_CHANNEL
+    from vncmux.tokens import REVOKE_CHANNEL
 
     a = ctx.args
     token = ctx.issue_redis_token(ctx.backends["echo"][0].port)
