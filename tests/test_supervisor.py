@@ -23,7 +23,7 @@ from vncmux.refusals import (
     TOO_MANY_SESSIONS,
     Refused,
 )
-from vncmux.relay import Session
+from vncmux.relay import READ_BUDGET, Session, read_size_for
 from vncmux.rfb import ClientActivityScanner
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
@@ -181,6 +181,31 @@ class LifetimeAndExpiryTests(SupervisorTestCase):
         session = self.open(record(expires_at=1100.0))
         self.clock.pump([1.0] * 200)
         self.assertIsNone(session.ending)
+
+
+class ReadSizeTests(SupervisorTestCase):
+    """Many consoles streaming at once each read less, so one reactor pass stays short."""
+
+    def test_read_size_for(self) -> None:
+        """Big reads for a few streaming consoles, a bounded total for many."""
+        self.assertEqual(
+            [read_size_for(n) for n in (0, 1, 16, 32, 100, 1000)],
+            [512 * 1024, 512 * 1024, 512 * 1024, 256 * 1024, READ_BUDGET // 100, 64 * 1024],
+        )
+
+    def test_sweep_sets_every_read_size(self) -> None:
+        """A sweep that sees 32 consoles stream halves every read size (new sessions' too);
+        a quiet sweep brings the big reads back."""
+        self.make()
+        sessions = [self.open(record(n)) for n in range(40)]
+        for session in sessions[:32]:
+            session.from_backend(b"x" * (512 * 1024))
+        self.supervisor.sweep()
+        later = self.open(record(99))
+        sizes = {s.backend.transport.bufferSize for s in [*sessions, later]}
+        self.assertEqual(sizes, {256 * 1024})
+        self.supervisor.sweep()
+        self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {512 * 1024})
 
 
 class KeepaliveTests(SupervisorTestCase):

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 #: Most bytes read from a VNC server at once: one WebSocket frame each.
 BACKEND_READ_SIZE = 512 * 1024
+#: About the most read from all streaming VNC servers together in one reactor pass. A
+#: keystroke's echo waits for the pass it arrives in, so when many consoles stream at once
+#: each reads less (L{read_size_for}), down to L{MIN_BACKEND_READ_SIZE}.
+READ_BUDGET = 8 * 1024 * 1024
+MIN_BACKEND_READ_SIZE = 64 * 1024
 #: Output queued towards a browser before the VNC server is paused (and the most one send
 #: call takes). A slow browser costs the proxy at most this plus one read.
 CLIENT_BUFFER_SIZE = 256 * 1024
@@ -111,6 +116,14 @@ def send_now(transport: object, size: int) -> None:
         transport.doWrite()
 
 
+def read_size_for(streaming: int) -> int:
+    """The read size of every VNC server while C{streaming} of them send a full read or
+    more per second: big reads for few, a bounded reactor pass for many."""
+    if streaming <= 0:
+        return BACKEND_READ_SIZE
+    return max(MIN_BACKEND_READ_SIZE, min(BACKEND_READ_SIZE, READ_BUDGET // streaming))
+
+
 class SessionRegistry(Protocol):
     """Who keeps the table of live sessions (the supervisor)."""
 
@@ -194,6 +207,7 @@ class Session:
         "last_activity_at",
         "bytes_to_backend",
         "bytes_to_client",
+        "bytes_to_client_swept",
         "ending",
         "ping_sent_at",
         "scanner",
@@ -226,6 +240,8 @@ class Session:
         self.last_activity_at = registry.now
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
+        #: C{bytes_to_client} at the supervisor's last sweep: how fast the console streams.
+        self.bytes_to_client_swept = 0
         self.ending: Ending | None = None
         #: When the supervisor's keepalive ping went out, until the client answers.
         self.ping_sent_at: float | None = None
@@ -257,6 +273,11 @@ class Session:
         self._consumers = (client_consumer, backend_consumer)
         self._registry.session_started(self)
         self.backend.resume()
+
+    def set_read_size(self, size: int) -> None:
+        """Read at most C{size} bytes at once from the VNC server (L{read_size_for})."""
+        if self._consumers is not None:
+            self._consumers[1].bufferSize = size  # type: ignore[attr-defined]
 
     def from_client(self, data: bytes) -> None:
         """A chunk of the client's stream: straight to the console, noting user input."""

@@ -36,7 +36,7 @@ from vncmux.refusals import (
     Ending,
     Refused,
 )
-from vncmux.relay import Session
+from vncmux.relay import BACKEND_READ_SIZE, Session, read_size_for
 from vncmux.settings import Limits
 from vncmux.tokens import TokenRecord
 
@@ -73,6 +73,8 @@ class Supervisor(Service):
         #: The sweep's idea of the time; the relay stamps it as activity, so a packet costs
         #: an attribute read instead of a clock call. Accurate to one sweep interval.
         self.now = clock.seconds()
+        #: What every VNC server reads at once, from how many stream (L{read_size_for}).
+        self.read_size = BACKEND_READ_SIZE
         self._reserved = 0
         self._per_token: Counter[str] = Counter()
         self._per_client: Counter[str] = Counter()
@@ -140,6 +142,8 @@ class Supervisor(Service):
 
     def session_started(self, session: Session) -> None:
         self.sessions[session.id] = session
+        if self.read_size != BACKEND_READ_SIZE:
+            session.set_read_size(self.read_size)
         self.observer.session_opened(session)
 
     def session_ended(self, session: Session) -> None:
@@ -171,7 +175,12 @@ class Supervisor(Service):
         if ping_round:
             self._next_ping = now + limits.ping_interval
         doomed: list[tuple[Session, Ending]] = []
+        streaming = 0
         for session in self.sessions.values():
+            sent = session.bytes_to_client
+            if sent - session.bytes_to_client_swept >= BACKEND_READ_SIZE:
+                streaming += 1
+            session.bytes_to_client_swept = sent
             if idle_before is not None and session.last_activity_at <= idle_before:
                 doomed.append((session, IDLE_TIMEOUT))
             elif born_before is not None and session.started_at <= born_before:
@@ -188,6 +197,11 @@ class Supervisor(Service):
             if ending is CLIENT_UNRESPONSIVE:
                 session.client.drop()
             session.end(ending)
+        read_size = read_size_for(streaming)
+        if read_size != self.read_size:
+            self.read_size = read_size
+            for session in self.sessions.values():
+                session.set_read_size(read_size)
         if now >= self._next_flush:
             self.flush_activity()
 
