@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from vncmux.attempts import DEFAULT_MAX_FAILED
@@ -29,6 +31,12 @@ from vncmux.service import ProxyService, build_console
 from vncmux.settings import DEFAULT_LISTEN, DEFAULT_METRICS, DEFAULT_TOKENS, Settings
 from vncmux.supervisor import Limits
 from vncmux.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
+
+if TYPE_CHECKING:
+    from vncmux.workers import WorkerLink
+
+
+_log = Logger()
 
 
 def _bounded(convert: Callable[[str], Any], low: float, zero_ok: bool, doc: str) -> Any:
@@ -55,6 +63,18 @@ def _base_url(value: str) -> str:
 
 
 _base_url.coerceDoc = "An http:// or https:// URL."  # type: ignore[attr-defined]
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value} is not allowed here (a whole number, 1 or more, or auto)")
+    return number
+
+
+_workers.coerceDoc = "A whole number, 1 or more, or 'auto' (one per core)."  # type: ignore[attr-defined]
 
 
 def _tls_version(value: str) -> str:
@@ -105,6 +125,15 @@ class Options(usage.Options):
     )
     optParameters: list[list[Any]] = [
         ["config", None, None, "INI file with a [vncmux] section (see etc/vncmux.ini)."],
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes that share the console listeners, each relaying its own"
+            " sessions; this process then only supervises them and serves --metrics and the"
+            " admin API for all (docs/running.md). 1: no workers, this process relays.",
+            _workers,
+        ],
         ["listen", None, DEFAULT_LISTEN, "Endpoint string of the noVNC console listener."],
         [
             "serial-listen",
@@ -218,7 +247,7 @@ class Options(usage.Options):
             "max-sessions",
             None,
             DEFAULT_MAX_SESSIONS,
-            "Sessions this process holds at most (4429); 0 unlimited.",
+            "Sessions this proxy holds at most (every --workers together; 4429); 0 unlimited.",
             _count,
         ],
         [
@@ -393,6 +422,8 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Read ``--config`` first, so that the command line overrides the file."""
         args = list(options if options is not None else [])
+        #: The arguments as given: workers parse the same ones (L{vncmux.workers}).
+        self.arguments = args
         combined = self._config_file_args(args) + args
         self._given = {arg.split("=", 1)[0] for arg in combined if arg.startswith("--")}
         super().parseOptions(combined)
@@ -525,11 +556,44 @@ def _find_config(args: list[str]) -> str | None:
     return None
 
 
-def raise_open_files_limit() -> None:
-    """Each session holds two descriptors: lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+#: Sessions the open-files check plans for when --max-sessions is 0 (unlimited).
+PLANNED_SESSIONS_UNLIMITED = 10000
+#: Descriptors besides the sessions': listeners, the token store, logs, pending upgrades.
+OPEN_FILES_MARGIN = 1024
+
+
+def open_files_needed(max_sessions: int) -> int:
+    """Descriptors a process needs to hold C{max_sessions} sessions (two sockets each)."""
+    return 2 * (max_sessions or PLANNED_SESSIONS_UNLIMITED) + OPEN_FILES_MARGIN
+
+
+def raise_open_files_limit(
+    max_sessions: int,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> str | None:
+    """
+    Lift the soft RLIMIT_NOFILE to what C{max_sessions} sessions need (never above the hard
+    limit, never lower than it is). A hard limit too low to get there is worth one clear
+    line at start: returned here for the caller to log (C{None} when it is high enough).
+    """
+    needed = open_files_needed(max_sessions)
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = hard == resource.RLIM_INFINITY
+    target = needed if unlimited else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if unlimited or hard >= needed:
+        return None
+    sessions = f"--max-sessions {max_sessions}"
+    if not max_sessions:
+        sessions += f" (unlimited; planned for {PLANNED_SESSIONS_UNLIMITED} sessions)"
+    return (
+        f"open files: the hard limit (RLIMIT_NOFILE) is {hard}, too low for {sessions}:"
+        f" that needs about {needed} descriptors (two per session); sessions past about"
+        f" {max(0, (hard - OPEN_FILES_MARGIN) // 2)} will fail. Raise it with"
+        f" LimitNOFILE={needed} in the systemd unit, or ulimit -n {needed} before starting."
+    )
 
 
 def tune_allocator() -> None:
@@ -552,16 +616,33 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def makeService(config: Options, reactor: Any = None) -> ProxyService:
-    """Compose the token store, the supervisor and the console listener."""
+def makeService(config: Options, reactor: Any = None) -> IService:
+    """The proxy, or with C{--workers} above 1 the parent of its workers."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    raise_open_files_limit()
+    too_few_files = raise_open_files_limit(config["max-sessions"])
+    if too_few_files is not None:
+        _log.warn("{message}", message=too_few_files, vncmux_event="open_files_limit")
+    if config["workers"] > 1:
+        from vncmux.workers import WorkerParent
+
+        try:
+            return WorkerParent.from_options(config, reactor)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+    return build_proxy(config, reactor)
+
+
+def build_proxy(config: Options, reactor: Any, worker: WorkerLink | None = None) -> ProxyService:
+    """Compose the token store, the supervisor and the console listeners; in a worker of
+    C{--workers}, on the parent's sockets, under its limits, and without a metrics port."""
     tune_allocator()
     web = choose_web(config["web"], config.find_web, config.novnc_places)
     settings = replace(config.settings(), web=web.path)
+    if worker is not None:
+        settings = replace(settings, metrics=None)
     try:
         store = open_token_store(
             settings.tokens,
@@ -604,7 +685,8 @@ def makeService(config: Options, reactor: Any = None) -> ProxyService:
         listeners.append(metrics_service)
         service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
     service.add(ReloadOnHangup(reactor, [listener.reload for listener in listeners]))
-    service.add(
-        StartupHints(service.listener, metrics_service, web, settings.tokens)
-    )
+    if worker is not None:
+        worker.attach(service, metrics)
+        return service
+    service.add(StartupHints(service.listener, metrics_service, web, settings.tokens))
     return service

@@ -1,0 +1,347 @@
+"""A real ``twistd vncmux --workers 2`` on loopback: one service to the operator."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    GREETING,
+    ClientState,
+    Response,
+    async_test,
+    connect_client,
+    listen_fake_vnc,
+    parse_response,
+    raw_request,
+)
+from vncmux.testing import twistd_command
+
+SECRET = "workers-admin-secret"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+class ParentLog(ProcessProtocol):
+    """The parent's output, line by line, and a Deferred for each line a test waits for."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        #: Fires once the parent ended; C{reason} says how (ProcessDone: status 0).
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        self._partial = b""
+        self._waiting: list[tuple[re.Pattern[str], int, Deferred[re.Match[str]]]] = []
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self.lines.append(line.decode("utf-8", "replace"))
+        self._wake()
+
+    def wait_for(self, pattern: str, count: int = 1) -> Deferred[re.Match[str]]:
+        """Fire with the C{count}th match of C{pattern} in the log, once it is there."""
+        found: Deferred[re.Match[str]] = Deferred()
+        self._waiting.append((re.compile(pattern), count, found))
+        self._wake()
+        return found
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for pattern, count, found in waiting:
+            matches = [m for m in map(pattern.search, self.lines) if m]
+            if len(matches) >= count:
+                found.callback(matches[count - 1])
+            else:
+                self._waiting.append((pattern, count, found))
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+
+class Workers:
+    """A running ``twistd -n vncmux --workers N`` and its ports."""
+
+    def __init__(self, log: ParentLog, process: Any, port: int, metrics_port: int) -> None:
+        self.log = log
+        self.process = process
+        self.port = port
+        self.metrics_port = metrics_port
+
+    async def http(self, method: str, path: str, auth: bool = True) -> Response:
+        lines = [f"{method} {path} HTTP/1.0", f"Host: 127.0.0.1:{self.metrics_port}"]
+        if auth:
+            lines += [f"{k}: {v}" for k, v in AUTH.items()]
+        raw = await raw_request(self.metrics_port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+        return parse_response(raw)
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        answer = await self.http("GET", "/sessions")
+        assert answer.status == 200, answer
+        return answer.json()  # type: ignore[no-any-return]
+
+    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        answer = await self.http("GET", "/metrics", auth=False)
+        assert answer.status == 200, answer
+        found = {}
+        for family in text_string_to_metric_families(answer.body.decode()):
+            for s in family.samples:
+                found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return found
+
+    def worker_pids(self) -> dict[int, int]:
+        """The pid of each worker index, as the parent last logged them."""
+        pids = {}
+        for line in self.log.lines:
+            m = re.search(r"worker (\d+) \(pid (\d+)\) is listening", line)
+            if m:
+                pids[int(m.group(1))] = int(m.group(2))
+        return pids
+
+
+async def start_workers(test: TestCase, vnc_port: int, *args: str, count: int = 2) -> Workers:
+    """The parent with C{count} workers on free loopback ports, a token file that knows
+    C{good} (the fake VNC server) and the admin API; stopped and reaped on cleanup."""
+    directory = test.mktemp()
+    os.makedirs(directory)
+    tokens = os.path.join(directory, "tokens")
+    with open(tokens, "w") as f:
+        f.write(f"good: 127.0.0.1:{vnc_port}\n")
+    secret = os.path.join(directory, "admin")
+    with open(secret, "w") as f:
+        f.write(SECRET + "\n")
+    argv = [
+        *twistd_command(), "-n", "--pidfile=", "vncmux", "--workers", str(count),
+        "--listen", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1",
+        "--tokens", f"file:{tokens}", "--web", "none", "--admin-token-file", secret,
+        "--idle-timeout", "0", "--ping-interval", "0", *args,
+    ]  # fmt: skip
+    log = ParentLog()
+    process = reactor.spawnProcess(
+        log, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
+    )
+
+    async def stop() -> None:
+        if not log.ended.called:
+            process.signalProcess("TERM")
+        await log.ended
+        print("\n".join(log.lines), file=sys.stderr)  # shown when the test failed
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+    listening = await log.wait_for(r"console listener novnc on 127\.0\.0\.1:(\d+)")
+    metrics = await log.wait_for(r"metrics of every worker: http://127\.0\.0\.1:(\d+)/")
+    await log.wait_for(r"worker \d+ \(pid \d+\) is listening", count)
+    return Workers(log, process, int(listening.group(1)), int(metrics.group(1)))
+
+
+async def relaying(test: TestCase, port: int) -> ClientState:
+    """A session that relays: the fake VNC server greets and echoes."""
+    client = await connect_client(test, port)
+    await client.receive(len(GREETING))
+    client.send(b"ping")
+    await client.receive(len(GREETING) + 4)
+    return client
+
+
+async def refusal(test: TestCase, port: int) -> tuple[int | None, str | None]:
+    """How a connection is closed that the proxy refuses after its RFB greeting."""
+    client = await connect_client(test, port)
+    await client.receive(len(GREETING))
+    client.send(GREETING)
+    return await client.closed
+
+
+def closed_count(clients: list[ClientState], count: int) -> Deferred[list[tuple[Any, Any]]]:
+    """Fire with the close codes once C{count} of C{clients} have closed."""
+    done: Deferred[list[tuple[Any, Any]]] = Deferred()
+    codes: list[tuple[Any, Any]] = []
+
+    def one(code: tuple[Any, Any]) -> tuple[Any, Any]:
+        codes.append(code)
+        if len(codes) == count:
+            done.callback(codes)
+        return code
+
+    for client in clients:
+        client.closed.addCallback(one)
+    return done
+
+
+async def sessions_on_both(test: TestCase, workers: Workers) -> list[ClientState]:
+    """Open sessions until both workers hold one (the kernel spreads by hashing the
+    connection, so a few suffice); at most 20."""
+    clients = []
+    for _ in range(20):
+        clients.append(await relaying(test, workers.port))
+        listed = await workers.sessions()
+        if {s["worker"] for s in listed} == {0, 1}:
+            return clients
+    test.fail("20 sessions all landed on one worker")
+    raise AssertionError  # for the type checker
+
+
+def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return (name, tuple(sorted(labels.items())))
+
+
+class OneServiceTests(TestCase):
+    """Sessions on two workers are listed, counted, ended and limited as by one process."""
+
+    timeout = 60
+
+    @async_test
+    async def test_admin_and_metrics_see_every_worker(self) -> None:
+        """The admin listing names both workers; one /metrics sums both workers' sessions
+        and bytes; DELETE ends a session on either worker with 4002."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(self, vnc_port)
+        clients = await sessions_on_both(self, workers)
+        listed = await workers.sessions()
+        self.assertEqual(len(listed), len(clients))
+        found = await workers.scrape()
+        self.assertEqual(found[key("vncmux_sessions_active")], len(clients))
+        self.assertEqual(found[key("vncmux_bytes_total", direction="client_to_backend")],
+                         4 * len(clients))  # fmt: skip
+        self.assertEqual(found[key("vncmux_workers")], 2)
+        self.assertEqual(found[key("vncmux_worker_restarts_total")], 0)
+        pids = workers.worker_pids()
+        for index in (0, 1):
+            self.assertIn(key("process_open_fds", worker=str(index)), found)
+        self.assertEqual(sorted(pids), [0, 1])
+
+        by_worker = {s["worker"]: s for s in listed}
+        one = await workers.http("GET", f"/sessions/{by_worker[1]['session_id']}")
+        self.assertEqual(one.json()["worker"], 1)
+        closing = closed_count(clients, 2)
+        for index in (0, 1):
+            ended = await workers.http("DELETE", f"/sessions/{by_worker[index]['session_id']}")
+            self.assertEqual(ended.status, 200, ended)
+        self.assertEqual(await closing, [(4002, "token revoked")] * 2)
+        missing = await workers.http("DELETE", f"/sessions/{by_worker[0]['session_id']}")
+        self.assertEqual(missing.status, 404)
+
+    @async_test
+    async def test_max_sessions_holds_across_workers(self) -> None:
+        """--max-sessions 2: with one session on each worker (each alone would allow a
+        second), a third connection is refused with 4429 wherever it lands; a place given
+        back lets the next one in."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(self, vnc_port, "--max-sessions", "2")
+        clients = []
+        while True:
+            client = await relaying(self, workers.port)
+            listed = await workers.sessions()
+            if len({s["worker"] for s in listed}) == 2:
+                clients.append(client)
+                break
+            if len(listed) == 2:  # both on one worker: let the second go and try again
+                client.client.sendClose()  # type: ignore[union-attr]
+                await client.closed
+            else:
+                clients.append(client)
+            self.assertLess(len(workers.log.lines), 10000)
+        for _ in range(4):  # wherever they land, as both workers are below their own limit
+            self.assertEqual(await refusal(self, workers.port), (4429, "too many sessions"))
+        clients[0].client.sendClose()  # type: ignore[union-attr]
+        await clients[0].closed
+        await relaying(self, workers.port)
+
+
+class RestartTests(TestCase):
+    """A worker killed with SIGKILL is restarted; nothing it held stays counted."""
+
+    timeout = 60
+
+    @async_test
+    async def test_kill_9(self) -> None:
+        """kill -9 of a worker: a restart line in the log, the restart metric + 1, its
+        places given back (--max-sessions 2 lets two new sessions in), and the port keeps
+        answering meanwhile."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(self, vnc_port, "--max-sessions", "2")
+        clients = await sessions_on_both(self, workers)
+        self.assertEqual(len(clients), 2)
+        victim = {s["worker"]: s for s in await workers.sessions()}[0]
+        os.kill(workers.worker_pids()[0], signal.SIGKILL)
+        line = await workers.log.wait_for(
+            r"worker 0 \(pid \d+\) was killed by signal SIGKILL; 1 session places given"
+            r" back; restart 1 in 1s"
+        )
+        self.assertTrue(line)
+        await workers.log.wait_for(r"worker 0 \(pid \d+\) is listening", 2)
+        found = await workers.scrape()
+        self.assertEqual(found[key("vncmux_worker_restarts_total")], 1)
+        self.assertEqual(found[key("vncmux_workers")], 2)
+        ids = {s["session_id"] for s in await workers.sessions()}
+        self.assertNotIn(victim["session_id"], ids)
+        # One place left for the new sessions; the port answers on both sockets again.
+        fresh = [await relaying(self, workers.port) for _ in range(1)]
+        self.assertEqual(len(fresh), 1)
+        self.assertEqual(await refusal(self, workers.port), (4429, "too many sessions"))
+
+
+class DrainTests(TestCase):
+    """SIGTERM to the parent drains every worker, then the parent ends as twistd does."""
+
+    timeout = 60
+
+    @async_test
+    async def test_sigterm_drains_every_worker(self) -> None:
+        """Sessions on both workers close with 1001 after the drain timeout; every worker
+        exits with status 0, then the parent ends itself with the SIGTERM it stopped on
+        (twistd's way, -15: a clean stop to systemd; -9 would mean it had to be killed)."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(self, vnc_port, "--drain-timeout", "0.5")
+        clients = await sessions_on_both(self, workers)
+        workers.process.signalProcess("TERM")
+        closed = await gatherResults([c.closed for c in clients])
+        self.assertEqual(set(closed), {(1001, "going away")})
+        await workers.log.ended
+        assert workers.log.reason is not None
+        ended = workers.log.reason.value
+        self.assertIsInstance(ended, ProcessTerminated)
+        self.assertEqual(ended.signal, signal.SIGTERM)
+        for index in (0, 1):
+            exited = rf"worker {index} \(pid \d+\) exited with status 0"
+            self.assertTrue(any(re.search(exited, line) for line in workers.log.lines))
+        self.assertTrue(workers.log.lines[-1].endswith("Server Shut Down."))
+
+
+class AcceptSpreadTests(TestCase):
+    """SO_REUSEPORT spreads new connections evenly over the workers."""
+
+    timeout = 120
+    CONNECTIONS = 400
+
+    @async_test
+    async def test_400_sessions_over_2_workers(self) -> None:
+        """400 sessions opened 40 at a time: each worker holds between 35% and 65% of them
+        (a fair coin stays within that 400 times with probability 1 - 2e-9)."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(
+            self, vnc_port, "--max-sessions-per-token", "0", "--max-sessions-per-client", "0",
+            "--max-pending-per-client", "0",
+        )  # fmt: skip
+        for _ in range(self.CONNECTIONS // 40):
+            batch = [connect_client(self, workers.port) for _ in range(40)]
+            opened = await gatherResults([Deferred.fromCoroutine(b) for b in batch])
+            await gatherResults([c.receive(len(GREETING)) for c in opened])
+        spread = Counter(s["worker"] for s in await workers.sessions())
+        print(f"accept spread over 2 workers (SO_REUSEPORT): {dict(spread)}", file=sys.stderr)
+        self.assertEqual(sum(spread.values()), self.CONNECTIONS)
+        for index in (0, 1):
+            self.assertGreater(spread[index], 0.35 * self.CONNECTIONS, spread)
+            self.assertLess(spread[index], 0.65 * self.CONNECTIONS, spread)
+
