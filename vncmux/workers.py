@@ -32,7 +32,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
@@ -353,7 +354,7 @@ def listener_sockets(console_type: str, description: str, count: int) -> SharedS
     """
     kind, positional, named = endpoint_arguments(description)
     if kind == "systemd":
-        return _systemd_sockets(console_type, named, count)
+        return _systemd_sockets(console_type, description, count)
     if kind not in ("tcp", "tcp6", "ssl"):
         raise ValueError(
             f"--workers above 1 needs tcp:, tcp6:, ssl: or systemd: console listeners, not"
@@ -380,13 +381,15 @@ def listener_sockets(console_type: str, description: str, count: int) -> SharedS
     return SharedSocket(console_type, tuple(sockets))
 
 
-def _systemd_sockets(console_type: str, named: Mapping[str, str], count: int) -> SharedSocket:
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        raise ValueError("systemd: listener, but no socket was passed (LISTEN_PID)")
-    index = int(named.get("index", "0"))
-    if index >= int(os.environ.get("LISTEN_FDS", "0")):
-        raise ValueError(f"systemd: listener index {index}, but fewer sockets were passed")
-    inherited = socket.socket(fileno=3 + index)
+def _systemd_sockets(console_type: str, description: str, count: int) -> SharedSocket:
+    """The socket systemd passed (Twisted's own parser found it, and took the variables
+    that announced it out of the environment), and its SO_REUSEPORT siblings if any."""
+    try:
+        endpoint = serverFromString(None, description)
+    except (IndexError, KeyError) as e:
+        raise ValueError(f"{description}: no such socket was passed by systemd ({e})") from None
+    fd = os.dup(endpoint.fileno)  # Twisted's copy stays for a worker of --workers 1
+    inherited = socket.socket(endpoint.addressFamily, socket.SOCK_STREAM, fileno=fd)
     sockets = [inherited]
     if inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
         address = inherited.getsockname()
@@ -428,6 +431,7 @@ class WorkerParent(MultiService):
         self.restarts_total = 0
         self.stopping = False
         self._log_observer = log_observer
+        self._log = Logger(observer=log_observer)
         self._executable = executable
         self._process_metrics = ProcessCollector(registry=None)
         self.metrics_listener: Listener | None = None
@@ -841,20 +845,25 @@ class WorkerLink(amp.AMP):
         self._listeners = dict(listeners)
         self._service: ProxyService | None = None
         self._metrics: Metrics | None = None
-        self._sessions: LocalSessions | None = None
+        self._sessions: ISessionDirectory | None = None
+        self._lost = False
         #: Called when the parent is gone (the worker stops then).
         self.parent_gone: Callable[[], object] = lambda: None
 
     def attach(self, service: ProxyService, metrics: Metrics) -> None:
         """Serve the parent's sockets, count under its limits, answer from C{service}."""
         self._service = service
-        self._metrics = metrics
         supervisor = service.console.supervisor
-        self._sessions = LocalSessions(supervisor)
         supervisor.shared_limits = (*supervisor.shared_limits, self)
         for console_type, listener in service.listeners.items():
             fd, family = self._listeners[console_type]
             listener.adopt(fd, family)
+        self.serve(LocalSessions(supervisor), metrics)
+
+    def serve(self, sessions: ISessionDirectory, metrics: Metrics) -> None:
+        """Answer the parent's questions from C{sessions} and C{metrics}."""
+        self._sessions = sessions
+        self._metrics = metrics
 
     def tell_listening(self) -> Deferred[None]:
         """Once every listener accepts, say so to the parent."""
@@ -865,6 +874,8 @@ class WorkerLink(amp.AMP):
     # ISharedLimits
 
     def claim(self, record: TokenRecord, client_address: str) -> Deferred[Callable[[], None]]:
+        if self._lost:
+            return fail(Refused(TOO_MANY_SESSIONS, "the parent is gone: this worker stops"))
         asking = self.callRemote(
             Claim,
             token_hash=record.token_hash,
@@ -885,7 +896,7 @@ class WorkerLink(amp.AMP):
         return asking.addCallbacks(granted, refused)
 
     def _give_back(self, place: int) -> None:
-        if self.transport is not None and self.boxSender is not None:
+        if not self._lost:
             self.callRemote(GiveBack, place=place)
 
     # the parent's questions
@@ -920,6 +931,7 @@ class WorkerLink(amp.AMP):
         return self._sessions.revoked(message).addCallback(lambda n: {"ended": n})
 
     def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
         super().connectionLost(reason)
         self.parent_gone()
 
