@@ -399,3 +399,24 @@ class ListenerSocketTests(TestCase):
         for sock in shared.sockets:
             self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
         self.assertIs(shared.for_worker(4), shared.sockets[1])
+
+
+class SystemdReusePortTests(TestCase):
+    """A systemd socket with ReusePort=yes gets SO_REUSEPORT siblings, one per worker."""
+
+    timeout = 60
+
+    @async_test
+    async def test_siblings_of_the_inherited_socket(self) -> None:
+        """The parent adds a sibling to the inherited SO_REUSEPORT socket (the log says
+        SO_REUSEPORT, not one shared socket) and sessions reach both workers."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        workers = await start_workers(self, vnc_port, listener=listener)
+        listener.close()
+        self.assertTrue(any("2 workers, SO_REUSEPORT" in line for line in workers.log.lines))
+        await sessions_on_both(self, workers)
