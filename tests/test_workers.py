@@ -445,3 +445,18 @@ class ListenerKindTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, makeService, options, MemoryReactorClock())
         self.assertIn("tcp:, tcp6:, ssl: or systemd:", str(error))
         self.assertIn("unix:/tmp/vncmux.sock", str(error))
+
+    def test_worker_files_checked_at_start(self) -> None:
+        """Files a worker would only read at its start (TLS, VeNCrypt) stop the parent's
+        start instead, with the same words as a single process."""
+        from vncmux.tap import makeService
+
+        for args, expected in (
+            (["--listen", "ssl:0:privateKey=/nonexistent/key.pem"], "/nonexistent/key.pem"),
+            (["--vencrypt-client-cert", "/nonexistent/cert.pem"], "--vencrypt-*"),
+            (["--tokens", "bogus:x"], "--tokens"),
+        ):
+            options = Options()
+            options.parseOptions(["--workers", "2", "--web", "none", *args])
+            error = self.assertRaises(usage.UsageError, makeService, options, MemoryReactorClock())
+            self.assertIn(expected, str(error))

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.python import usage
@@ -66,13 +67,37 @@ def main(argv: Sequence[str]) -> int:
     control.setblocking(False)
     reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, OneProtocol(link))
     control.close()
-    link.parent_gone = lambda: reactor.running and reactor.stop()
+    stop = StopOnce(reactor)
+    link.parent_gone = stop
     service.privilegedStartService()
     service.startService()
     link.tell_listening()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop.on_signal)
     reactor.run()
     return 0
+
+
+class StopOnce:
+    """
+    Stop the worker's reactor (so the proxy drains) once, whatever asks first: SIGTERM from
+    the parent, SIGTERM from systemd to every process of the unit (often both), or the end
+    of the control channel. The reactor's own handler would try to stop it again, and log
+    an error, on the second signal.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._stopping = False
+
+    def __call__(self) -> None:
+        if not self._stopping and self._reactor.running:
+            self._stopping = True
+            _log.info("draining", vncmux_event="worker_draining")
+            self._reactor.stop()
+
+    def on_signal(self, number: int, frame: object) -> None:
+        self._reactor.callFromThread(self)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
@@ -48,13 +48,13 @@ from vncmux.admin import LocalSessions, admin_resources, read_admin_secret
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.firstrun import http_url
 from vncmux.health import Liveness, Readiness, within
-from vncmux.interfaces import ISessionDirectory, ISharedLimits
-from vncmux.observability import QuietSite, Root
+from vncmux.interfaces import ISessionDirectory, ISharedLimits, ITokenStore
+from vncmux.observability import HTTP_TIMEOUT, QuietSite, Root
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import TOO_MANY_SESSIONS, Refused
 from vncmux.service import Listener
 from vncmux.supervisor import PlaceCounter
-from vncmux.tls import endpoint_arguments
+from vncmux.tls import endpoint_arguments, load_vencrypt_tls, tls_listener
 
 if TYPE_CHECKING:
     from vncmux.hangup import ReloadOnHangup
@@ -438,10 +438,18 @@ class WorkerParent(MultiService):
 
     @classmethod
     def from_options(cls, config: Options, reactor: Any) -> WorkerParent:
-        """The parent for C{config}: its sockets, and its metrics port when it has one."""
+        """
+        The parent for C{config}: its sockets, and its metrics port when it has one. What a
+        worker would only find at its start (token store URL, TLS and VeNCrypt files, the
+        admin secret) is checked here first, so that a mistake stops the start, as it does
+        without workers, instead of making every worker exit and restart.
+        """
         from vncmux.hangup import ReloadOnHangup
 
         settings = config.settings()
+        store = _checked_store(settings, reactor)
+        secret_file = config["admin-token-file"]
+        secret = read_admin_secret(secret_file) if secret_file else None
         count = config["workers"]
         sockets: list[SharedSocket] = []
         try:
@@ -452,45 +460,33 @@ class WorkerParent(MultiService):
                 made.close()
             raise
         parent = cls(settings, config.arguments, count, sockets, reactor)
-        parent.build_metrics_port(config)
+        if settings.metrics is not None:
+            parent.build_metrics_port(store, secret, config["base-url"])
         hangup: ReloadOnHangup = ReloadOnHangup(reactor, [parent.reload_workers])
         hangup.setServiceParent(parent)
         return parent
 
-    def build_metrics_port(self, config: Options) -> None:
-        """The one metrics port (with the admin API), with its own token store handle."""
+    def build_metrics_port(self, store: ITokenStore, secret: bytes | None, base_url: str) -> None:
+        """The one metrics port (with the admin API when there is a C{secret}), with the
+        parent's own handle on the token store (for /readyz and for issuing tokens)."""
         settings = self.settings
-        if settings.metrics is None:
-            return
-        try:
-            store = open_token_store(
-                settings.tokens,
-                self.reactor,
-                reply_timeout=settings.store_timeout,
-                reactor=self.reactor,
-                nova_recheck_interval=settings.nova_recheck_interval,
-            )
-        except ValueError as e:
-            raise ValueError(f"--tokens: {e}") from None
-        if hasattr(store, "setServiceParent"):
-            store.setServiceParent(self)
+        assert settings.metrics is not None
+        if IService.providedBy(store):
+            store.setServiceParent(self)  # type: ignore[attr-defined]
         root = Root()
         root.putChild(b"metrics", MergedMetricsPage(self))
         root.putChild(b"healthz", Liveness())
         root.putChild(b"readyz", Readiness(store, self.reactor, self.all_listening, self.places))
-        secret_file = config["admin-token-file"]
-        secret = read_admin_secret(secret_file) if secret_file else None
         if secret:
             policy = BackendPolicy.for_reactor(
                 self.reactor, settings.allowed_backends, settings.connect_timeout
             )
             pages = admin_resources(
-                secret, WorkerSessions(self), store, self.reactor, config["base-url"],
-                backend_policy=policy,
-            )  # fmt: skip
+                secret, WorkerSessions(self), store, self.reactor, base_url, backend_policy=policy
+            )
             for name, page in pages.items():
                 root.putChild(name, page)
-        site = QuietSite(root, timeout=60, reactor=self.reactor)
+        site = QuietSite(root, timeout=HTTP_TIMEOUT, reactor=self.reactor)
         self.metrics_listener = Listener(settings.metrics, site, self.reactor)
         self.metrics_listener.tls_min_version = settings.tls_min_version
         self.metrics_listener.setServiceParent(self)
@@ -809,6 +805,29 @@ class WorkerSessions:
     def revoked(self, message: str) -> Deferred[int]:
         asking = self._parent.ask_all(Revoke, message=message)
         return asking.addCallback(lambda answers: sum(a["ended"] for _, a in answers))
+
+
+def _checked_store(settings: Settings, reactor: Any) -> ITokenStore:
+    """The token store of C{settings}, once the files a worker needs were found usable:
+    C{ValueError} says what is wrong, in the words of a single process's start."""
+    try:
+        load_vencrypt_tls(
+            settings.vencrypt_ca_certs, settings.vencrypt_client_cert, settings.vencrypt_client_key
+        )
+    except ValueError as e:
+        raise ValueError(f"--vencrypt-*: {e}") from None
+    for _, description in settings.listeners:
+        tls_listener(reactor, description, settings.tls_min_version)
+    try:
+        return open_token_store(
+            settings.tokens,
+            reactor,
+            reply_timeout=settings.store_timeout,
+            reactor=reactor,
+            nova_recheck_interval=settings.nova_recheck_interval,
+        )
+    except ValueError as e:
+        raise ValueError(f"--tokens: {e}") from None
 
 
 def _address(address: tuple[Any, ...]) -> str:

@@ -210,6 +210,24 @@ async def sessions_on_both(test: TestCase, workers: Workers) -> list[ClientState
     raise AssertionError  # for the type checker
 
 
+async def one_on_each_of_two(test: TestCase, workers: Workers) -> list[ClientState]:
+    """Under --max-sessions 2: one session on each worker (a second on the same worker is
+    closed again and another tried, at most 20 times)."""
+    clients: list[ClientState] = []
+    for _ in range(20):
+        client = await relaying(test, workers.port)
+        listed = await workers.sessions()
+        if len({s["worker"] for s in listed}) == 2:
+            return [*clients, client]
+        if len(listed) == 2:  # both on one worker: let the newer go and try again
+            client.client.sendClose()  # type: ignore[union-attr]
+            await client.closed
+        else:
+            clients.append(client)
+    test.fail("20 sessions all landed on one worker")
+    raise AssertionError  # for the type checker
+
+
 def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return (name, tuple(sorted(labels.items())))
 
@@ -257,19 +275,7 @@ class OneServiceTests(TestCase):
         back lets the next one in."""
         vnc, vnc_port = await listen_fake_vnc(self)
         workers = await start_workers(self, vnc_port, "--max-sessions", "2")
-        clients = []
-        while True:
-            client = await relaying(self, workers.port)
-            listed = await workers.sessions()
-            if len({s["worker"] for s in listed}) == 2:
-                clients.append(client)
-                break
-            if len(listed) == 2:  # both on one worker: let the second go and try again
-                client.client.sendClose()  # type: ignore[union-attr]
-                await client.closed
-            else:
-                clients.append(client)
-            self.assertLess(len(workers.log.lines), 10000)
+        clients = await one_on_each_of_two(self, workers)
         for _ in range(4):  # wherever they land, as both workers are below their own limit
             self.assertEqual(await refusal(self, workers.port), (4429, "too many sessions"))
         clients[0].client.sendClose()  # type: ignore[union-attr]
@@ -289,10 +295,12 @@ class RestartTests(TestCase):
         answering meanwhile."""
         vnc, vnc_port = await listen_fake_vnc(self)
         workers = await start_workers(self, vnc_port, "--max-sessions", "2")
-        clients = await sessions_on_both(self, workers)
-        self.assertEqual(len(clients), 2)
+        clients = await one_on_each_of_two(self, workers)
         victim = {s["worker"]: s for s in await workers.sessions()}[0]
+        losing = closed_count(clients, 1)
         os.kill(workers.worker_pids()[0], signal.SIGKILL)
+        [(code, _)] = await losing
+        self.assertEqual(code, 1006)  # the worker died: no close handshake
         line = await workers.log.wait_for(
             r"worker 0 \(pid \d+\) was killed by signal SIGKILL; 1 session places given"
             r" back; restart 1 in 1s"
@@ -317,13 +325,17 @@ class DrainTests(TestCase):
 
     @async_test
     async def test_sigterm_drains_every_worker(self) -> None:
-        """Sessions on both workers close with 1001 after the drain timeout; every worker
-        exits with status 0, then the parent ends itself with the SIGTERM it stopped on
-        (twistd's way, -15: a clean stop to systemd; -9 would mean it had to be killed)."""
+        """SIGTERM to the parent and both workers at once (systemd's way): sessions on both
+        workers close with 1001 after the drain timeout; every worker drains once and exits
+        with status 0, no error logged; then the parent ends itself with the SIGTERM it
+        stopped on (twistd's way, -15: a clean stop to systemd; -9: it had to be killed)."""
         vnc, vnc_port = await listen_fake_vnc(self)
         workers = await start_workers(self, vnc_port, "--drain-timeout", "0.5")
         clients = await sessions_on_both(self, workers)
+        # As systemd stops a unit: SIGTERM to every process of it at once.
         workers.process.signalProcess("TERM")
+        for pid in workers.worker_pids().values():
+            os.kill(pid, signal.SIGTERM)
         closed = await gatherResults([c.closed for c in clients])
         self.assertEqual(set(closed), {(1001, "going away")})
         await workers.log.ended
@@ -335,6 +347,9 @@ class DrainTests(TestCase):
             exited = rf"worker {index} \(pid \d+\) exited with status 0"
             self.assertTrue(any(re.search(exited, line) for line in workers.log.lines))
         self.assertTrue(workers.log.lines[-1].endswith("Server Shut Down."))
+        self.assertEqual(sum(line.endswith("] draining") for line in workers.log.lines), 2)
+        bad = ("Unhandled", "Traceback", "#error", "#critical")
+        self.assertEqual([line for line in workers.log.lines if any(b in line for b in bad)], [])
 
 
 class AcceptSpreadTests(TestCase):
