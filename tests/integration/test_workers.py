@@ -269,6 +269,20 @@ class OneServiceTests(TestCase):
         self.assertEqual(missing.status, 404)
 
     @async_test
+    async def test_token_revoked_on_every_worker(self) -> None:
+        """DELETE /tokens/<token> on the parent ends the token's sessions on both workers
+        with 4002, counts them all, and takes the token out of the store."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(self, vnc_port)
+        clients = await sessions_on_both(self, workers)
+        revoked = await workers.http("DELETE", "/tokens/good")
+        self.assertEqual(revoked.status, 200, revoked)
+        self.assertEqual(revoked.json()["sessions_ended"], len(clients))
+        closed = await gatherResults([c.closed for c in clients])
+        self.assertEqual(set(closed), {(4002, "token revoked")})
+        self.assertEqual(await workers.sessions(), [])
+
+    @async_test
     async def test_max_sessions_holds_across_workers(self) -> None:
         """--max-sessions 2: with one session on each worker (each alone would allow a
         second), a third connection is refused with 4429 wherever it lands; a place given
