@@ -460,3 +460,25 @@ class ListenerKindTests(SynchronousTestCase):
             options.parseOptions(["--workers", "2", "--web", "none", *args])
             error = self.assertRaises(usage.UsageError, makeService, options, MemoryReactorClock())
             self.assertIn(expected, str(error))
+
+
+class SpawnFailureTests(SynchronousTestCase):
+    """A worker that cannot even be started is tried again later, like one that died."""
+
+    def test_spawn_fails(self) -> None:
+        """spawnProcess raising OSError (no more processes): logged as a restart, retried
+        after the delay."""
+        parent, reactor, events = make_parent(count=1)
+        real_spawn = reactor.spawnProcess
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            reactor.spawnProcess = real_spawn  # type: ignore[method-assign]
+            raise OSError(11, "Resource temporarily unavailable")
+
+        reactor.spawnProcess = failing  # type: ignore[method-assign]
+        parent.startService()
+        [line] = [e for e in events if e.get("vncmux_event") == "worker_restart"]
+        self.assertIn("could not be started", line["how"])
+        self.assertEqual(reactor.spawned, [])
+        reactor.advance(FIRST_RESTART_DELAY)
+        self.assertEqual(len(reactor.spawned), 1)

@@ -53,7 +53,7 @@ from vncmux.observability import HTTP_TIMEOUT, QuietSite, Root
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import TOO_MANY_SESSIONS, Refused
 from vncmux.service import Listener
-from vncmux.supervisor import PlaceCounter
+from vncmux.supervisor import Limits, PlaceCounter
 from vncmux.tls import endpoint_arguments, load_vencrypt_tls, tls_listener
 
 if TYPE_CHECKING:
@@ -219,7 +219,8 @@ class SharedPlaces:
         self._next_place = 0
 
     @property
-    def limits(self) -> Any:
+    def limits(self) -> Limits:
+        """The limits counted against (C{/readyz} reads C{max_sessions})."""
         return self.counter.limits
 
     @property
@@ -323,10 +324,6 @@ class Worker:
     restart_call: IDelayedCall | None = None
     ended: Deferred[None] | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self.process is not None
-
 
 @dataclass(frozen=True)
 class SharedSocket:
@@ -334,6 +331,15 @@ class SharedSocket:
 
     console_type: str
     sockets: tuple[socket.socket, ...]
+    #: Why the workers share one socket where they could have had one each.
+    note: str = ""
+
+    @property
+    def how(self) -> str:
+        """How the workers share the port, for the log."""
+        if len(self.sockets) > 1:
+            return "SO_REUSEPORT"
+        return "one shared socket" + (f" ({self.note})" if self.note else "")
 
     def for_worker(self, index: int) -> socket.socket:
         return self.sockets[index % len(self.sockets)]
@@ -382,24 +388,34 @@ def listener_sockets(console_type: str, description: str, count: int) -> SharedS
 
 
 def _systemd_sockets(console_type: str, description: str, count: int) -> SharedSocket:
-    """The socket systemd passed (Twisted's own parser found it, and took the variables
-    that announced it out of the environment), and its SO_REUSEPORT siblings if any."""
+    """
+    The socket systemd passed (Twisted's own parser found it, and took the variables that
+    announced it out of the environment), and its SO_REUSEPORT siblings when the socket
+    unit set ReusePort=yes. Linux lets only the user that made a SO_REUSEPORT socket add
+    siblings to it: systemd made it as root, so a service with another User= shares it.
+    """
     try:
         endpoint = serverFromString(None, description)
     except (IndexError, KeyError) as e:
         raise ValueError(f"{description}: no such socket was passed by systemd ({e})") from None
     fd = os.dup(endpoint.fileno)  # Twisted's copy stays for a worker of --workers 1
     inherited = socket.socket(endpoint.addressFamily, socket.SOCK_STREAM, fileno=fd)
-    sockets = [inherited]
-    if inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-        address = inherited.getsockname()
+    if not inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return SharedSocket(console_type, (inherited,))
+    siblings: list[socket.socket] = []
+    try:
         for _ in range(count - 1):
             sock = socket.socket(inherited.family, socket.SOCK_STREAM)
-            sockets.append(sock)
+            siblings.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
+            sock.bind(inherited.getsockname())
             sock.listen(socket.SOMAXCONN)
-    return SharedSocket(console_type, tuple(sockets))
+    except OSError as e:
+        for sock in siblings:
+            sock.close()
+        note = f"SO_REUSEPORT siblings refused ({e.strerror}: the socket is another user's)"
+        return SharedSocket(console_type, (inherited,), note)
+    return SharedSocket(console_type, (inherited, *siblings))
 
 
 class WorkerParent(MultiService):
@@ -502,7 +518,7 @@ class WorkerParent(MultiService):
                 console_type=shared.console_type,
                 address=_address(port),
                 count=len(self.workers),
-                how="SO_REUSEPORT" if len(shared.sockets) > 1 else "one shared socket",
+                how=shared.how,
                 vncmux_event="workers_listening",
                 port=port[1],
             )
@@ -537,14 +553,18 @@ class WorkerParent(MultiService):
         argv, child_fds = self.worker_argv(worker)
         child_fds[CONTROL_FD] = theirs.fileno()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        worker.started_at = self.reactor.seconds()
         try:
             worker.process = self.reactor.spawnProcess(
                 WorkerProcess(worker), self._executable, argv, env=env, childFDs=child_fds
             )
+        except OSError as e:  # out of processes or memory: try again later
+            ours.close()
+            self._restart_later(worker, None, f"could not be started ({e})", 0)
+            return
         finally:
             theirs.close()
         worker.pid = worker.process.pid
-        worker.started_at = self.reactor.seconds()
         worker.ended = Deferred()
         worker.control = ParentControl(worker)
         ours.setblocking(False)
@@ -579,6 +599,11 @@ class WorkerParent(MultiService):
                 vncmux_event="worker_stopped",
             )  # fmt: skip
             return
+        self._restart_later(worker, pid, how, freed)
+
+    def _restart_later(self, worker: Worker, pid: int | None, how: str, freed: int) -> None:
+        """Log why worker C{worker.index} ended and start it again after a delay that
+        doubles while it keeps ending soon after its start."""
         lived = self.reactor.seconds() - worker.started_at
         if lived >= STABLE_AFTER or not worker.restart_delay:
             worker.restart_delay = FIRST_RESTART_DELAY

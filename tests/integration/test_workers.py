@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -71,11 +73,15 @@ class ParentLog(ProcessProtocol):
             matches = [m for m in map(pattern.search, self.lines) if m]
             if len(matches) >= count:
                 found.callback(matches[count - 1])
+            elif self.reason is not None:
+                log = "\n".join(self.lines[-30:])
+                found.errback(AssertionError(f"vncmux ended without {pattern.pattern}:\n{log}"))
             else:
                 self._waiting.append((pattern, count, found))
 
     def processEnded(self, reason: Failure) -> None:
         self.reason = reason
+        self._wake()
         self.ended.callback(None)
 
 
@@ -129,8 +135,8 @@ async def start_workers(
     """The parent with C{count} workers on free loopback ports (or on C{listener}, passed
     as systemd does), a token file that knows C{good} (the fake VNC server) and the admin
     API; stopped and reaped on cleanup."""
-    directory = test.mktemp()
-    os.makedirs(directory)
+    directory = tempfile.mkdtemp(prefix="vncmux-workers-")
+    test.addCleanup(shutil.rmtree, directory)
     tokens = os.path.join(directory, "tokens")
     with open(tokens, "w") as f:
         f.write(f"good: 127.0.0.1:{vnc_port}\n")
