@@ -310,31 +310,37 @@ class RestartTests(TestCase):
 
     @async_test
     async def test_kill_9(self) -> None:
-        """kill -9 of a worker: a restart line in the log, the restart metric + 1, its
-        places given back (--max-sessions 2 lets two new sessions in), and the port keeps
-        answering meanwhile."""
+        """kill -9 of a worker: its session is cut, a restart line names it, /readyz says
+        503 until it listens again, the restart metric is 1, its place was given back
+        (under --max-sessions 2 exactly one new session gets in, then /readyz says the limit
+        is reached and the next session gets 4429), and the port keeps answering: a session
+        opened before the restart is served."""
         vnc, vnc_port = await listen_fake_vnc(self)
         workers = await start_workers(self, vnc_port, "--max-sessions", "2")
+        self.assertEqual((await workers.http("GET", "/readyz", auth=False)).status, 200)
         clients = await one_on_each_of_two(self, workers)
         victim = {s["worker"]: s for s in await workers.sessions()}[0]
         losing = closed_count(clients, 1)
         os.kill(workers.worker_pids()[0], signal.SIGKILL)
         [(code, _)] = await losing
         self.assertEqual(code, 1006)  # the worker died: no close handshake
-        line = await workers.log.wait_for(
+        await workers.log.wait_for(
             r"worker 0 \(pid \d+\) was killed by signal SIGKILL; 1 session places given"
             r" back; restart 1 in 1s"
         )
-        self.assertTrue(line)
+        not_ready = await workers.http("GET", "/readyz", auth=False)
+        self.assertEqual(not_ready.status, 503)  # restarted 1 s after the line above
+        self.assertEqual(not_ready.json()["reason"], "console listener is not listening")
+        await relaying(self, workers.port)  # on worker 1, or waits in worker 0's backlog
         await workers.log.wait_for(r"worker 0 \(pid \d+\) is listening", 2)
+        full = await workers.http("GET", "/readyz", auth=False)  # 2 of 2, on two workers
+        self.assertEqual((full.status, full.json()["reason"]), (503, "session limit reached"))
         found = await workers.scrape()
         self.assertEqual(found[key("vncmux_worker_restarts_total")], 1)
         self.assertEqual(found[key("vncmux_workers")], 2)
         ids = {s["session_id"] for s in await workers.sessions()}
         self.assertNotIn(victim["session_id"], ids)
-        # One place left for the new sessions; the port answers on both sockets again.
-        fresh = [await relaying(self, workers.port) for _ in range(1)]
-        self.assertEqual(len(fresh), 1)
+        self.assertEqual(len(ids), 2)
         self.assertEqual(await refusal(self, workers.port), (4429, "too many sessions"))
 
 
