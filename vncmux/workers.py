@@ -47,8 +47,10 @@ from zope.interface import implementer
 from vncmux.admin import LocalSessions, admin_resources, read_admin_secret
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.firstrun import http_url
+from vncmux.hangup import ReloadOnHangup
 from vncmux.health import Liveness, Readiness, within
 from vncmux.interfaces import ISessionDirectory, ISharedLimits, ITokenStore
+from vncmux.metrics import Metrics, new_registry
 from vncmux.observability import HTTP_TIMEOUT, QuietSite, Root
 from vncmux.redisstore import open_token_store
 from vncmux.refusals import TOO_MANY_SESSIONS, Refused
@@ -57,8 +59,6 @@ from vncmux.supervisor import Limits, PlaceCounter
 from vncmux.tls import endpoint_arguments, load_vencrypt_tls, tls_listener
 
 if TYPE_CHECKING:
-    from vncmux.hangup import ReloadOnHangup
-    from vncmux.metrics import Metrics
     from vncmux.service import ProxyService
     from vncmux.settings import Settings
     from vncmux.tap import Options
@@ -460,8 +460,6 @@ class WorkerParent(MultiService):
         admin secret) is checked here first, so that a mistake stops the start, as it does
         without workers, instead of making every worker exit and restart.
         """
-        from vncmux.hangup import ReloadOnHangup
-
         settings = config.settings()
         store = _checked_store(settings, reactor)
         secret_file = config["admin-token-file"]
@@ -478,8 +476,7 @@ class WorkerParent(MultiService):
         parent = cls(settings, config.arguments, count, sockets, reactor)
         if settings.metrics is not None:
             parent.build_metrics_port(store, secret, config["base-url"])
-        hangup: ReloadOnHangup = ReloadOnHangup(reactor, [parent.reload_workers])
-        hangup.setServiceParent(parent)
+        ReloadOnHangup(reactor, [parent.reload_workers]).setServiceParent(parent)
         return parent
 
     def build_metrics_port(self, store: ITokenStore, secret: bytes | None, base_url: str) -> None:
@@ -881,14 +878,12 @@ class WorkerLink(amp.AMP):
     metrics (attached by L{vncmux.tap.build_proxy}).
     """
 
-    _log = Logger()
-
     def __init__(self, index: int, listeners: Mapping[str, tuple[int, int]]) -> None:
         super().__init__()
         self.index = index
         self._listeners = dict(listeners)
         self._service: ProxyService | None = None
-        self._metrics: Metrics | None = None
+        self._registry: CollectorRegistry | None = None
         self._sessions: ISessionDirectory | None = None
         self._lost = False
         #: Called when the parent is gone (the worker stops then).
@@ -907,7 +902,7 @@ class WorkerLink(amp.AMP):
     def serve(self, sessions: ISessionDirectory, metrics: Metrics) -> None:
         """Answer the parent's questions from C{sessions} and C{metrics}."""
         self._sessions = sessions
-        self._metrics = metrics
+        self._registry = new_registry(metrics)
 
     def tell_listening(self) -> Deferred[None]:
         """Once every listener accepts, say so to the parent."""
@@ -947,11 +942,8 @@ class WorkerLink(amp.AMP):
 
     @Collect.responder
     def collect(self) -> dict[str, Any]:
-        from vncmux.metrics import new_registry
-
-        assert self._metrics is not None
-        registry = new_registry(self._metrics)
-        return {"families": families_json(registry.collect())}
+        assert self._registry is not None
+        return {"families": families_json(self._registry.collect())}
 
     @ListSessions.responder
     def list_sessions(self) -> Deferred[dict[str, Any]]:
