@@ -46,10 +46,11 @@ def _die_with_parent() -> None:
 
 def main(argv: Sequence[str]) -> int:
     """Run one worker until SIGTERM or the end of its control channel."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
     from vncmux.tap import Options, build_proxy, raise_open_files_limit
 
+    reactor: Any = global_reactor
     _die_with_parent()
     split = list(argv).index("--")
     index, listener_specs, arguments = int(argv[0]), argv[1:split], list(argv[split + 1 :])
@@ -69,8 +70,8 @@ def main(argv: Sequence[str]) -> int:
     control.close()
     stop = StopOnce(reactor)
     link.parent_gone = stop
-    service.privilegedStartService()
-    service.startService()
+    service.privilegedStartService()  # type: ignore[no-untyped-call]  # python/mypy#16651
+    service.startService()  # type: ignore[no-untyped-call]  # python/mypy#16651
     link.tell_listening()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop.on_signal)

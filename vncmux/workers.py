@@ -35,8 +35,8 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -86,6 +86,9 @@ class LongJSON(amp.Argument):
     """
 
     CHUNK = amp.MAX_VALUE_LENGTH
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
 
     def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
         encoded = json.dumps(objects.pop(name.decode("ascii"))).encode("utf-8")
@@ -251,11 +254,19 @@ class SharedPlaces:
         return len(places)
 
 
-class ParentControl(amp.AMP):
+class _Typed(amp.AMP):
+    """An AMP end whose calls mypy can follow (C{callRemote} is not annotated)."""
+
+    def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
+        answer: Deferred[dict[str, Any]] = self.callRemote(command, **arguments)  # type: ignore[no-untyped-call]  # python/mypy#16651
+        return answer
+
+
+class ParentControl(_Typed):
     """The parent's end of one worker's control channel."""
 
     def __init__(self, worker: Worker) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.worker = worker
 
     @Claim.responder
@@ -281,8 +292,8 @@ class ParentControl(amp.AMP):
         self.worker.parent.worker_listening(self.worker)
         return {}
 
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.worker.listening = False
         if self.worker.control is self:
             self.worker.control = None
@@ -437,7 +448,7 @@ class WorkerParent(MultiService):
         log_observer: ILogObserver = globalLogPublisher,
         executable: str = sys.executable,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.settings = settings
         self.arguments = arguments
         self.reactor = reactor
@@ -476,7 +487,8 @@ class WorkerParent(MultiService):
         parent = cls(settings, config.arguments, count, sockets, reactor)
         if settings.metrics is not None:
             parent.build_metrics_port(store, secret, config["base-url"])
-        ReloadOnHangup(reactor, [parent.reload_workers]).setServiceParent(parent)
+        hangup = ReloadOnHangup(reactor, [parent.reload_workers])
+        hangup.setServiceParent(parent)  # type: ignore[no-untyped-call]  # python/mypy#16651
         return parent
 
     def build_metrics_port(self, store: ITokenStore, secret: bytes | None, base_url: str) -> None:
@@ -485,10 +497,10 @@ class WorkerParent(MultiService):
         settings = self.settings
         assert settings.metrics is not None
         if IService.providedBy(store):
-            store.setServiceParent(self)  # type: ignore[attr-defined]
-        root = Root()
+            IService(store).setServiceParent(self)
+        root = Root()  # type: ignore[no-untyped-call]  # python/mypy#16651
         root.putChild(b"metrics", MergedMetricsPage(self))
-        root.putChild(b"healthz", Liveness())
+        root.putChild(b"healthz", Liveness())  # type: ignore[no-untyped-call]  # python/mypy#16651
         root.putChild(b"readyz", Readiness(store, self.reactor, self.all_listening, self.places))
         if secret:
             policy = BackendPolicy.for_reactor(
@@ -499,15 +511,15 @@ class WorkerParent(MultiService):
             )
             for name, page in pages.items():
                 root.putChild(name, page)
-        site = QuietSite(root, timeout=HTTP_TIMEOUT, reactor=self.reactor)
+        site = QuietSite(root, timeout=HTTP_TIMEOUT, reactor=self.reactor)  # type: ignore[no-untyped-call]  # python/mypy#16651
         self.metrics_listener = Listener(settings.metrics, site, self.reactor)
         self.metrics_listener.tls_min_version = settings.tls_min_version
-        self.metrics_listener.setServiceParent(self)
+        self.metrics_listener.setServiceParent(self)  # type: ignore[no-untyped-call]  # python/mypy#16651
 
     # -- workers ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
         for shared in self.sockets:
             port = shared.sockets[0].getsockname()
             self._log.info(
@@ -520,14 +532,15 @@ class WorkerParent(MultiService):
                 port=port[1],
             )
         if self.metrics_listener is not None:
-            self.metrics_listener.listening().addCallback(self._tell_metrics)
+            listener = self.metrics_listener
+            listener.listening().addCallback(self._tell_metrics, listener.tls is not None)
         for worker in self.workers:
             self.start_worker(worker)
 
-    def _tell_metrics(self, port: Any) -> None:
+    def _tell_metrics(self, port: IListeningPort, secure: bool) -> None:
         self._log.info(
             "metrics of every worker: {url}metrics",
-            url=http_url(port, self.metrics_listener.tls is not None),
+            url=http_url(port, secure),
             vncmux_event="metrics_listening",
         )
 
@@ -677,7 +690,8 @@ class WorkerParent(MultiService):
         def stop_the_rest(_: object) -> Deferred[None]:
             if timer.active():
                 timer.cancel()
-            return super(WorkerParent, self).stopService()  # type: ignore[no-any-return]
+            stopped: Deferred[None] = super(WorkerParent, self).stopService()  # type: ignore[no-untyped-call]  # python/mypy#16653
+            return stopped
 
         return all_ended.addCallback(stop_the_rest)
 
@@ -697,7 +711,7 @@ class WorkerParent(MultiService):
         """C{(worker, answer)} of every connected worker that answered in time."""
         asked = [(w, w.control) for w in self.workers if w.control is not None]
         answers = [
-            within(control.callRemote(command, **arguments), WORKER_ANSWER_TIMEOUT, self.reactor)
+            within(control.call(command, **arguments), WORKER_ANSWER_TIMEOUT, self.reactor)
             for _, control in asked
         ]
 
@@ -769,7 +783,7 @@ class MergedMetricsPage(Resource):
     isLeaf = True
 
     def __init__(self, parent: WorkerParent) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._parent = parent
 
     def render_GET(self, request: Request) -> int:
@@ -782,7 +796,7 @@ class MergedMetricsPage(Resource):
             if gone:
                 return
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Families(families))  # type: ignore[arg-type]
+            registry.register(_Families(families))
             request.setHeader(b"content-type", content_type.encode("ascii"))
             request.setHeader(b"cache-control", b"no-store")
             request.write(encoder(registry))
@@ -871,7 +885,7 @@ def _exit_description(reason: Failure) -> str:
 
 
 @implementer(ISharedLimits)
-class WorkerLink(amp.AMP):
+class WorkerLink(_Typed):
     """
     A worker's end of the control channel: its sessions take their places with the parent
     (L{ISharedLimits}), and the parent's questions are answered from its supervisor and
@@ -879,7 +893,7 @@ class WorkerLink(amp.AMP):
     """
 
     def __init__(self, index: int, listeners: Mapping[str, tuple[int, int]]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.index = index
         self._listeners = dict(listeners)
         self._service: ProxyService | None = None
@@ -908,14 +922,15 @@ class WorkerLink(amp.AMP):
         """Once every listener accepts, say so to the parent."""
         assert self._service is not None
         up = [listener.listening() for listener in self._service.listeners.values()]
-        return gatherResults(up).addCallback(lambda _: self.callRemote(Listening))
+        listening: Deferred[list[IListeningPort]] = gatherResults(up)
+        return listening.addCallback(lambda _: self.call(Listening)).addCallback(lambda _: None)
 
     # ISharedLimits
 
     def claim(self, record: TokenRecord, client_address: str) -> Deferred[Callable[[], None]]:
         if self._lost:
             return fail(Refused(TOO_MANY_SESSIONS, "the parent is gone: this worker stops"))
-        asking = self.callRemote(
+        asking = self.call(
             Claim,
             token_hash=record.token_hash,
             token_id=record.token_id,
@@ -936,7 +951,7 @@ class WorkerLink(amp.AMP):
 
     def _give_back(self, place: int) -> None:
         if not self._lost:
-            self.callRemote(GiveBack, place=place)
+            self.call(GiveBack, place=place)
 
     # the parent's questions
 
@@ -966,9 +981,9 @@ class WorkerLink(amp.AMP):
         assert self._sessions is not None
         return self._sessions.revoked(message).addCallback(lambda n: {"ended": n})
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # python/mypy#16653
         self.parent_gone()
 
 
