@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -131,10 +132,11 @@ async def start_workers(
     *args: str,
     count: int = 2,
     listener: socket.socket | None = None,
+    prefix: Sequence[str] = (),
 ) -> Workers:
     """The parent with C{count} workers on free loopback ports (or on C{listener}, passed
     as systemd does), a token file that knows C{good} (the fake VNC server) and the admin
-    API; stopped and reaped on cleanup."""
+    API; stopped and reaped on cleanup. C{prefix} runs before twistd (e.g. prlimit)."""
     directory = tempfile.mkdtemp(prefix="vncmux-workers-")
     test.addCleanup(shutil.rmtree, directory)
     tokens = os.path.join(directory, "tokens")
@@ -154,7 +156,7 @@ async def start_workers(
     child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
     if listener is not None:
         child_fds[3] = listener.fileno()
-    argv = trampoline_argv(argv, -1 if listener is None else 3)
+    argv = trampoline_argv([*prefix, *argv], -1 if listener is None else 3)
     process = reactor.spawnProcess(log, argv[0], argv, env=dict(os.environ), childFDs=child_fds)
 
     async def stop() -> None:
@@ -425,6 +427,35 @@ class AcceptSpreadTests(TestCase):
         self.assertTrue(any("one shared socket" in line for line in workers.log.lines))
         spread = await self.spread(workers)
         print(f"accept spread, one shared socket: {sorted(spread.items())}", file=sys.stderr)
+
+
+class OpenFilesTests(TestCase):
+    """A hard RLIMIT_NOFILE too low for --max-sessions is said once, at start."""
+
+    timeout = 60
+
+    @async_test
+    async def test_low_hard_limit(self) -> None:
+        """Under a hard limit of 8192, --max-sessions 5000 (about 11,024 descriptors): one
+        line names the numbers and LimitNOFILE=/ulimit -n (not repeated by the workers), the
+        parent and every worker run with the soft limit raised from 1024 to the hard limit,
+        and sessions are served."""
+        if not shutil.which("prlimit"):
+            raise AssertionError("prlimit (util-linux) is needed to set the limits")
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(
+            self, vnc_port, "--max-sessions", "5000", prefix=["prlimit", "--nofile=1024:8192"]
+        )
+        said = [line for line in workers.log.lines if "open_files_limit" in line
+                or "RLIMIT_NOFILE" in line]  # fmt: skip
+        self.assertEqual(len(said), 1, said)
+        for part in ("8192", "--max-sessions 5000", "LimitNOFILE=11024", "ulimit -n 11024"):
+            self.assertIn(part, said[0])
+        for pid in [workers.process.pid, *workers.worker_pids().values()]:
+            with open(f"/proc/{pid}/limits") as f:
+                line = next(x for x in f if x.startswith("Max open files"))
+            self.assertEqual(line.split()[3:5], ["8192", "8192"], (pid, line))
+        await relaying(self, workers.port)
 
 
 class ListenerSocketTests(TestCase):
