@@ -29,13 +29,13 @@ from vncmux.settings import Settings
 from vncmux.supervisor import Limits, PlaceCounter, Supervisor
 from vncmux.tap import Options, raise_open_files_limit
 from vncmux.tokens import TokenRecord, hash_token
+from vncmux.worker import WorkerLink
 from vncmux.workers import (
     FIRST_RESTART_DELAY,
     MAX_RESTART_DELAY,
     STABLE_AFTER,
     ParentControl,
     SharedPlaces,
-    WorkerLink,
     WorkerParent,
     WorkerSessions,
     families_json,

@@ -33,7 +33,7 @@ from vncmux.supervisor import Limits
 from vncmux.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 
 if TYPE_CHECKING:
-    from vncmux.workers import WorkerLink
+    from vncmux.worker import WorkerLink
 
 
 _log = Logger()

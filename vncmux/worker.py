@@ -17,13 +17,41 @@ import ctypes
 import signal
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.python import usage
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from vncmux.workers import CONTROL_FD, OneProtocol, WorkerLink
+from vncmux.admin import LocalSessions
+from vncmux.interfaces import ISessionDirectory, ISharedLimits
+from vncmux.metrics import Metrics, new_registry
+from vncmux.refusals import TOO_MANY_SESSIONS, Refused
+from vncmux.workers import (
+    CONTROL_FD,
+    Claim,
+    Collect,
+    EndSession,
+    GetSession,
+    GiveBack,
+    Listening,
+    ListSessions,
+    OneProtocol,
+    PlaceRefused,
+    Revoke,
+    TypedAMP,
+    families_json,
+)
+
+if TYPE_CHECKING:
+    from vncmux.service import ProxyService
+    from vncmux.tokens import TokenRecord
 
 _log = Logger()
 
@@ -99,6 +127,112 @@ class StopOnce:
 
     def on_signal(self, number: int, frame: object) -> None:
         self._reactor.callFromThread(self)
+
+
+@implementer(ISharedLimits)
+class WorkerLink(TypedAMP):
+    """
+    A worker's end of the control channel: its sessions take their places with the parent
+    (L{ISharedLimits}), and the parent's questions are answered from its supervisor and
+    metrics (attached by L{vncmux.tap.build_proxy}).
+    """
+
+    def __init__(self, index: int, listeners: Mapping[str, tuple[int, int]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
+        self.index = index
+        self._listeners = dict(listeners)
+        self._service: ProxyService | None = None
+        self._registry: CollectorRegistry | None = None
+        self._sessions: ISessionDirectory | None = None
+        self._lost = False
+        #: Called when the parent is gone (the worker stops then).
+        self.parent_gone: Callable[[], object] = lambda: None
+
+    def attach(self, service: ProxyService, metrics: Metrics) -> None:
+        """Serve the parent's sockets, count under its limits, answer from C{service}."""
+        self._service = service
+        supervisor = service.console.supervisor
+        supervisor.shared_limits = (*supervisor.shared_limits, self)
+        for console_type, listener in service.listeners.items():
+            fd, family = self._listeners[console_type]
+            listener.adopt(fd, family)
+        self.serve(LocalSessions(supervisor), metrics)
+
+    def serve(self, sessions: ISessionDirectory, metrics: Metrics) -> None:
+        """Answer the parent's questions from C{sessions} and C{metrics}."""
+        self._sessions = sessions
+        self._registry = new_registry(metrics)
+
+    def tell_listening(self) -> Deferred[None]:
+        """Once every listener accepts, say so to the parent."""
+        assert self._service is not None
+        up = [listener.listening() for listener in self._service.listeners.values()]
+        listening: Deferred[list[IListeningPort]] = gatherResults(up)
+        return listening.addCallback(lambda _: self.call(Listening)).addCallback(lambda _: None)
+
+    # ISharedLimits
+
+    def claim(self, record: TokenRecord, client_address: str) -> Deferred[Callable[[], None]]:
+        if self._lost:
+            return fail(Refused(TOO_MANY_SESSIONS, "the parent is gone: this worker stops"))
+        asking = self.call(
+            Claim,
+            token_hash=record.token_hash,
+            token_id=record.token_id,
+            record_limit=record.max_sessions,
+            client=client_address,
+        )
+
+        def granted(answer: dict[str, int]) -> Callable[[], None]:
+            place = answer["place"]
+            return lambda: self._give_back(place)
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(PlaceRefused):
+                raise Refused(TOO_MANY_SESSIONS, str(failure.value))
+            return failure
+
+        return asking.addCallbacks(granted, refused)
+
+    def _give_back(self, place: int) -> None:
+        if not self._lost:
+            self.call(GiveBack, place=place)
+
+    # the parent's questions
+
+    @Collect.responder
+    def collect(self) -> dict[str, Any]:
+        assert self._registry is not None
+        return {"families": families_json(self._registry.collect())}
+
+    @ListSessions.responder
+    def list_sessions(self) -> Deferred[dict[str, Any]]:
+        assert self._sessions is not None
+        return self._sessions.list_sessions().addCallback(lambda s: {"sessions": s})
+
+    @GetSession.responder
+    def get_session(self, session_id: str) -> Deferred[dict[str, Any]]:
+        assert self._sessions is not None
+        getting = self._sessions.get_session(session_id)
+        return getting.addCallback(lambda s: {"session": s})
+
+    @EndSession.responder
+    def end_session(self, session_id: str) -> Deferred[dict[str, Any]]:
+        assert self._sessions is not None
+        return self._sessions.end_session(session_id).addCallback(lambda e: {"ended": e})
+
+    @Revoke.responder
+    def revoke(self, message: str) -> Deferred[dict[str, Any]]:
+        assert self._sessions is not None
+        return self._sessions.revoked(message).addCallback(lambda n: {"ended": n})
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # python/mypy#16653
+        self.parent_gone()
+
+
+__all__ = ["StopOnce", "WorkerLink", "main", "parse_listeners"]
 
 
 if __name__ == "__main__":

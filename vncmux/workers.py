@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -44,25 +44,22 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from vncmux.admin import LocalSessions, admin_resources, read_admin_secret
+from vncmux.admin import admin_resources, read_admin_secret
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.firstrun import http_url
 from vncmux.hangup import ReloadOnHangup
 from vncmux.health import Liveness, Readiness, within
-from vncmux.interfaces import ISessionDirectory, ISharedLimits, ITokenStore
-from vncmux.metrics import Metrics, new_registry
+from vncmux.interfaces import ISessionDirectory, ITokenStore
 from vncmux.observability import HTTP_TIMEOUT, QuietSite, Root
 from vncmux.redisstore import open_token_store
-from vncmux.refusals import TOO_MANY_SESSIONS, Refused
+from vncmux.refusals import Refused
 from vncmux.service import Listener
 from vncmux.supervisor import Limits, PlaceCounter
 from vncmux.tls import endpoint_arguments, load_vencrypt_tls, tls_listener
 
 if TYPE_CHECKING:
-    from vncmux.service import ProxyService
     from vncmux.settings import Settings
     from vncmux.tap import Options
-    from vncmux.tokens import TokenRecord
 
 #: A worker's AMP control channel, as the worker sees it.
 CONTROL_FD = 3
@@ -254,7 +251,7 @@ class SharedPlaces:
         return len(places)
 
 
-class _Typed(amp.AMP):
+class TypedAMP(amp.AMP):
     """An AMP end whose calls mypy can follow (C{callRemote} is not annotated)."""
 
     def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
@@ -262,7 +259,7 @@ class _Typed(amp.AMP):
         return answer
 
 
-class ParentControl(_Typed):
+class ParentControl(TypedAMP):
     """The parent's end of one worker's control channel."""
 
     def __init__(self, worker: Worker) -> None:
@@ -881,112 +878,6 @@ def _exit_description(reason: Failure) -> str:
     return f"exited with status {getattr(value, 'exitCode', '?')}"
 
 
-# -- the worker's side ----------------------------------------------------------------
-
-
-@implementer(ISharedLimits)
-class WorkerLink(_Typed):
-    """
-    A worker's end of the control channel: its sessions take their places with the parent
-    (L{ISharedLimits}), and the parent's questions are answered from its supervisor and
-    metrics (attached by L{vncmux.tap.build_proxy}).
-    """
-
-    def __init__(self, index: int, listeners: Mapping[str, tuple[int, int]]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
-        self.index = index
-        self._listeners = dict(listeners)
-        self._service: ProxyService | None = None
-        self._registry: CollectorRegistry | None = None
-        self._sessions: ISessionDirectory | None = None
-        self._lost = False
-        #: Called when the parent is gone (the worker stops then).
-        self.parent_gone: Callable[[], object] = lambda: None
-
-    def attach(self, service: ProxyService, metrics: Metrics) -> None:
-        """Serve the parent's sockets, count under its limits, answer from C{service}."""
-        self._service = service
-        supervisor = service.console.supervisor
-        supervisor.shared_limits = (*supervisor.shared_limits, self)
-        for console_type, listener in service.listeners.items():
-            fd, family = self._listeners[console_type]
-            listener.adopt(fd, family)
-        self.serve(LocalSessions(supervisor), metrics)
-
-    def serve(self, sessions: ISessionDirectory, metrics: Metrics) -> None:
-        """Answer the parent's questions from C{sessions} and C{metrics}."""
-        self._sessions = sessions
-        self._registry = new_registry(metrics)
-
-    def tell_listening(self) -> Deferred[None]:
-        """Once every listener accepts, say so to the parent."""
-        assert self._service is not None
-        up = [listener.listening() for listener in self._service.listeners.values()]
-        listening: Deferred[list[IListeningPort]] = gatherResults(up)
-        return listening.addCallback(lambda _: self.call(Listening)).addCallback(lambda _: None)
-
-    # ISharedLimits
-
-    def claim(self, record: TokenRecord, client_address: str) -> Deferred[Callable[[], None]]:
-        if self._lost:
-            return fail(Refused(TOO_MANY_SESSIONS, "the parent is gone: this worker stops"))
-        asking = self.call(
-            Claim,
-            token_hash=record.token_hash,
-            token_id=record.token_id,
-            record_limit=record.max_sessions,
-            client=client_address,
-        )
-
-        def granted(answer: dict[str, int]) -> Callable[[], None]:
-            place = answer["place"]
-            return lambda: self._give_back(place)
-
-        def refused(failure: Failure) -> Failure:
-            if failure.check(PlaceRefused):
-                raise Refused(TOO_MANY_SESSIONS, str(failure.value))
-            return failure
-
-        return asking.addCallbacks(granted, refused)
-
-    def _give_back(self, place: int) -> None:
-        if not self._lost:
-            self.call(GiveBack, place=place)
-
-    # the parent's questions
-
-    @Collect.responder
-    def collect(self) -> dict[str, Any]:
-        assert self._registry is not None
-        return {"families": families_json(self._registry.collect())}
-
-    @ListSessions.responder
-    def list_sessions(self) -> Deferred[dict[str, Any]]:
-        assert self._sessions is not None
-        return self._sessions.list_sessions().addCallback(lambda s: {"sessions": s})
-
-    @GetSession.responder
-    def get_session(self, session_id: str) -> Deferred[dict[str, Any]]:
-        assert self._sessions is not None
-        getting = self._sessions.get_session(session_id)
-        return getting.addCallback(lambda s: {"session": s})
-
-    @EndSession.responder
-    def end_session(self, session_id: str) -> Deferred[dict[str, Any]]:
-        assert self._sessions is not None
-        return self._sessions.end_session(session_id).addCallback(lambda e: {"ended": e})
-
-    @Revoke.responder
-    def revoke(self, message: str) -> Deferred[dict[str, Any]]:
-        assert self._sessions is not None
-        return self._sessions.revoked(message).addCallback(lambda n: {"ended": n})
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # python/mypy#16653
-        self.parent_gone()
-
-
 __all__ = [
     "Claim",
     "Collect",
@@ -1000,7 +891,7 @@ __all__ = [
     "PlaceRefused",
     "Revoke",
     "SharedPlaces",
-    "WorkerLink",
+    "TypedAMP",
     "WorkerParent",
     "WorkerSessions",
     "families_json",
