@@ -492,3 +492,28 @@ class SystemdReusePortTests(TestCase):
         listener.close()
         self.assertTrue(any("2 workers, SO_REUSEPORT" in line for line in workers.log.lines))
         await sessions_on_both(self, workers)
+
+
+class SeveralListenersTests(TestCase):
+    """Every console listener gets its sockets: each worker serves the serial port too."""
+
+    timeout = 60
+
+    @async_test
+    async def test_serial_listener(self) -> None:
+        """With --serial-listen, both ports get SO_REUSEPORT sockets, workers listen on both
+        (they say so only then), and the serial port answers HTTP."""
+        vnc, vnc_port = await listen_fake_vnc(self)
+        workers = await start_workers(
+            self, vnc_port, "--serial-listen", "tcp:0:interface=127.0.0.1"
+        )
+        serial = await workers.log.wait_for(
+            r"console listener serial on 127\.0\.0\.1:(\d+): 2 workers, SO_REUSEPORT"
+        )
+        serial_port = int(serial.group(1))
+        self.assertNotEqual(serial_port, workers.port)
+        answer = parse_response(
+            await raw_request(serial_port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        )
+        self.assertGreaterEqual(answer.status, 200)
+        await relaying(self, workers.port)
