@@ -432,8 +432,6 @@ class WorkerParent(MultiService):
     counts their sessions against the limits and serves the metrics port for all of them.
     """
 
-    _log = Logger()
-
     def __init__(
         self,
         settings: Settings,
