@@ -152,7 +152,9 @@ class WorkerLink(TypedAMP):
         """Serve the parent's sockets, count under its limits, answer from C{service}."""
         self._service = service
         supervisor = service.console.supervisor
-        supervisor.shared_limits = (*supervisor.shared_limits, self)
+        # The parent first: it answers over a local socket, and its refusal saves a fleet's
+        # round trip to Redis when a fleet limit is also in force.
+        supervisor.shared_limits = (self, *supervisor.shared_limits)
         for console_type, listener in service.listeners.items():
             fd, family = self._listeners[console_type]
             listener.adopt(fd, family)
