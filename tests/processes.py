@@ -144,9 +144,8 @@ def spawn(
     if listener is not None:
         fd = listener.fileno()
         fds.append(fd)
-    trampoline = [sys.executable, "-I", "-c", _TRAMPOLINE, str(os.getpid()), str(fd)]
     return subprocess.Popen(
-        [*trampoline, listener_name, *argv],
+        trampoline_argv(argv, fd, listener_name),
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
@@ -155,6 +154,15 @@ def spawn(
         pass_fds=fds,
         start_new_session=True,
     )
+
+
+def trampoline_argv(argv: Sequence[str], fd: int = -1, name: str = "listener") -> list[str]:
+    """
+    C{argv} run through the trampoline that L{spawn} uses, for callers that start the
+    process themselves (Twisted's C{spawnProcess}): it dies with the calling process, and
+    descriptor C{fd} of the child (if not -1) becomes its systemd socket-activation fd 3.
+    """
+    return [sys.executable, "-I", "-c", _TRAMPOLINE, str(os.getpid()), str(fd), name, *argv]
 
 
 def spawn_with_listener(
@@ -522,5 +530,6 @@ __all__ = [
     "start_xspice",
     "start_xvnc",
     "stop_process",
+    "trampoline_argv",
     "twistd_command",
 ]

@@ -36,7 +36,8 @@ from vncmux.fleet import (
 from vncmux.interfaces import ISessionDirectory, ISessionObserver, ISharedLimits
 from vncmux.refusals import STORE_UNAVAILABLE, TOKEN_REVOKED, TOO_MANY_SESSIONS, Refused
 from vncmux.relay import RelayStats, Session
-from vncmux.supervisor import Limits, Supervisor
+from vncmux.settings import Limits
+from vncmux.supervisor import Supervisor
 from vncmux.tokens import (
     FileTokenStore,
     RedisConfig,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -22,7 +22,7 @@ from vncmux.interfaces import ITokenStore
 from vncmux.tokens import TokenStoreUnavailable
 
 if TYPE_CHECKING:
-    from vncmux.supervisor import Supervisor
+    from vncmux.settings import Limits
 
 #: Seconds the token store has to answer a readiness round trip.
 READINESS_DEADLINE = 1.0
@@ -93,6 +93,17 @@ def _path(request: Request) -> str:
     return "/" + path.lstrip("/").split("/", 1)[0]
 
 
+class CountedSessions(Protocol):
+    """What readiness reads of a session count: the supervisor's (this process), or the
+    parent's of C{--workers} (every worker's)."""
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def reserved(self) -> int: ...
+
+
 class Liveness(Resource):
     """``GET /healthz``: 200 whenever the reactor runs this code at all."""
 
@@ -122,7 +133,7 @@ class Readiness(Resource):
         store: ITokenStore,
         clock: IReactorTime,
         listener_up: Callable[[], bool],
-        supervisor: Supervisor,
+        supervisor: CountedSessions,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # python/mypy#16653
         self._store = store

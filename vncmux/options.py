@@ -12,6 +12,7 @@ option with its default.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -119,6 +120,18 @@ def _auth_schemes(value: str) -> tuple[str, ...]:
 _auth_schemes.coerceDoc = "Comma-separated: none, vncauth, vencrypt."  # type: ignore[attr-defined]
 
 
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value} is not allowed here (a whole number, 1 or more, or auto)")
+    return number
+
+
+_workers.coerceDoc = "A whole number, 1 or more, or 'auto' (one per core)."  # type: ignore[attr-defined]
+
+
 def _origin(value: str) -> str:
     parse_origin_pattern(value)
     return value
@@ -137,6 +150,15 @@ OPTIONS: tuple[Option, ...] = (
         "config",
         None,
         "INI file with a [vncmux] section (see etc/vncmux.ini).",
+        setting=None,
+    ),
+    Option(
+        "workers",
+        1,
+        "Worker processes that share the console listeners, each relaying its own"
+        " sessions; this process then only supervises them and serves --metrics and the"
+        " admin API for all (docs/running.md). 1: no workers, this process relays.",
+        _workers,
         setting=None,
     ),
     Option(
@@ -253,7 +275,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max-sessions",
         DEFAULT_MAX_SESSIONS,
-        "Sessions this process holds at most (4429); 0 unlimited.",
+        "Sessions this proxy holds at most (every --workers together; 4429); 0 unlimited.",
         _count,
         setting="limits.max_sessions",
     ),

@@ -6,6 +6,7 @@ first, then drain live sessions, then let go of the token store and the metrics 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,16 @@ class Listener(Service):
         self.port: IListeningPort | None = None
         self.tls: ReloadableServerTLS | None = None
         self._listening: Deferred[IListeningPort] | None = None
+        #: A listening socket made by the parent of C{--workers}: (descriptor, family).
+        self._adopted: tuple[int, int] | None = None
+
+    def adopt(self, fd: int, family: int) -> None:
+        """
+        Accept on the listening socket C{fd} (of C{family}) instead of listening on the
+        endpoint: a worker of C{--workers} serves the socket its parent made. The endpoint
+        string still says whether to wrap connections in TLS.
+        """
+        self._adopted = (fd, family)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # python/mypy#16653
@@ -160,7 +171,13 @@ class Listener(Service):
         except ValueError as e:
             self._listening = fail(e)
         else:
-            if tls is None:
+            if self._adopted is not None:
+                factory = self._factory
+                if tls is not None:
+                    self.tls = tls[1]
+                    factory = TLSMemoryBIOFactory(self.tls, False, factory)
+                self._listening = maybeDeferred(self._adopt, factory, *self._adopted)
+            elif tls is None:
                 endpoint = serverFromString(self._reactor, self.description)
                 self._listening = endpoint.listen(self._factory)
             else:
@@ -169,6 +186,16 @@ class Listener(Service):
                     TLSMemoryBIOFactory(self.tls, False, self._factory)
                 )
         self._listening.addCallbacks(self._listened, self._failed)
+
+    def _adopt(self, factory: IProtocolFactory, fd: int, family: int) -> IListeningPort:
+        """Serve C{fd} with the reactor's own copy of it (C{adoptStreamPort} duplicates it),
+        so that stopping the port lets go of the socket in this process."""
+        os.set_blocking(fd, False)  # accept() runs until EAGAIN
+        try:
+            port: IListeningPort = self._reactor.adoptStreamPort(fd, family, factory)
+        finally:
+            os.close(fd)
+        return port
 
     def reload(self) -> None:
         """Re-read what can change under a running listener: the TLS certificate and key."""

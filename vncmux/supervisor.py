@@ -64,7 +64,8 @@ class Supervisor(Service):
         #: Limits counted beyond this process, checked after this process's own.
         self.shared_limits = tuple(shared_limits)
         self.observer = observer
-        self.limits = limits
+        #: This process's count of sessions against C{limits}.
+        self.places = PlaceCounter(limits, "process")
         #: Where the activity of sessions is written back (none: nowhere).
         self.activity = activity
         #: Where revocations are announced (none: sessions end only by their own limits).
@@ -75,9 +76,6 @@ class Supervisor(Service):
         self.now = clock.seconds()
         #: What every VNC server reads at once, from how many stream (L{read_size_for}).
         self.read_size = BACKEND_READ_SIZE
-        self._reserved = 0
-        self._per_token: Counter[str] = Counter()
-        self._per_client: Counter[str] = Counter()
         self._flushed_at = self.now
         self._next_flush = self.now + limits.flush_interval
         self._next_ping = self.now + limits.ping_interval
@@ -90,6 +88,15 @@ class Supervisor(Service):
         self.connections = ConnectionTracker()
         self.pending = PendingConnections(limits.max_pending, limits.max_pending_per_client)
 
+    @property
+    def limits(self) -> Limits:
+        """The limits and timeouts in force (the session counts' limits too)."""
+        return self.places.limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        self.places.limits = limits
+
     # -- admission -------------------------------------------------------------------------
 
     def reserve(self, record: TokenRecord, client_address: str) -> Reservation:
@@ -97,22 +104,7 @@ class Supervisor(Service):
         Count a session that is about to start against every limit, or raise L{Refused}
         (too many sessions). The returned L{Reservation} is the only way to give it back.
         """
-        limits = self.limits
-        per_token = record.max_sessions or limits.max_sessions_per_token
-        if limits.max_sessions and self._reserved >= limits.max_sessions:
-            raise Refused(TOO_MANY_SESSIONS, f"process limit of {limits.max_sessions} reached")
-        if per_token and self._per_token[record.token_hash] >= per_token:
-            raise Refused(
-                TOO_MANY_SESSIONS, f"token {record.token_id} limit of {per_token} reached"
-            )
-        per_client = limits.max_sessions_per_client
-        if per_client and self._per_client[client_address] >= per_client:
-            raise Refused(
-                TOO_MANY_SESSIONS, f"client {client_address} limit of {per_client} reached"
-            )
-        self._reserved += 1
-        self._per_token[record.token_hash] += 1
-        self._per_client[client_address] += 1
+        self.places.take(record.token_hash, record.token_id, record.max_sessions, client_address)
         return Reservation(self, record.token_hash, client_address)
 
     def take_place(self, record: TokenRecord, client_address: str) -> Deferred[Reservation]:
@@ -129,14 +121,12 @@ class Supervisor(Service):
         return reservation.claim_shared(iter(self.shared_limits), record)
 
     def _give_back(self, token_hash: str, client_address: str) -> None:
-        self._reserved -= 1
-        _decrement(self._per_token, token_hash)
-        _decrement(self._per_client, client_address)
+        self.places.give_back(token_hash, client_address)
 
     @property
     def reserved(self) -> int:
         """Sessions counted against the limits: relaying, or admitted and about to."""
-        return self._reserved
+        return self.places.reserved
 
     # -- the relay's registry ----------------------------------------------------------------
 
@@ -332,6 +322,48 @@ class Supervisor(Service):
         if self._flushing is not None:
             return self._flushing.addCallback(lambda _: self.flush_activity())
         return self.flush_activity()
+
+
+class PlaceCounter:
+    """
+    Sessions counted against C{--max-sessions}, per token (C{--max-sessions-per-token} or
+    the record's C{max_sessions}) and per client address: one process's (the supervisor's),
+    or every worker's (the parent of C{--workers}). C{scope} names it in refusals.
+    """
+
+    __slots__ = ("limits", "scope", "reserved", "_per_token", "_per_client")
+
+    def __init__(self, limits: Limits, scope: str) -> None:
+        self.limits = limits
+        self.scope = scope
+        self.reserved = 0
+        self._per_token: Counter[str] = Counter()
+        self._per_client: Counter[str] = Counter()
+
+    def take(
+        self, token_hash: str, token_id: str, record_limit: int | None, client_address: str
+    ) -> None:
+        """Count one more session, or raise L{Refused} (too many sessions) counting nothing."""
+        limits = self.limits
+        per_token = record_limit or limits.max_sessions_per_token
+        if limits.max_sessions and self.reserved >= limits.max_sessions:
+            raise Refused(TOO_MANY_SESSIONS, f"{self.scope} limit of {limits.max_sessions} reached")
+        if per_token and self._per_token[token_hash] >= per_token:
+            raise Refused(TOO_MANY_SESSIONS, f"token {token_id} limit of {per_token} reached")
+        per_client = limits.max_sessions_per_client
+        if per_client and self._per_client[client_address] >= per_client:
+            raise Refused(
+                TOO_MANY_SESSIONS, f"client {client_address} limit of {per_client} reached"
+            )
+        self.reserved += 1
+        self._per_token[token_hash] += 1
+        self._per_client[client_address] += 1
+
+    def give_back(self, token_hash: str, client_address: str) -> None:
+        """Uncount one session that L{take} counted."""
+        self.reserved -= 1
+        _decrement(self._per_token, token_hash)
+        _decrement(self._per_client, client_address)
 
 
 class Reservation:

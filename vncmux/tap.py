@@ -7,9 +7,10 @@ import ctypes.util
 import resource
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from vncmux.configfile import ConfigFileError
@@ -24,6 +25,11 @@ from vncmux.options import BY_NAME, OPTIONS, Option, read_options_file
 from vncmux.service import ProxyService, build_console
 from vncmux.settings import Settings
 from vncmux.tokens import open_token_store
+
+if TYPE_CHECKING:
+    from vncmux.worker import WorkerLink
+
+_log = Logger()
 
 
 def _parameters() -> list[list[Any]]:
@@ -79,6 +85,8 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Note what the command line gives: the file and nova.conf fill in the rest."""
         args = list(options if options is not None else [])
+        #: The arguments as given: workers parse the same ones (L{vncmux.workers}).
+        self.arguments = args
         self._given = {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
         super().parseOptions(args)  # type: ignore[no-untyped-call]  # python/mypy#16653
 
@@ -142,24 +150,60 @@ class Options(usage.Options):
         return Settings.from_options(self)
 
 
-def makeService(config: Options) -> ProxyService:
-    """twistd's entry: tune the process (it is ours now), then build the service."""
-    tune_process()
+def makeService(config: Options) -> IService:
+    """twistd's entry: tune the process (it is ours now), then build the proxy, or with
+    C{--workers} above 1 the parent of its workers."""
+    tune_process(config["max-sessions"])
     return build_service(config)
 
 
-def tune_process() -> None:
-    """Process-wide tuning that only the proxy's own process may do (not a test that builds
-    a service): open files for every session, and the allocator's thresholds."""
-    raise_open_files_limit()
+def tune_process(max_sessions: int) -> None:
+    """Process-wide tuning that only the proxy's own processes may do (not a test that
+    builds a service): open files for every session, and the allocator's thresholds."""
+    too_few_files = raise_open_files_limit(max_sessions)
+    if too_few_files is not None:
+        _log.warn("{message}", message=too_few_files, vncmux_event="open_files_limit")
     tune_allocator()
 
 
-def raise_open_files_limit() -> None:
-    """Each session holds two descriptors: lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+#: Sessions the open-files check plans for when --max-sessions is 0 (unlimited).
+PLANNED_SESSIONS_UNLIMITED = 10000
+#: Descriptors besides the sessions': listeners, the token store, logs, pending upgrades.
+OPEN_FILES_MARGIN = 1024
+
+
+def open_files_needed(max_sessions: int) -> int:
+    """Descriptors a process needs to hold C{max_sessions} sessions (two sockets each)."""
+    return 2 * (max_sessions or PLANNED_SESSIONS_UNLIMITED) + OPEN_FILES_MARGIN
+
+
+def raise_open_files_limit(
+    max_sessions: int,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> str | None:
+    """
+    Lift the soft RLIMIT_NOFILE to what C{max_sessions} sessions need (never above the hard
+    limit, never lower than it is). A hard limit too low to get there is worth one clear
+    line at start: returned here for the caller to log (C{None} when it is high enough).
+    """
+    needed = open_files_needed(max_sessions)
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = hard == resource.RLIM_INFINITY
+    target = needed if unlimited else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if unlimited or hard >= needed:
+        return None
+    sessions = f"--max-sessions {max_sessions}"
+    if not max_sessions:
+        sessions += f" (unlimited; planned for {PLANNED_SESSIONS_UNLIMITED} sessions)"
+    return (
+        f"open files: the hard limit (RLIMIT_NOFILE) is {hard}, too low for {sessions}:"
+        f" that needs about {needed} descriptors (two per session); sessions past about"
+        f" {max(0, (hard - OPEN_FILES_MARGIN) // 2)} will fail. Raise it with"
+        f" LimitNOFILE={needed} in the systemd unit, or ulimit -n {needed} before starting."
+    )
 
 
 def tune_allocator() -> None:
@@ -182,14 +226,34 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def build_service(config: Options, reactor: Any = None) -> ProxyService:
-    """Compose the token store, the supervisor and the console listener."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
+def build_service(config: Options, reactor: Any = None) -> IService:
+    """The proxy (L{build_proxy}), or with C{--workers} above 1 the parent of its workers."""
+    if config["workers"] > 1:
+        from vncmux.workers import WorkerParent
 
-        reactor = global_reactor
+        try:
+            return WorkerParent.from_options(config, reactor or _global_reactor())
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+    return build_proxy(config, reactor)
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def build_proxy(
+    config: Options, reactor: Any = None, worker: WorkerLink | None = None
+) -> ProxyService:
+    """Compose the token store, the supervisor and the console listeners; in a worker of
+    C{--workers}, on the parent's sockets, under its limits, and without a metrics port."""
+    reactor = reactor or _global_reactor()
     web = choose_web(config["web"], config.find_web, config.novnc_places)
     settings = replace(config.settings(), web=web.path)
+    if worker is not None:
+        settings = replace(settings, metrics=None)
     try:
         store = open_token_store(
             settings.tokens,
@@ -239,7 +303,8 @@ def build_service(config: Options, reactor: Any = None) -> ProxyService:
         listeners.append(metrics_service)
         service.add(metrics_service)  # stopped after the drain: /readyz says 503 meanwhile
     service.add(ReloadOnHangup(reactor, [listener.reload for listener in listeners]))
-    service.add(
-        StartupHints(service.listener, metrics_service, web, settings.tokens)
-    )
+    if worker is not None:
+        worker.attach(service, metrics)
+        return service
+    service.add(StartupHints(service.listener, metrics_service, web, settings.tokens))
     return service
