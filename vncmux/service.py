@@ -35,6 +35,7 @@ from vncmux.tls import (
     load_vencrypt_tls,
     tls_listener,
 )
+from vncmux.tokens import open_token_store
 from vncmux.websocket import ConsoleFactory
 
 
@@ -50,6 +51,20 @@ class Console:
     backend_policy: BackendPolicy
     #: Every console listener's factory, by the console type it serves (``factory`` too).
     factories: dict[str, ConsoleFactory]
+
+
+def open_store(settings: Settings, reactor: Any) -> ITokenStore:
+    """The token store of C{--tokens}; ValueError (naming the option) when it is wrong."""
+    try:
+        return open_token_store(
+            settings.tokens,
+            reactor,
+            reply_timeout=settings.store_timeout,
+            reactor=reactor,
+            nova_recheck_interval=settings.nova_recheck_interval,
+        )
+    except ValueError as e:
+        raise ValueError(f"--tokens: {e}") from None
 
 
 def build_console(

@@ -22,9 +22,8 @@ from vncmux.novaconf import log_not_applied, read_nova_config
 from vncmux.novadb import SOURCE_PREFIX
 from vncmux.observability import build_observability
 from vncmux.options import BY_NAME, OPTIONS, Option, read_options_file
-from vncmux.service import ProxyService, build_console
+from vncmux.service import ProxyService, build_console, open_store
 from vncmux.settings import Settings
-from vncmux.tokens import open_token_store
 
 if TYPE_CHECKING:
     from vncmux.worker import WorkerLink
@@ -255,15 +254,9 @@ def build_proxy(
     if worker is not None:
         settings = replace(settings, metrics=None)
     try:
-        store = open_token_store(
-            settings.tokens,
-            reactor,
-            reply_timeout=settings.store_timeout,
-            reactor=reactor,
-            nova_recheck_interval=settings.nova_recheck_interval,
-        )
+        store = open_store(settings, reactor)
     except ValueError as e:
-        raise usage.UsageError(f"--tokens: {e}") from None
+        raise usage.UsageError(str(e)) from None
     observers = Observers([SessionLog()])
     try:
         console = build_console(settings, store, reactor, observers)

@@ -53,11 +53,11 @@ from vncmux.health import Liveness, Readiness, within
 from vncmux.interfaces import ISessionDirectory, ITokenStore
 from vncmux.observability import HTTP_TIMEOUT, QuietSite, Root
 from vncmux.refusals import Refused
-from vncmux.service import Listener
+from vncmux.service import Listener, open_store
 from vncmux.settings import Limits
 from vncmux.supervisor import PlaceCounter
 from vncmux.tls import endpoint_arguments, load_vencrypt_tls, tls_listener
-from vncmux.tokens import RedisTokenStore, open_token_store
+from vncmux.tokens import RedisTokenStore
 
 if TYPE_CHECKING:
     from vncmux.settings import Settings
@@ -858,16 +858,7 @@ def _checked_store(settings: Settings, reactor: Any) -> ITokenStore:
         raise ValueError(f"--vencrypt-*: {e}") from None
     for _, description in settings.listeners:
         tls_listener(reactor, description, settings.tls_min_version)
-    try:
-        return open_token_store(
-            settings.tokens,
-            reactor,
-            reply_timeout=settings.store_timeout,
-            reactor=reactor,
-            nova_recheck_interval=settings.nova_recheck_interval,
-        )
-    except ValueError as e:
-        raise ValueError(f"--tokens: {e}") from None
+    return open_store(settings, reactor)
 
 
 def _address(address: tuple[Any, ...]) -> str:
