@@ -14,7 +14,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -123,6 +123,13 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     factory: ConsoleFactory
 
+    #: autobahn copies the options named in CONFIG_ATTRS from the factory when a connection
+    #: is made, then pretty-prints them all for a debug line whether or not debug is logged:
+    #: about a tenth of a connection's setup. The protocol copies them itself
+    #: (L{connectionMade}) and gives autobahn nothing to copy or print.
+    CONFIG_ATTRS: list[str] = []
+    _FACTORY_OPTIONS: ClassVar[tuple[str, ...]] = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
     connection: Connection | None = None
     _answer: Deferred[str | None] | None = None
     _subprotocol: str | None = None
@@ -146,6 +153,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         factory = self.factory
         factory.supervisor.connections.opened()
         set_interactive(self.transport)
+        for name in self._FACTORY_OPTIONS:
+            setattr(self, name, getattr(factory, name))
         super().connectionMade()
         session_id = os.urandom(6).hex()
         peer = _peer_host(self.transport)
