@@ -16,11 +16,10 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
 )
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -225,6 +224,19 @@ def endpoint_for(
     return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
+class _OneConnection(Factory):
+    """Twisted's C{connectProtocol}, without its two log lines ("Starting factory",
+    "Stopping factory") for every VNC connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+
 class BackendDialer:
     """
     Connects to a target and, with C{rfb_greeting}, waits for its RFB greeting (through the
@@ -270,8 +282,8 @@ class BackendDialer:
                 security = ServerSecurity(self.security, record.password)
         protocol = BackendProtocol(self._tracker, tunnel, security, self._tls, self._rfb_greeting)
         endpoint = endpoint_for(self._reactor, host, port, self.timeout)
-        dialing: Deferred[BackendProtocol] = connectProtocol(endpoint, protocol)
-        dialing.addCallback(lambda _: protocol.greeted)
+        connecting = endpoint.connect(_OneConnection(protocol))
+        dialing = connecting.addCallback(lambda _: protocol.greeted)
         dialing.addTimeout(self.timeout, self._clock)
 
         def unreachable(failure: Failure) -> Failure:

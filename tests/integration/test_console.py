@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
@@ -60,6 +61,29 @@ class RelayTests(TestCase):
             sock = side.transport.getHandle()
             self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), side)
             self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), side)
+
+    @async_test
+    async def test_session_log_is_quiet(self) -> None:
+        """A session's own log lines are the proxy's: no "Starting factory" and "Stopping
+        factory" pair from Twisted for every VNC connection."""
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        vnc, proxy, _ = await self._setup()
+        client = await connect_client(self, proxy.port)
+        await client.receive(12)
+        client.client.sendClose()  # type: ignore[union-attr]
+        await client.closed
+        await proxy.supervisor.connections.all_closed()
+        formats = [str(event.get("log_format")) for event in events]
+        self.assertTrue([f for f in formats if "session {session_id}" in f], formats)
+        proxy_side = [
+            type(event["factory"]).__qualname__
+            for event in events
+            if "factory" in event and not type(event["factory"]).__module__.startswith("tests")
+            and "WebSocketClientFactory" not in type(event["factory"]).__qualname__
+        ]
+        self.assertEqual(proxy_side, [])
 
     @async_test
     async def test_frames_mixed_with_control_frames(self) -> None:
