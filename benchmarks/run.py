@@ -396,7 +396,7 @@ class ProxySet:
                     *self.extra,
                     *self.spec.args,
                 ],
-                metrics_listener=self.kind == METRICS_ON,
+                metrics_family=socket.AF_INET if self.kind == METRICS_ON else None,
             )
         if self.spec.program == "socat":
             return [

@@ -34,6 +34,7 @@ import json
 import random
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -135,18 +136,6 @@ class Admin:
             writer.close()
         status = int(answer.split(b" ", 2)[1])
         return status, answer.partition(b"\r\n\r\n")[2]
-
-    async def wait_up(self, seconds: float) -> None:
-        """Until the metrics listener answers (vncmux is starting)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            try:
-                await self.request("GET", "/healthz")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
 
     async def metrics(self) -> dict[str, float]:
         """vncmux's samples, by their full text name (with labels)."""
@@ -326,22 +315,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     secret = secrets.token_urlsafe(24)
     (workdir / "admin-secret").write_text(secret + "\n")
     metrics_socket = str(workdir / "metrics.sock")
+    metrics_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    metrics_listener.bind(metrics_socket)
+    metrics_listener.listen(128)
     listener = loopback_listener(backlog=1024)
     port = port_of(listener)
     log = (workdir / "vncmux.log").open("wb")
     proxy = spawn_vncmux(
-        ["--tokens", f"file:{tokens}", "--metrics", f"unix:{metrics_socket}",
+        ["--tokens", f"file:{tokens}",
          "--admin-token-file", str(workdir / "admin-secret"),
          # every worker shares the few backend tokens, all from 127.0.0.1
          "--max-sessions-per-token", "0", "--max-sessions-per-client", "0",
          "--max-pending-per-client", "0"],
-        listener, stdout=log, stderr=log, cwd=workdir,
+        listener, metrics_listener=metrics_listener, stdout=log, stderr=log, cwd=workdir,
     )  # fmt: skip
     listener.close()
+    metrics_listener.close()
     admin = Admin(metrics_socket, secret)
     soak = Soak(args, port, admin, echo, blast)
     try:
-        await admin.wait_up(20.0)
         warm = await soak.session("echo")
         if warm != "ok":
             raise RuntimeError(f"the warm-up session failed: {warm}")

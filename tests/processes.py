@@ -198,9 +198,13 @@ def spawn(
     )
 
 
-def systemd_endpoint(index: int = 0) -> str:
-    """The Twisted endpoint string of the C{index}th listener L{spawn} passed (from 0)."""
-    return f"systemd:domain=INET:index={index}"
+def systemd_endpoint(index: int = 0, family: socket.AddressFamily = socket.AF_INET) -> str:
+    """
+    The Twisted endpoint string of the C{index}th listener L{spawn} passed (from 0), a TCP
+    socket (C{AF_INET}) or a Unix one (C{AF_UNIX}).
+    """
+    domain = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}[family]
+    return f"systemd:domain={domain}:index={index}"
 
 
 def spawn_with_listener(
@@ -228,15 +232,18 @@ def twistd_command() -> list[str]:
     return [found]
 
 
-def vncmux_command(args: Sequence[str], *, metrics_listener: bool = False) -> list[str]:
+def vncmux_command(
+    args: Sequence[str], *, metrics_family: socket.AddressFamily | None = None
+) -> list[str]:
     """
     C{twistd -n --pidfile= vncmux --listen systemd:domain=INET:index=0 ARGS...}: vncmux in
-    the foreground on the first listener L{spawn} passes; with C{metrics_listener}, its
-    metrics endpoint on the second (put no C{--metrics} in C{args} then).
+    the foreground on the first listener L{spawn} passes; with C{metrics_family}, its
+    metrics endpoint on the second, a socket of that family (put no C{--metrics} in C{args}
+    then).
     """
     argv = [*twistd_command(), "-n", "--pidfile=", "vncmux", "--listen", SYSTEMD_LISTEN_ENDPOINT]
-    if metrics_listener:
-        argv += ["--metrics", systemd_endpoint(1)]
+    if metrics_family is not None:
+        argv += ["--metrics", systemd_endpoint(1, metrics_family)]
     return [*argv, *args]
 
 
@@ -251,16 +258,19 @@ def spawn_vncmux(
     stderr: _Output = None,
 ) -> subprocess.Popen[bytes]:
     """
-    Run L{vncmux_command} serving on C{listener} (and its metrics on C{metrics_listener}).
+    Run L{vncmux_command} serving on C{listener}, and its metrics (and admin API) on
+    C{metrics_listener}, a TCP or a Unix listening socket.
 
-    Connections to the listener wait in its backlog until vncmux accepts them, so the caller
-    needs no readiness check: the first request is answered once the proxy is up.
+    Connections to the listeners wait in their backlogs until vncmux accepts them, so the
+    caller needs no readiness check: the first request is answered once the proxy is up.
     """
     listeners = {"listener": listener}
+    metrics_family = None
     if metrics_listener is not None:
         listeners["metrics"] = metrics_listener
+        metrics_family = metrics_listener.family
     return spawn(
-        vncmux_command(args, metrics_listener=metrics_listener is not None),
+        vncmux_command(args, metrics_family=metrics_family),
         stdout=stdout, stderr=stderr, env=env, cwd=cwd, listeners=listeners,
     )  # fmt: skip
 
