@@ -14,20 +14,22 @@ the mode decides:
 - ``blast``: ``--blast-bytes`` bytes are sent in 64 KiB chunks (flow-controlled), then
   input is discarded until the client leaves.
 
-The chosen port is printed as ``PORT <n>`` on stdout once listening (``--port 0`` is the
-default, so there is no free-port race). Runs until SIGTERM/SIGINT.
+It serves on a listening socket it inherits (``--listen-fd``, how ``run.py`` starts it), or
+listens itself on ``--port`` (0, the default: a free one); either way the port is printed as
+``PORT <n>`` on stdout once it serves. Runs until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import signal
 import socket
 import ssl
 import struct
 import sys
+
+from tests.processes import raise_nofile
 
 GREETING = b"RFB 003.008\n"
 SECURITY_TYPES = b"\x01\x01"  # one type offered: None
@@ -299,27 +301,24 @@ class RfbBackend(asyncio.BufferedProtocol):
         self._transport = None
 
 
-def raise_nofile() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 async def serve(
-    host: str, port: int, mode: str, blast_bytes: int, tls: ssl.SSLContext | None = None
+    listener: socket.socket | tuple[str, int],
+    mode: str,
+    blast_bytes: int,
+    tls: ssl.SSLContext | None = None,
 ) -> Counters:
-    """Listen until SIGTERM or SIGINT (``tls``: offer VeNCrypt TLSNone); return the counters."""
+    """
+    Serve on ``listener`` (a listening socket, or the host and port to listen on) until
+    SIGTERM or SIGINT (``tls``: offer VeNCrypt TLSNone); return the counters.
+    """
     loop = asyncio.get_running_loop()
     counters = Counters()
-    server = await loop.create_server(
-        lambda: RfbBackend(mode, blast_bytes, counters, tls),
-        host,
-        port,
-        backlog=1024,
-        reuse_address=True,
-    )
+    factory = lambda: RfbBackend(mode, blast_bytes, counters, tls)  # noqa: E731
+    if isinstance(listener, socket.socket):
+        server = await loop.create_server(factory, sock=listener)
+    else:
+        host, port = listener
+        server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
     sock: socket.socket = server.sockets[0]
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     stop = asyncio.Event()
@@ -335,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        metavar="FD",
+        help="serve on this inherited listening socket instead of --host/--port (how"
+        " run.py starts it: connections wait in the socket's backlog until it serves)",
+    )
     parser.add_argument("--mode", choices=("echo", "sink", "blast"), required=True)
     parser.add_argument("--blast-bytes", type=int, default=64 * 1024 * 1024)
     parser.add_argument(
@@ -355,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--vencrypt-dh-params needs --vencrypt")
     raise_nofile()
     tls = anonymous_tls_context(args.vencrypt_dh_params) if args.vencrypt else None
-    counters = asyncio.run(serve(args.host, args.port, args.mode, args.blast_bytes, tls))
+    listener: socket.socket | tuple[str, int] = (args.host, args.port)
+    if args.listen_fd is not None:
+        listener = socket.socket(fileno=args.listen_fd)
+    counters = asyncio.run(serve(listener, args.mode, args.blast_bytes, tls))
     tls_note = f" tls={counters.tls_cipher!r}" if args.vencrypt else ""
     print(
         f"accepted={counters.accepted} in={counters.bytes_in} out={counters.bytes_out} "

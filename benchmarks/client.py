@@ -49,6 +49,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from tests.processes import raise_nofile
+
 GREETING = b"RFB 003.008\n"
 SERVER_INIT_LEN = 24 + len(b"vncmux-bench")
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -409,14 +411,6 @@ def cpu_seconds() -> float:
     """CPU time of this process so far."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def raise_nofile(need: int) -> None:
-    """Raise the soft RLIMIT_NOFILE so that ``need`` descriptors fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, need))
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:

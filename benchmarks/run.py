@@ -4,7 +4,9 @@ Side-by-side benchmark of vncmux, websockify and socat on loopback.
 Starts fake VNC backends (``backend.py``, one process per mode and instance), one token file
 that the proxies read (and a real redis-server for the kinds with the Redis store), the proxy
 kinds of ``--kinds`` (``--proxies K`` instances of each; socat: one relay per backend, which
-the client reaches over raw TCP), each in its own process group on free loopback ports, then
+the client reaches over raw TCP), each in its own process group on a loopback listener made
+here and handed over (websockify and socat bind a port held for them, see
+``ProxySet.start_binding_itself``), then
 runs every scenario for every kind in rotating order (A B C, B C A, ...) for ``--rounds``
 rounds. The load comes from ``client.py`` in separate processes. Proxy CPU time is read from
 /proc around each run (for forked children: the parent's cutime/cstime after it reaped them,
@@ -35,16 +37,34 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tests.processes import (
+    first_answer,
+    is_listening,
+    loopback_listener,
+    port_of,
+    raise_nofile,
+    spawn,
+    stop_process,
+    vncmux_command,
+)
+from tests.procfs import (
+    CLOCK_TICKS,
+    group_members,
+    mem_available_kib,
+    process_tree,
+    read_stat,
+    schedstat_seconds,
+    smaps_rollup,
+)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 #: vncmux with its metrics endpoint on and scraped every second: the B side of --baseline.
 METRICS_ON = "vncmux-metrics"
 #: The proxy every other kind's paired ratio is taken against, when it is measured.
@@ -97,101 +117,6 @@ def python() -> str:
     return venv_bin("python")
 
 
-# -- /proc helpers ----------------------------------------------------------------------
-def read_stat(pid: int) -> tuple[int, int, int] | None:
-    """(process group, utime+stime, cutime+cstime) in clock ticks, or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    # fields[0] is field 3 (state): pgrp is field 5, utime..cstime are fields 14..17
-    return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-
-
-def process_tree(leader: int) -> list[int]:
-    """The live or zombie processes of ``leader``'s process group and all its descendants."""
-    parents: dict[int, int] = {}
-    tree: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(b")") + 2 :].split()  # fields[1] ppid, fields[2] pgrp
-        parents[int(name)] = int(fields[1])
-        if int(fields[2]) == leader:
-            tree.add(int(name))
-    if leader in parents:
-        tree.add(leader)
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parents.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return sorted(tree)
-
-
-def schedstat_seconds(pid: int) -> float | None:
-    """CPU time of every live thread of a process, from schedstat (ns); None if unreadable."""
-    total = 0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total / 1e9
-
-
-def group_members(pgid: int) -> list[int]:
-    """Every live or zombie process of a process group."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = read_stat(int(name))
-            if st is not None and st[0] == pgid:
-                out.append(int(name))
-    return out
-
-
-def smaps_rollup(pid: int) -> tuple[int, int]:
-    """(Pss, Rss) of a process in KiB; (0, 0) if it is gone or a zombie."""
-    pss = rss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
-                    pss = int(line.split()[1])
-                elif line.startswith(b"Rss:"):
-                    rss = int(line.split()[1])
-    except OSError:
-        pass
-    return pss, rss
-
-
-def mem_available_kib() -> int:
-    """MemAvailable from /proc/meminfo."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1])
-    return 0
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def descriptors_needed(sessions: int) -> int:
     """
     Descriptors one process needs for ``sessions`` relayed sessions: a proxy holds two per
@@ -228,38 +153,31 @@ def nofile_advice(sessions: int, soft: int) -> str:
     )
 
 
-def raise_nofile(need: int = 0) -> int:
-    """
-    Raise our soft RLIMIT_NOFILE to the hard limit, and the hard limit too when ``need``
-    is above it and we may (root); children inherit both. Returns the soft limit now.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if need > hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
-            return need
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 # -- processes --------------------------------------------------------------------------
 class Proc:
-    """A child in its own process group (session), stopped by signalling the whole group."""
+    """A child in a session (process group) of its own, stopped with everything it forked."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        *,
+        stdin: Any = subprocess.DEVNULL,
+        stdout: Any = None,
+        listeners: Mapping[str, socket.socket] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log = log
         self._logf = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
+        self.popen = spawn(
             argv,
             cwd=REPO,
-            stdin=kw.pop("stdin", subprocess.DEVNULL),
-            stdout=kw.pop("stdout", self._logf),
+            stdin=stdin,
+            stdout=self._logf if stdout is None else stdout,
             stderr=self._logf,
-            start_new_session=True,
-            **kw,
+            listeners=listeners,
         )
         self.pid = self.popen.pid
 
@@ -268,21 +186,15 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the group, wait, SIGKILL what is left, reap."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, sig)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.popen.wait(timeout=0.1)
-                if self.popen.poll() is not None and not group_members(self.pid):
-                    break
-            else:
-                continue
-            break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=1)
+        """
+        Stop and reap the group (SIGTERM, SIGKILL after ``timeout``), then wait, as long
+        again at most, until none of its processes is left: the next measurement must not
+        count a child that is still exiting.
+        """
+        stop_process(self.popen, timeout)
+        deadline = time.monotonic() + timeout
+        while group_members(self.pid, zombies=True) and time.monotonic() < deadline:
+            time.sleep(0.1)
         self._logf.close()
 
     def log_tail(self, n: int = 15) -> str:
@@ -300,7 +212,7 @@ class Registry:
         self.procs: list[Proc] = []
 
     def start(self, name: str, argv: list[str], log: Path, **kw: Any) -> Proc:
-        """Start and remember a process."""
+        """Start and remember a process (``kw``: see ``Proc``)."""
         p = Proc(name, argv, log, **kw)
         self.procs.append(p)
         return p
@@ -343,16 +255,17 @@ def start_backend(
     extra: Sequence[str] = (),
     label: str = "",
 ) -> Backend:
-    """Start one backend (``extra``: more backend.py options) and read the port it printed."""
+    """
+    Start one backend (``extra``: more backend.py options) on a listener made here: it
+    serves from the first connection on, which waits in the backlog until then.
+    """
     argv = [python(), str(HERE / "backend.py"), "--mode", mode, "--blast-bytes", str(blast)]
-    argv += extra
+    argv += [*extra, "--listen-fd", "3"]
     name = f"{label or mode}{index}"
-    proc = reg.start(f"backend-{name}", argv, logs / f"backend-{name}.log", stdout=subprocess.PIPE)
-    assert proc.popen.stdout is not None
-    line = read_line(proc.popen.stdout, 20.0)
-    if not line or not line.startswith("PORT "):
-        raise SystemExit(f"backend {name} did not start:\n{proc.log_tail()}")
-    return Backend(mode, index, proc, int(line.split()[1]), label)
+    with contextlib.closing(loopback_listener(backlog=1024)) as listener:
+        proc = reg.start(f"backend-{name}", argv, logs / f"backend-{name}.log",
+                         listeners={"backend": listener})  # fmt: skip
+        return Backend(mode, index, proc, port_of(listener), label)
 
 
 def read_line(stream: IO[bytes], timeout: float) -> str | None:
@@ -410,11 +323,11 @@ class ProxyInstance:
             if st is None:
                 continue
             if pid == self.proc.pid:
-                total += (st[1] + st[2]) / CLK_TCK
+                total += (st.cpu_ticks + st.children_ticks) / CLOCK_TICKS
             else:
                 # schedstat misses threads that ended, the ticks never do: the larger
                 exact = schedstat_seconds(pid)
-                total += max(st[1] / CLK_TCK, exact or 0.0)
+                total += max(st.cpu_ticks / CLOCK_TICKS, exact or 0.0)
         return total
 
     def memory(self) -> tuple[int, int, int]:
@@ -456,35 +369,35 @@ class ProxySet:
         """Clients speak raw TCP (no WebSocket) to this kind."""
         return self.spec.program == "socat"
 
-    def argv(self, port: int, metrics_port: int | None = None, target: int = 0) -> list[str]:
-        """The command line of one instance (``target``: socat's backend port)."""
+    def argv(self, port: int = 0, target: int = 0) -> list[str]:
+        """
+        The command line of one instance: vncmux serves on the listener(s) ``start_vncmux``
+        passes in, websockify and socat on ``port`` (socat relaying to ``target``, a
+        backend's port).
+        """
         if self.spec.program == "vncmux":
-            metrics = f"tcp:{metrics_port}:interface=127.0.0.1" if metrics_port else "none"
             if self.spec.store == "redis":
                 assert self.redis_url is not None, "no redis-server was started"
                 tokens = self.redis_url
             else:
                 tokens = f"file:{self.token_file}"
-            return [
-                venv_bin("twistd"),
-                "-n",
-                "--pidfile=",
-                "vncmux",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--tokens",
-                tokens,
-                "--metrics",
-                metrics,
-                # Thousands of sessions from 127.0.0.1 on a few tokens: the limits that
-                # protect a production proxy would only measure themselves here.
-                "--max-sessions=0",
-                "--max-sessions-per-token=0",
-                "--max-sessions-per-client=0",
-                "--max-pending-per-client=0",
-                *self.extra,
-                *self.spec.args,
-            ]
+            metrics = [] if self.kind == METRICS_ON else ["--metrics", "none"]
+            return vncmux_command(
+                [
+                    "--tokens",
+                    tokens,
+                    *metrics,
+                    # Thousands of sessions from 127.0.0.1 on a few tokens: the limits that
+                    # protect a production proxy would only measure themselves here.
+                    "--max-sessions=0",
+                    "--max-sessions-per-token=0",
+                    "--max-sessions-per-client=0",
+                    "--max-pending-per-client=0",
+                    *self.extra,
+                    *self.spec.args,
+                ],
+                metrics_family=socket.AF_INET if self.kind == METRICS_ON else None,
+            )
         if self.spec.program == "socat":
             return [
                 "socat",
@@ -509,27 +422,63 @@ class ProxySet:
         return [by_target[t] for t in tokens], list(tokens)
 
     def start(self) -> None:
-        """Start every instance and wait until each accepts connections."""
+        """Start every instance and wait until each serves."""
         self.starts += 1
         plan: list[Backend | None] = list(self.backends) if self.raw else [None] * self.count
         for k, backend in enumerate(plan):
-            for _attempt in range(3):
-                port = free_port()
-                metrics_port = free_port() if self.kind == METRICS_ON else None
-                log = self.logs / f"{self.kind}{k}.log"
-                argv = self.argv(port, metrics_port, backend.port if backend else 0)
-                proc = self.reg.start(f"{self.kind}{k}", argv, log)
-                if wait_listening(port, proc, 30.0):
-                    self.instances.append(
-                        ProxyInstance(
-                            self.kind, port, proc, metrics_port, backend.token if backend else None
-                        )
-                    )
-                    break
-                self.reg.stop(proc)
+            if self.spec.program == "vncmux":
+                self.instances.append(self.start_vncmux(k))
             else:
-                raise SystemExit(f"{self.kind} did not start; log {log}:\n{proc.log_tail()}")
+                self.instances.append(self.start_binding_itself(k, backend))
         self.idle_procs = self.settled_procs()
+
+    def start_vncmux(self, k: int) -> ProxyInstance:
+        """
+        vncmux instance ``k`` on a listener made here (and its metrics listener), handed
+        over by systemd socket activation, with the backlog of Twisted's ``tcp:`` endpoint
+        (50). It is up once it answers a first HTTP request (until then the request waits
+        in the backlog).
+        """
+        name, log = f"{self.kind}{k}", self.logs / f"{self.kind}{k}.log"
+        with contextlib.ExitStack() as stack:
+            listener = stack.enter_context(loopback_listener(backlog=50))
+            listeners = {"listener": listener}
+            metrics_port = None
+            if self.kind == METRICS_ON:
+                metrics = stack.enter_context(loopback_listener())
+                listeners["metrics"] = metrics
+                metrics_port = port_of(metrics)
+            proc = self.reg.start(name, self.argv(), log, listeners=listeners)
+            port = port_of(listener)
+        try:
+            first_answer(port, b"GET / HTTP/1.0\r\n\r\n", 30.0)
+        except OSError as e:
+            raise SystemExit(f"{name} did not start ({e}); log {log}:\n{proc.log_tail()}") from e
+        return ProxyInstance(self.kind, port, proc, metrics_port)
+
+    def start_binding_itself(self, k: int, backend: Backend | None) -> ProxyInstance:
+        """
+        Instance ``k`` of websockify, or socat's relay to ``backend``: these bind their port
+        themselves. socat 1.7.4 (Debian 12) cannot take a listening socket (``ACCEPT-FD``
+        came with 1.8); websockify can (``--inetd``), but then each connection costs its
+        forked child about 30% more CPU time and 0.9 MiB more memory (measured back to back),
+        which would change the figures. So the port is held here meanwhile by a bound, not
+        listening ``SO_REUSEADDR`` socket (only a program that sets ``SO_REUSEADDR`` too, as
+        both do, can bind it), and the instance is up once a connection to it is accepted,
+        tried every 0.1 s for 30 s at most.
+        """
+        name, log = f"{self.kind}{k}", self.logs / f"{self.kind}{k}.log"
+        with contextlib.closing(socket.socket()) as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("127.0.0.1", 0))
+            port = port_of(holder)
+            proc = self.reg.start(name, self.argv(port, backend.port if backend else 0), log)
+            deadline = time.monotonic() + 30.0
+            while not is_listening(port):
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"{name} did not start; log {log}:\n{proc.log_tail()}")
+                time.sleep(0.1)
+        return ProxyInstance(self.kind, port, proc, None, backend.token if backend else None)
 
     def settled_procs(self, timeout: float = 15.0) -> int:
         """The process count once it stayed the same for 0.5 s (workers still starting)."""
@@ -622,35 +571,21 @@ class Scraper(threading.Thread):
             time.sleep(1.0)
 
 
-def wait_listening(port: int, proc: Proc, timeout: float) -> bool:
-    """Poll-connect until the port accepts, the process dies or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            return False
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    return False
-
-
 def proc_cpu(procs: Sequence[Proc]) -> float:
     """CPU seconds of some single-process children (the backends)."""
     total = 0
     for p in procs:
         st = read_stat(p.pid)
         if st is not None:
-            total += st[1]
-    return total / CLK_TCK
+            total += st.cpu_ticks
+    return total / CLOCK_TICKS
 
 
 def system_busy() -> float:
     """Busy CPU seconds of the whole machine (user, nice, system, irq, softirq)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLOCK_TICKS
 
 
 def own_and_reaped_cpu() -> float:
@@ -783,7 +718,7 @@ class CpuSampler(threading.Thread):
             for pid in inst.members():
                 st = read_stat(pid)
                 if st is not None:
-                    self.max_ticks[pid] = max(self.max_ticks.get(pid, 0), st[1])
+                    self.max_ticks[pid] = max(self.max_ticks.get(pid, 0), st.cpu_ticks)
 
     def run(self) -> None:
         """Sample until stopped."""
@@ -798,7 +733,7 @@ class CpuSampler(threading.Thread):
         self.join()
         self.sample()
         ticks = sum(v - self.start_ticks.get(pid, 0) for pid, v in self.max_ticks.items())
-        return ticks / CLK_TCK
+        return ticks / CLOCK_TICKS
 
 
 @contextlib.contextmanager
@@ -1784,7 +1719,6 @@ def environment(args: argparse.Namespace, kinds: Sequence[str]) -> dict[str, Any
 
 def start_redis_server() -> Any:
     """A real redis-server on a free loopback port, as the integration tests start one."""
-    sys.path.insert(0, str(REPO))
     from tests.redis_server import INSTALL_HINT, RedisServer, find_redis_server
 
     binary = find_redis_server()

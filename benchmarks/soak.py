@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import random
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -44,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client import WsConn, WsError, connect, raise_nofile, rfb_handshake
+from client import WsConn, WsError, connect, rfb_handshake
 
-from tests.processes import loopback_listener, port_of, spawn_vncmux, stop_process
+from tests.processes import loopback_listener, port_of, raise_nofile, spawn_vncmux, stop_process
+from tests.procfs import open_fds, resident_kib
 
 HERE = Path(__file__).resolve().parent
 PATTERN = bytes(range(256))
@@ -90,25 +90,26 @@ class SessionCut(Exception):
 
 
 async def start_backend(backend: Backend, blast_bytes: int) -> None:
-    """(Re)start C{backend} on its port (a fresh one the first time)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(HERE / "backend.py"),
-        "--mode",
-        backend.mode,
-        "--port",
-        str(backend.port),
-        "--blast-bytes",
-        str(blast_bytes),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 10.0)
-    if not line.startswith(b"PORT "):
-        raise RuntimeError(f"backend {backend.mode} did not start: {line!r}")
-    backend.port = int(line.split()[1])
+    """
+    (Re)start C{backend} on a listener made here: on a free port the first time, then on the
+    same port again (while it is down, connections to it are refused).
+    """
+    with loopback_listener(backlog=1024, port=backend.port) as listener:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HERE / "backend.py"),
+            "--mode",
+            backend.mode,
+            "--listen-fd",
+            str(listener.fileno()),
+            "--blast-bytes",
+            str(blast_bytes),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            pass_fds=(listener.fileno(),),
+            start_new_session=True,
+        )
+        backend.port = port_of(listener)
     backend.process = process
     backend.down = False
 
@@ -136,18 +137,6 @@ class Admin:
         status = int(answer.split(b" ", 2)[1])
         return status, answer.partition(b"\r\n\r\n")[2]
 
-    async def wait_up(self, seconds: float) -> None:
-        """Until the metrics listener answers (vncmux is starting)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            try:
-                await self.request("GET", "/healthz")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-
     async def metrics(self) -> dict[str, float]:
         """vncmux's samples, by their full text name (with labels)."""
         _, body = await self.request("GET", "/metrics")
@@ -157,24 +146,6 @@ class Admin:
                 name, _, value = line.rpartition(" ")
                 samples[name] = float(value)
         return samples
-
-
-def resident_kib(pid: int) -> int:
-    """VmRSS of C{pid}."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def open_fds(pid: int) -> Counter[str]:
-    """What C{pid}'s descriptors point at (sockets by kind, files by path), counted."""
-    found: Counter[str] = Counter()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            found[target.split(":", 1)[0] if target.startswith("socket:") else target] += 1
-    return found
 
 
 class Soak:
@@ -344,22 +315,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     secret = secrets.token_urlsafe(24)
     (workdir / "admin-secret").write_text(secret + "\n")
     metrics_socket = str(workdir / "metrics.sock")
+    metrics_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    metrics_listener.bind(metrics_socket)
+    metrics_listener.listen(128)
     listener = loopback_listener(backlog=1024)
     port = port_of(listener)
     log = (workdir / "vncmux.log").open("wb")
     proxy = spawn_vncmux(
-        ["--tokens", f"file:{tokens}", "--metrics", f"unix:{metrics_socket}",
+        ["--tokens", f"file:{tokens}",
          "--admin-token-file", str(workdir / "admin-secret"),
          # every worker shares the few backend tokens, all from 127.0.0.1
          "--max-sessions-per-token", "0", "--max-sessions-per-client", "0",
          "--max-pending-per-client", "0"],
-        listener, stdout=log, stderr=log, cwd=workdir,
+        listener, metrics_listener=metrics_listener, stdout=log, stderr=log, cwd=workdir,
     )  # fmt: skip
     listener.close()
+    metrics_listener.close()
     admin = Admin(metrics_socket, secret)
     soak = Soak(args, port, admin, echo, blast)
     try:
-        await admin.wait_up(20.0)
         warm = await soak.session("echo")
         if warm != "ok":
             raise RuntimeError(f"the warm-up session failed: {warm}")

@@ -7,17 +7,20 @@ in, so nothing picks a fixed port and nothing polls for readiness: connections m
 server calls ``accept()`` wait in the socket's backlog.
 
 - L{loopback_listener} and L{reserved_port} make the sockets;
-- L{spawn_with_listener} and L{spawn_vncmux} start a program with the listener as its fd 3,
-  the systemd socket-activation convention (``LISTEN_FDS=1``, ``LISTEN_PID``,
-  ``LISTEN_FDNAMES``) that Twisted's ``systemd:domain=INET:index=0`` endpoint reads;
+- L{spawn}, L{spawn_with_listener} and L{spawn_vncmux} start a program with its listeners as
+  fds 3, 4, ..., the systemd socket-activation convention (``LISTEN_FDS``, ``LISTEN_PID``,
+  ``LISTEN_FDNAMES``) that Twisted's ``systemd:domain=INET:index=N`` endpoint reads;
+- L{first_answer} tells that a spawned server is up by one request it answers;
 - L{start_xvnc} starts TigerVNC's ``Xvnc`` on a listener (its ``-inetd`` mode accepts a
   listening socket) and waits for the display number it reports through ``-displayfd``;
 - L{start_xspice} starts Xorg with the spiceqxl driver (Debian's ``xserver-xspice``), a
   SPICE server on a free loopback port, and waits for its display the same way;
 - L{stop_process} ends a process group started by these helpers and reaps it, escalating
-  from SIGTERM to SIGKILL.
+  from SIGTERM to SIGKILL;
+- L{raise_nofile} lets a load generator (and its children) open as many sockets as allowed.
 
-This module imports no reactor and nothing outside the standard library.
+Readings of ``/proc`` (process trees, CPU time, memory) are in L{tests.procfs}. This module
+imports no reactor and nothing outside the standard library.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import select
 import shutil
 import signal
@@ -44,12 +48,13 @@ SYSTEMD_LISTEN_ENDPOINT = "systemd:domain=INET:index=0"
 # - asks the kernel for SIGTERM when the process that spawned it dies, so nothing outlives a
 #   test run that was killed (prctl PR_SET_PDEATHSIG survives exec), and gives up at once if
 #   that process is already gone;
-# - with a listener: moves it to fd 3 and sets systemd's socket-activation variables, with
-#   LISTEN_FDNAMES as well (systemd sets it since version 227; Twisted ignores LISTEN_FDS
-#   without it).
+# - with listeners: moves them to fds 3, 4, ... (by way of fds above every one of them, so
+#   that none is overwritten before it moved) and sets systemd's socket-activation variables,
+#   with LISTEN_FDNAMES as well (systemd sets it since version 227; Twisted ignores
+#   LISTEN_FDS without it).
 _TRAMPOLINE = """\
-import os, sys
-parent, fd, name, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+import fcntl, os, sys
+parent, fds, names, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 try:
     import ctypes
     ctypes.CDLL(None).prctl(1, 15, 0, 0, 0)
@@ -57,16 +62,20 @@ except (OSError, AttributeError):
     pass
 if os.getppid() != parent:
     sys.exit(70)
-if fd >= 0:
-    if fd != 3:
-        os.dup2(fd, 3)
+if fds:
+    sources = [int(fd) for fd in fds.split(",")]
+    floor = max([*sources, 3 + len(sources)]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in sources]
+    for fd in sources:
         os.close(fd)
-    os.environ["LISTEN_FDS"] = "1"
+    for index, fd in enumerate(moved):
+        os.dup2(fd, 3 + index)
+        os.close(fd)
+    os.environ["LISTEN_FDS"] = str(len(sources))
     os.environ["LISTEN_PID"] = str(os.getpid())
-    os.environ["LISTEN_FDNAMES"] = name
+    os.environ["LISTEN_FDNAMES"] = names
 os.execvp(argv[0], argv)
 """
-
 _Output = int | IO[bytes] | None
 _Input = int | IO[bytes] | socket.socket | None
 
@@ -75,11 +84,17 @@ class ProcessStartError(RuntimeError):
     """A helper process exited or stayed silent instead of reporting that it was ready."""
 
 
-def loopback_listener(backlog: int = 128) -> socket.socket:
-    """A TCP socket listening on a free port of 127.0.0.1; its port is C{getsockname()[1]}."""
+def loopback_listener(backlog: int = 128, port: int = 0) -> socket.socket:
+    """
+    A TCP socket listening on 127.0.0.1: on a free port (its port is C{getsockname()[1]}),
+    or on C{port} again, for a server restarted where its clients expect it. It sets
+    C{SO_REUSEADDR} as Twisted's and asyncio's listeners do: a listener can be made again on
+    the port while connections accepted by an earlier one still linger.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.bind((LOOPBACK, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -117,6 +132,35 @@ def is_listening(port: int, host: str = LOOPBACK) -> bool:
         return False
 
 
+def first_answer(port: int, request: bytes, timeout: float) -> bytes:
+    """
+    Send C{request} to a server on a loopback listener and read its answer to the end: it
+    comes once the server accepts (until then the connection waits in the backlog), so it
+    tells that a spawned server is up without polling.
+    """
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def raise_nofile(need: int = 0) -> int:
+    """
+    Raise this process's soft RLIMIT_NOFILE to its hard limit, and the hard limit to C{need}
+    when that is higher and allowed (root); children inherit both. Returns the soft limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need > hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -126,8 +170,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     pass_fds: Sequence[int] = (),
-    listener: socket.socket | None = None,
-    listener_name: str = "listener",
+    listeners: Mapping[str, socket.socket] | None = None,
 ) -> subprocess.Popen[bytes]:
     """
     Start C{argv} in a session of its own (so L{stop_process} ends it with everything it
@@ -135,34 +178,44 @@ def spawn(
     SIGTERM if the calling thread dies first (Linux's parent-death signal follows the thread
     that forked: spawn long-lived processes from the main thread).
 
-    With C{listener}, the socket becomes the program's fd 3, announced as systemd does it:
-    C{LISTEN_FDS=1}, C{LISTEN_PID} (the program's pid) and C{LISTEN_FDNAMES=listener_name}.
-    The caller may close its own copy of the listener as soon as this returns.
+    C{listeners} (name to socket, in order) become the program's fds 3, 4, ..., announced as
+    systemd does it: C{LISTEN_FDS}, C{LISTEN_PID} (the program's pid) and C{LISTEN_FDNAMES}
+    (the names, colon-separated); Twisted's C{systemd:domain=INET:index=N} endpoint takes
+    the Nth. The caller may close its own copies of the listeners as soon as this returns.
     """
-    fds = list(pass_fds)
-    fd = -1
-    if listener is not None:
-        fd = listener.fileno()
-        fds.append(fd)
+    fds = [sock.fileno() for sock in (listeners or {}).values()]
     return subprocess.Popen(
-        trampoline_argv(argv, fd, listener_name),
+        trampoline_argv(argv, fds, ":".join(listeners or {})),
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
         env=dict(os.environ if env is None else env),
         cwd=cwd,
-        pass_fds=fds,
+        pass_fds=[*pass_fds, *fds],
         start_new_session=True,
     )
 
 
-def trampoline_argv(argv: Sequence[str], fd: int = -1, name: str = "listener") -> list[str]:
+def trampoline_argv(
+    argv: Sequence[str], fds: Sequence[int] = (), names: str = "listener"
+) -> list[str]:
     """
-    C{argv} run through the trampoline that L{spawn} uses, for callers that start the
+    C{argv} run through the trampoline that L{spawn} uses, also for callers that start the
     process themselves (Twisted's C{spawnProcess}): it dies with the calling process, and
-    descriptor C{fd} of the child (if not -1) becomes its systemd socket-activation fd 3.
+    the child's descriptors C{fds} become its systemd socket-activation fds 3, 4, ...
+    (C{names}: their names, colon-separated).
     """
-    return [sys.executable, "-I", "-c", _TRAMPOLINE, str(os.getpid()), str(fd), name, *argv]
+    trampoline = [sys.executable, "-I", "-c", _TRAMPOLINE, str(os.getpid())]
+    return [*trampoline, ",".join(map(str, fds)), names, *argv]
+
+
+def systemd_endpoint(index: int = 0, family: socket.AddressFamily = socket.AF_INET) -> str:
+    """
+    The Twisted endpoint string of the C{index}th listener L{spawn} passed (from 0), a TCP
+    socket (C{AF_INET}) or a Unix one (C{AF_UNIX}).
+    """
+    domain = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}[family]
+    return f"systemd:domain={domain}:index={index}"
 
 
 def spawn_with_listener(
@@ -176,15 +229,7 @@ def spawn_with_listener(
     name: str = "listener",
 ) -> subprocess.Popen[bytes]:
     """L{spawn} C{argv} with C{listener} as its fd 3 (systemd socket activation)."""
-    return spawn(
-        argv,
-        stdout=stdout,
-        stderr=stderr,
-        env=env,
-        cwd=cwd,
-        listener=listener,
-        listener_name=name,
-    )
+    return spawn(argv, stdout=stdout, stderr=stderr, env=env, cwd=cwd, listeners={name: listener})
 
 
 def twistd_command() -> list[str]:
@@ -198,26 +243,47 @@ def twistd_command() -> list[str]:
     return [found]
 
 
+def vncmux_command(
+    args: Sequence[str], *, metrics_family: socket.AddressFamily | None = None
+) -> list[str]:
+    """
+    C{twistd -n --pidfile= vncmux --listen systemd:domain=INET:index=0 ARGS...}: vncmux in
+    the foreground on the first listener L{spawn} passes; with C{metrics_family}, its
+    metrics endpoint on the second, a socket of that family (put no C{--metrics} in C{args}
+    then).
+    """
+    argv = [*twistd_command(), "-n", "--pidfile=", "vncmux", "--listen", SYSTEMD_LISTEN_ENDPOINT]
+    if metrics_family is not None:
+        argv += ["--metrics", systemd_endpoint(1, metrics_family)]
+    return [*argv, *args]
+
+
 def spawn_vncmux(
     args: Sequence[str],
     listener: socket.socket,
     *,
+    metrics_listener: socket.socket | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     stdout: _Output = None,
     stderr: _Output = None,
 ) -> subprocess.Popen[bytes]:
     """
-    Run C{twistd -n --pidfile= vncmux --listen systemd:domain=INET:index=0 ARGS...}, serving
-    on C{listener}.
+    Run L{vncmux_command} serving on C{listener}, and its metrics (and admin API) on
+    C{metrics_listener}, a TCP or a Unix listening socket.
 
-    Connections to the listener wait in its backlog until vncmux accepts them, so the caller
-    needs no readiness check: the first request is answered once the proxy is up.
+    Connections to the listeners wait in their backlogs until vncmux accepts them, so the
+    caller needs no readiness check: the first request is answered once the proxy is up.
     """
-    argv = [*twistd_command(), "-n", "--pidfile=", "vncmux", "--listen", SYSTEMD_LISTEN_ENDPOINT]
-    return spawn_with_listener(
-        [*argv, *args], listener, env=env, cwd=cwd, stdout=stdout, stderr=stderr
-    )
+    listeners = {"listener": listener}
+    metrics_family = None
+    if metrics_listener is not None:
+        listeners["metrics"] = metrics_listener
+        metrics_family = metrics_listener.family
+    return spawn(
+        vncmux_command(args, metrics_family=metrics_family),
+        stdout=stdout, stderr=stderr, env=env, cwd=cwd, listeners=listeners,
+    )  # fmt: skip
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
@@ -246,46 +312,6 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[int]:
-    """The pids of live (not zombie) processes in process group C{pgid}, read from C{/proc}."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(entry)
-        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
-def descendants(pid: int) -> list[int]:
-    """The pids of the live (not zombie) descendants of process C{pid}, read from C{/proc}."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(entry)
-        if fields is not None and fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _stat_fields(pid: str) -> list[str] | None:
-    """Fields 3 onwards of C{/proc/PID/stat} (state, ppid, pgrp, ...), or C{None} if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name is in parentheses and may hold spaces: split after its last ')'.
-    return stat[stat.rindex(")") + 2 :].split()
 
 
 @dataclass
@@ -518,11 +544,11 @@ __all__ = [
     "ProcessStartError",
     "Xspice",
     "Xvnc",
-    "descendants",
-    "group_members",
+    "first_answer",
     "is_listening",
     "loopback_listener",
     "port_of",
+    "raise_nofile",
     "reserved_port",
     "spawn",
     "spawn_vncmux",
@@ -530,6 +556,8 @@ __all__ = [
     "start_xspice",
     "start_xvnc",
     "stop_process",
+    "systemd_endpoint",
     "trampoline_argv",
     "twistd_command",
+    "vncmux_command",
 ]

@@ -43,8 +43,6 @@ from tests.e2e.helpers import (
 from tests.processes import (
     LOOPBACK,
     Xvnc,
-    descendants,
-    group_members,
     is_listening,
     loopback_listener,
     port_of,
@@ -54,6 +52,7 @@ from tests.processes import (
     start_xvnc,
     stop_process,
 )
+from tests.procfs import descendants, group_members, is_alive
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
@@ -128,18 +127,10 @@ class E2ERun:
         found = []
         for pgid in self.process_groups:
             found += [f"process {pid} of group {pgid}" for pid in group_members(pgid)]
-        found += [f"process {pid}" for pid in self.processes if _alive(pid)]
+        found += [f"process {pid}" for pid in self.processes if is_alive(pid)]
         found += [f"listener on {LOOPBACK}:{port}" for port in self.ports if is_listening(port)]
         found += [f"X file {path}" for path in self.x_files if path.exists()]
         return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.conformance.wsframes import CLOSE, PING, PONG, close_payload, frame, parse_server_frames
+from tests.procfs import resident_kib
 from tests.support import (
     GREETING,
     FakeVncFactory,
@@ -193,14 +194,6 @@ class _Opened:
         pass
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def _flood(port: int, request: bytes, count: int, seconds: float) -> tuple[int, float]:
     """
     From a thread, with a blocking socket (its buffers are the kernel's, not this process's):
@@ -244,9 +237,9 @@ class PingFloodTests(TestCase):
 
     async def _flood(self, token: str) -> None:
         vnc, proxy = await proxy_to_fake_vnc(self, refusal_timeout=4.0, close_timeout=2.0)
-        before = _rss_kib()
+        before = resident_kib()
         pongs, elapsed = await deferToThread(_flood, proxy.port, upgrade(token), 200_000, 3.0)
-        grown = _rss_kib() - before
+        grown = resident_kib() - before
         self.assertLess(grown, 32 * 1024, f"grew {grown} KiB")
         # 20 at once, then 20 a second (a little slack for the time the proxy read on).
         self.assertLessEqual(pongs, 20 + 20 * (elapsed + 1.0))

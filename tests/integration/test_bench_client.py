@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import IO, Any
 from unittest import TestCase
 
+from tests.processes import loopback_listener, port_of, spawn, stop_process
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 MiB = 2**20
 
@@ -27,13 +29,17 @@ class BenchClientTests(TestCase):
         return proc
 
     def backend(self, mode: str, blast_bytes: int = MiB) -> tuple[subprocess.Popen[bytes], int]:
-        """backend.py in ``mode`` and the port it printed."""
-        proc = self.start([sys.executable, str(BENCHMARKS / "backend.py"), "--mode", mode,
-                           "--blast-bytes", str(blast_bytes)])  # fmt: skip
+        """backend.py in ``mode`` on a listener it inherits, as run.py starts it, and its
+        port (which it reports, too)."""
+        with loopback_listener(backlog=1024) as listener:
+            proc = spawn([sys.executable, str(BENCHMARKS / "backend.py"), "--mode", mode,
+                          "--blast-bytes", str(blast_bytes), "--listen-fd", "3"],
+                         stdout=subprocess.PIPE, listeners={"backend": listener})  # fmt: skip
+            port = port_of(listener)
+        self.addCleanup(stop_process, proc)
         assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        self.assertTrue(line.startswith("PORT "), line)
-        return proc, int(line.split()[1])
+        self.assertEqual(proc.stdout.readline().decode(), f"PORT {port}\n")
+        return proc, port
 
     def client(self, *args: str) -> subprocess.Popen[bytes]:
         """client.py with a pipe for commands on its stdin."""
@@ -111,31 +117,3 @@ class BenchClientTests(TestCase):
         result = self.event(proc, "result")
         self.assertGreaterEqual(result["round_trips"], 20)
         self.assertLessEqual(result["round_trips"], 2 * 40 * 0.5 + 4)
-
-
-class ProcessTreeTests(TestCase):
-    """What run.py counts as one proxy's processes (its CPU time and memory)."""
-
-    def test_descendants_in_a_group_of_their_own_count(self) -> None:
-        """A child that started a new session (a worker that left the proxy's process group)
-        is still counted with the proxy; an unrelated process is not."""
-        from tests.test_bench import run
-
-        script = (
-            "import subprocess, sys, time\n"
-            "child = subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
-            "print(child.pid, flush=True)\n"
-            "time.sleep(30)\n"
-        )
-        leader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                                  start_new_session=True)  # fmt: skip
-        self.addCleanup(leader.wait)
-        self.addCleanup(leader.kill)
-        assert leader.stdout is not None
-        grandchild = int(leader.stdout.readline())
-        self.addCleanup(lambda: subprocess.run(["kill", str(grandchild)], check=False))
-        other = subprocess.Popen(["sleep", "30"], start_new_session=True)
-        self.addCleanup(other.wait)
-        self.addCleanup(other.kill)
-        tree = run.process_tree(leader.pid)
-        self.assertEqual(tree, sorted([leader.pid, grandchild]))

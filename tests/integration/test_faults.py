@@ -28,6 +28,7 @@ from tests.processes import (
     stop_process,
     twistd_command,
 )
+from tests.procfs import cpu_seconds
 from tests.redis_server import start_redis
 from tests.support import (
     GREETING,
@@ -358,10 +359,3 @@ def received_or_closed(client: ClientState, count: int) -> Deferred[bool]:
 
     client.closed.addBoth(closed)
     return done
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process C{pid} so far (Linux, /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

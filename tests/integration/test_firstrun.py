@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.blocking_ws import exchange, has_payload, read_until, split_upgrade, upgrade_request
 from tests.conformance.wsframes import CLOSE, close_payload, frame, parse_server_frames
-from tests.processes import descendants, spawn, stop_process
+from tests.processes import spawn, stop_process
+from tests.procfs import descendants
 from tests.support import async_test, listen_proxy, parse_response, raw_request
 from vncmux.firstrun import NOVNC_PLACES, choose_web
 from vncmux.tokens import MemoryTokenStore

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration.test_observability import AUTH, SECRET, http
 from tests.processes import loopback_listener, port_of, spawn_vncmux, stop_process
-from tests.redis_server import free_port, start_redis
+from tests.redis_server import start_redis
 from tests.support import GREETING, ClientState, connect_client, listen_fake_vnc
 from vncmux.tokens import hash_token, token_id_of
 
@@ -162,23 +162,26 @@ class FleetViewTests(TestCase):
     def instance(self, *args: str, admin: bool = False) -> Instance:
         """A `twistd -n vncmux` on its own listener (and admin API), stopped on cleanup."""
         listener = loopback_listener()
-        metrics = ["--metrics", "none"]
+        metrics_listener = None
+        options = ["--metrics", "none"]
         admin_port = 0
         if admin:
             secret = self.mktemp()
             with open(secret, "w") as f:
                 f.write(SECRET)
-            admin_port = free_port()
-            metrics = [
-                "--metrics", f"tcp:{admin_port}:interface=127.0.0.1",
-                "--admin-token-file", secret,
-            ]  # fmt: skip
+            metrics_listener = loopback_listener()
+            admin_port = port_of(metrics_listener)
+            options = ["--admin-token-file", secret]
         proc = spawn_vncmux(
-            ["--tokens", self.redis.url(), "--idle-timeout", "0", *metrics, *args], listener
+            ["--tokens", self.redis.url(), "--idle-timeout", "0", *options, *args],
+            listener,
+            metrics_listener=metrics_listener,
         )
         self.addCleanup(stop_process, proc)
         port = port_of(listener)
         listener.close()
+        if metrics_listener is not None:
+            metrics_listener.close()
         return Instance(proc, port, admin_port)
 
     async def refusal(self, port: int, token: str) -> tuple[int | None, str | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import socket
 import tempfile
@@ -16,6 +15,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFrom
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
+from tests.procfs import resident_kib
 from tests.redis_server import make_tls_files
 from tests.support import (
     GREETING,
@@ -33,12 +33,6 @@ from vncmux.tokens import MemoryTokenStore
 PAGE = b"<html>noVNC</html>"
 SLOW_READERS = 5
 BIG_FILE_SIZE = 8 * 1024 * 1024
-
-
-def _resident_bytes() -> int:
-    """The process's resident set now (not the peak)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _web_root(test: TestCase) -> str:
@@ -241,12 +235,12 @@ class SlowReaderTests(TestCase):
             f.write(os.urandom(BIG_FILE_SIZE))
         deadline = 3.0
         proxy = await listen_proxy(self, MemoryTokenStore(), web=root, web_timeout=deadline)
-        before = _resident_bytes()
+        before = 1024 * resident_kib()
         readers = [_SlowReader(proxy.port, "/big.bin") for _ in range(SLOW_READERS)]
         for reader in readers:
             self.addCleanup(reader.close)
         await DeferredList([reader.first_byte for reader in readers])
-        grown = _resident_bytes() - before
+        grown = 1024 * resident_kib() - before
         self.assertLess(grown, 4 * 1024 * 1024, f"grew by {grown} bytes")
         self.assertEqual(proxy.supervisor.pending.total, 0)
         self.assertEqual(proxy.supervisor.connections.count, SLOW_READERS)

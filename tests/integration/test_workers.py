@@ -174,7 +174,7 @@ async def start_workers(
     child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
     if listener is not None:
         child_fds[3] = listener.fileno()
-    argv = trampoline_argv([*prefix, *argv], -1 if listener is None else 3)
+    argv = trampoline_argv([*prefix, *argv], () if listener is None else (3,))
     process = reactor.spawnProcess(log, argv[0], argv, env=dict(os.environ), childFDs=child_fds)
 
     async def stop() -> None:
