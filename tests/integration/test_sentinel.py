@@ -45,6 +45,7 @@ class SentinelFailoverTests(TestCase):
         proxy; the log names the new master, and vncmux_token_store_reconnects_total
         counts the reconnection."""
         cluster = start_sentinel_cluster(self)
+        await until_ready(cluster)  # the replica in sync before the token is written
         store = RedisTokenStore(RedisConfig.from_url(cluster.url()), reactor, reactor=reactor)
         store.startService()
         self.addCleanup(store.stopService)
