@@ -987,7 +987,11 @@ def wait_event(proc: Proc, event: str, timeout: float, guard_memory: bool = Fals
     while time.monotonic() < deadline:
         line = read_line(proc.popen.stdout, 0.5)
         if line:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:  # not an event: say it, and read on
+                print(f"  ! {proc.name} wrote {line[:200]!r}", file=sys.stderr)
+                continue
             if msg.get("event") == event:
                 return msg
             if msg.get("event") == "error":
