@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -181,16 +181,50 @@ def open_spice_page(browser: BrowserContext, url: str) -> Page:
     return page
 
 
+def closed_by_the_server(opened: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The channels the SPICE server itself closed (1000 "backend closed" relayed by vncmux);
+    fails if any other channel closed. Xspice sometimes closes a channel of its own accord
+    when the machine is loaded (seen with the code of every release so far, on this
+    machine): vncmux relays that as the server's clean close, never with a code of its own."""
+    ended = [s["close"] for s in opened if s["close"] is not None]
+    assert all(c["code"] == 1000 and c["reason"] == "backend closed" for c in ended), opened
+    return [s for s in opened if s["close"] is not None]
+
+
+def open_spice_console(browser: BrowserContext, url: str, colour: Rgb = COLOUR) -> Page:
+    """A page at C{url} that shows the desktop's C{colour}. When the SPICE server closed a
+    channel (L{closed_by_the_server}) and nothing was drawn, the page is opened once more."""
+    page = open_spice_page(browser, url)
+    try:
+        wait_for_pixel(page, SPICE_CANVAS, PROBE, colour)
+        return page
+    except AssertionError:
+        if not closed_by_the_server(sockets(page)):
+            raise
+        # The session ends (all its channels closed) before the next page's main channel
+        # comes: a second session on the token would be over the limit of one.
+        page.evaluate("() => window.__spiceSockets[0].close(1000)")
+        page.wait_for_function(
+            "() => window.__e2eSockets.every((s) => s.close !== null)", timeout=STAGE_TIMEOUT_MS
+        )
+        page.close()
+    page = open_spice_page(browser, url)
+    wait_for_pixel(page, SPICE_CANVAS, PROBE, colour)
+    return page
+
+
 def test_spice_console_shows_its_desktop(browser: BrowserContext, spice_proxy: SpiceProxy) -> None:
     """spice_auto.html with nova's token draws the SPICE server's colour through vncmux,
     over several WebSockets (main, display, inputs, cursor...) that the process limit of one
     session admits together; closing the main channel ends every channel of the session."""
-    page = open_spice_page(browser, spice_proxy.page_url(spice_proxy.token))
+    page = open_spice_console(browser, spice_proxy.page_url(spice_proxy.token))
     try:
-        wait_for_pixel(page, SPICE_CANVAS, PROBE, COLOUR)
         opened = sockets(page)
-        assert len(opened) >= 3, opened
-        assert all(s["opened"] and s["close"] is None for s in opened), opened
+        assert all(s["opened"] for s in opened), opened
+        # The main channel and the display (it drew) stay; others only the server closes.
+        closed = closed_by_the_server(opened)
+        assert len(opened) >= 3 and opened[0]["close"] is None, opened
+        assert len(opened) - len(closed) >= 2, opened
         page.evaluate("() => window.__spiceSockets[0].close(1000)")
         page.wait_for_function(
             "() => window.__e2eSockets.every((s) => s.close !== null)", timeout=STAGE_TIMEOUT_MS
@@ -207,10 +241,9 @@ def test_second_tab_over_the_limit_leaves_the_first(
     """A second tab with the same token opens a second SPICE session (its main channel),
     which the limit of one session refuses: the first tab stays connected (the SPICE server
     did not drop its client for the second) and still shows what the desktop draws next."""
-    first = open_spice_page(browser, spice_proxy.page_url(spice_proxy.token))
+    first = open_spice_console(browser, spice_proxy.page_url(spice_proxy.token))
     second = None
     try:
-        wait_for_pixel(first, SPICE_CANVAS, PROBE, COLOUR)
         logged = spice_proxy.log.stat().st_size
         second = open_spice_page(browser, spice_proxy.page_url(spice_proxy.token))
         second.wait_for_function(
@@ -221,7 +254,8 @@ def test_second_tab_over_the_limit_leaves_the_first(
         assert "second SPICE session on the token" in spice_proxy.log_text(logged)
         _paint(spice_server, NEXT_COLOUR)
         wait_for_pixel(first, SPICE_CANVAS, PROBE, NEXT_COLOUR)
-        assert all(s["close"] is None for s in sockets(first)), sockets(first)
+        assert sockets(first)[0]["close"] is None, sockets(first)
+        closed_by_the_server(sockets(first))
         first.evaluate("() => window.__spiceSockets[0].close(1000)")
     finally:
         _paint(spice_server, COLOUR)
