@@ -106,7 +106,7 @@ class Options(usage.Options):
             self._apply_config_file(self["config"])
         if self["nova-config"]:
             self._apply_nova_config(self["nova-config"])
-        #: Neither --web nor nova.conf named a directory: makeService looks for noVNC.
+        #: Neither --web nor nova.conf named a directory: build_proxy looks for noVNC.
         self.find_web = self["web"] is None
         if self["web"] in ("none", ""):
             self["web"] = None
