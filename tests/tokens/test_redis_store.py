@@ -15,8 +15,10 @@ from unittest import SkipTest
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import RedisServer, make_tls_files, start_redis
@@ -31,6 +33,7 @@ from vncmux.tokens import (
     hash_token,
     token_key,
 )
+from vncmux.tokens.redis.client import pool_factories
 from vncmux.tokens.redis.scripts import INSTANCE_PRUNE_THRESHOLD
 
 
@@ -553,3 +556,30 @@ class RedisTlsAndSentinelTests(RedisStoreMixin, TestCase):
         heard = inbox.next()
         yield store.revoke(hash_token(TOKEN))
         self.assertEqual((yield heard), hash_token(TOKEN))
+
+
+class SentinelPoolProtocolTests(SynchronousTestCase):
+    """The pool's connection to a Sentinel-found master, without a server."""
+
+    def test_lost_before_its_role_is_known(self) -> None:
+        """A connection lost before the master answers txredisapi's ROLE check (a failover)
+        leaves no unhandled error behind: the pool reconnects, nothing else is to be done."""
+
+        class Factory:
+            is_master = True
+            replyTimeout = None
+
+            def addConnection(self, connection: object) -> None:
+                pass
+
+            def delConnection(self, connection: object) -> None:
+                pass
+
+        _, sentinel_factory = pool_factories()
+        protocol = sentinel_factory.protocol()
+        protocol.factory = Factory()
+        protocol.makeConnection(StringTransport())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        del protocol
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])

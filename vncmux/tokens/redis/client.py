@@ -187,7 +187,17 @@ def pool_factories() -> tuple[type, type]:
         pass
 
     class SentinelPoolProtocol(AbandonedOnTimeout, txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
-        pass
+        def connectionMade(self) -> Deferred[Any]:
+            """
+            txredisapi checks the server's ROLE here and returns that Deferred to Twisted,
+            which drops it: a connection lost before the answer (a failover) would be an
+            unhandled error. The loss itself is the pool's to handle (it reconnects).
+            """
+            checking: Deferred[Any] = super().connectionMade()
+            return checking.addErrback(self._lost_before_role)
+
+        def _lost_before_role(self, failure: Failure) -> None:
+            failure.trap(txredisapi.ConnectionError)
 
     class StorePoolFactory:
         def __init__(self, *args: Any, store: RedisTokenStore, **kwargs: Any) -> None:
