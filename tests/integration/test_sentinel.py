@@ -6,6 +6,7 @@ Sentinels on loopback. The master stops mid-run; the Sentinels promote the repli
 from __future__ import annotations
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -33,6 +34,24 @@ async def until_ready(cluster: SentinelCluster, tries: int = 100) -> None:
     raise AssertionError(f"the Sentinels did not find each other within {tries * 0.1:g} s")
 
 
+async def replies_handed_on(turns: int = 100) -> None:
+    """
+    txredisapi hands the rest of a reply it is reading to itself with C{callLater(0)}, one
+    turn after another; a loaded machine can leave such calls pending when a test ends.
+    Reactor turns (no waiting for time to pass) until none is left, at most C{turns}.
+    """
+    for _ in range(turns):
+        pending = [
+            call
+            for call in reactor.getDelayedCalls()
+            if getattr(call.func, "__qualname__", "") == "LineReceiver.dataReceived"
+        ]
+        if not pending:
+            return
+        await deferLater(reactor, 0)
+    raise AssertionError(f"txredisapi still had replies pending after {turns} turns")
+
+
 class SentinelFailoverTests(TestCase):
     """The master fails; Sentinel promotes the replica; the proxy follows by itself."""
 
@@ -48,9 +67,8 @@ class SentinelFailoverTests(TestCase):
         await until_ready(cluster)  # the replica in sync before the token is written
         store = RedisTokenStore(RedisConfig.from_url(cluster.url()), reactor, reactor=reactor)
         store.startService()
-        # Runs after the store stopped: txredisapi hands the rest of a reply it was reading to
-        # itself with callLater(0), which a loaded machine can leave pending at the test's end.
-        self.addCleanup(deferLater, reactor, 0.1, lambda: None)
+        # Runs after the store stopped (see replies_handed_on).
+        self.addCleanup(lambda: Deferred.fromCoroutine(replies_handed_on()))
         self.addCleanup(store.stopService)
         vnc, vnc_port = await listen_fake_vnc(self)
         record = TokenRecord.issued(TOKEN, "127.0.0.1", vnc_port, reactor.seconds())
