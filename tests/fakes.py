@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from vncmux.interfaces import IClientPeer
+from vncmux.interfaces import IClientPeer, IConsolePeer
 from vncmux.refusals import Ending
 from vncmux.relay import Session
 
 
-@implementer(IClientPeer)
+@implementer(IClientPeer, IConsolePeer)
 class FakePeer:
     """A relay side on a StringTransport that remembers how it was closed."""
 
@@ -26,6 +28,9 @@ class FakePeer:
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
+
+    def write_sequence(self, pieces: Sequence[bytes]) -> None:
+        self.transport.writeSequence(pieces)
 
     def pause(self) -> None:
         self.transport.pauseProducing()

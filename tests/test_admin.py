@@ -221,7 +221,7 @@ class SessionTests(AdminTestCase):
             client_address="2001:db8::9",
             console_type="serial",
         )
-        one.from_client(b"k" * 8)
+        one.from_client((b"k" * 8,))
         two.from_backend(b"f" * 300)
         response = self.call("GET", "/sessions")
         self.assertEqual(response.status, 200)

@@ -4,6 +4,7 @@ forbidden frame failed with its code, whatever the split."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,10 +39,11 @@ class Reader:
     """A L{ClientFrameReader} that records what it delivers, hands over and fails with."""
 
     def __init__(self) -> None:
-        self.delivered: list[bytes] = []
+        #: What each delivery handed on, kept as it came: the reader must not reuse it.
+        self.deliveries: list[Sequence[bytes]] = []
         self.controls: list[bytes] = []
         self.failures: list[tuple[int, str]] = []
-        self.reader = ClientFrameReader(self.delivered.append, self.controls.append, self.fail)
+        self.reader = ClientFrameReader(self.deliveries.append, self.controls.append, self.fail)
 
     def fail(self, code: int, why: str) -> None:
         self.failures.append((code, why))
@@ -53,7 +55,7 @@ class Reader:
 
     @property
     def data(self) -> bytes:
-        return b"".join(self.delivered)
+        return b"".join(piece for pieces in self.deliveries for piece in pieces)
 
 
 payloads = st.lists(st.binary(max_size=700) | st.binary(min_size=65530, max_size=65540), max_size=6)
@@ -161,9 +163,9 @@ class OrderedReader(Reader):
         self.events: list[tuple[str, bytes]] = []
         self.reader = ClientFrameReader(self.on_data, self.on_control, self.fail)
 
-    def on_data(self, chunk: bytes) -> None:
-        self.delivered.append(chunk)
-        self.events.append(("data", chunk))
+    def on_data(self, pieces: Sequence[bytes]) -> None:
+        self.deliveries.append(pieces)
+        self.events.append(("data", b"".join(pieces)))
 
     def on_control(self, frame: bytes) -> None:
         self.controls.append(frame)
@@ -176,19 +178,21 @@ class OrderedReader(Reader):
 
 def test_frames_of_one_read_delivered_at_once() -> None:
     """Several data frames that arrive in one read (a burst of pointer events) go on as one
-    chunk, i.e. one write to the VNC server, not one per frame."""
+    piece, i.e. one write to the VNC server, not one per frame."""
     frames = [masked_frame(bytes([5, i, 0, 1, 0, 2]), bytes([i, 2, 3, 4])) for i in range(10)]
     reader = Reader().feed([b"".join(frames)])
-    assert reader.delivered == [b"".join(bytes([5, i, 0, 1, 0, 2]) for i in range(10))]
+    assert reader.deliveries == [[b"".join(bytes([5, i, 0, 1, 0, 2]) for i in range(10))]]
 
 
 def test_bulk_pieces_not_joined_to_the_rest() -> None:
-    """A bulk frame (1 KiB and more) in a read between small ones goes on by itself, after
-    the small ones before it and before those after it: order kept, never joined (a copy)."""
+    """A read with bulk frames (1 KiB and more) between small ones is one delivery (one
+    send): each bulk payload a piece by itself, never joined (a copy), the small ones around
+    them joined, in order. The next read is a delivery of its own."""
     mask = b"\x0a\x0b\x0c\x0d"
     bulk = bytes(range(256)) * 8
-    wire = b"".join(masked_frame(p, mask) for p in (b"k1", b"k2", bulk, b"k3", b"k4"))
-    assert Reader().feed([wire]).delivered == [b"k1k2", bulk, b"k3k4"]
+    wire = b"".join(masked_frame(p, mask) for p in (b"k1", b"k2", bulk, bulk, b"k3", b"k4"))
+    reader = Reader().feed([wire, masked_frame(b"k5", mask)])
+    assert reader.deliveries == [[b"k1k2", bulk, bulk, b"k3k4"], [b"k5"]]
 
 
 def test_payload_before_a_control_frame_goes_first() -> None:

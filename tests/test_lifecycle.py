@@ -246,6 +246,25 @@ class StalledClientTests(HeldNothing, SynchronousTestCase):
 
 
 
+class UploadReadTests(SynchronousTestCase):
+    """A browser that sends faster than it is read is read in bigger pieces."""
+
+    def test_full_reads_grow_the_read_size(self) -> None:
+        """A read that fills the read size doubles it, up to 2 MiB; a short read leaves it
+        alone. Every payload byte reaches the VNC server, in order."""
+        h = harness(self)
+        backend = h.open()
+        sizes, sent = [h.transport.bufferSize], b""
+        for full in (True, True, False, True, True, True):
+            size = h.transport.bufferSize - (0 if full else 1)
+            payload = (bytes(range(256)) * (size // 256 + 1))[: size - 14]  # 14: the header
+            h.protocol.dataReceived(frame(payload, length_form=127))
+            sent += payload
+            sizes.append(h.transport.bufferSize)
+        self.assertEqual([size // 1024 for size in sizes], [256, 512, 1024, 1024, 2048, 2048, 2048])
+        self.assertEqual(backend.received, sent)
+
+
 class PlainHttpTests(HeldNothing, SynchronousTestCase):
     def test_handed_over_to_the_web_site(self) -> None:
         """A request without Upgrade leaves the lifecycle at once (its pending slot is free,

@@ -142,9 +142,9 @@ class MetricsTests(SynchronousTestCase):
         closed ones, so a closed session's bytes are neither lost nor counted twice."""
         one, _, _ = open_session(self.s.supervisor, self.s.stats, session_id="a")
         two, _, _ = open_session(self.s.supervisor, self.s.stats, session_id="b", token="t2")
-        one.from_client(b"x" * 10)
+        one.from_client((b"x" * 10,))
         one.from_backend(b"y" * 1000)
-        two.from_client(b"x" * 5)
+        two.from_client((b"x" * 5,))
         self.assertEqual(self.s.value("vncmux_sessions_active"), 2)
         self.assertEqual(self.s.value("vncmux_bytes_total", direction=CLIENT_TO_BACKEND), 15)
         self.assertEqual(self.s.value("vncmux_bytes_total", direction=BACKEND_TO_CLIENT), 1000)

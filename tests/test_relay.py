@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 from hypothesis import given, settings
@@ -77,7 +78,7 @@ class SessionTests(SynchronousTestCase):
 
     def test_forwards_and_counts(self) -> None:
         """Bytes go to the other side unchanged and are counted per direction."""
-        self.session.from_client(b"abc")
+        self.session.from_client((b"abc",))
         self.session.from_backend(b"RFB 003.008\n")
         self.assertEqual(self.backend.transport.value(), b"abc")
         self.assertEqual(self.client.transport.value(), b"RFB 003.008\n")
@@ -188,9 +189,9 @@ class ActivityTests(SynchronousTestCase):
         """A pointer event stamps the supervisor's current time as last activity."""
         session, registry = self.make(ClientActivityScanner())
         registry.now = 150.0
-        session.from_client(self.HANDSHAKE + self.UPDATE_REQUEST)
+        session.from_client((self.HANDSHAKE + self.UPDATE_REQUEST,))
         self.assertEqual(session.last_activity_at, 100.0)
-        session.from_client(self.POINTER)
+        session.from_client((self.POINTER,))
         self.assertEqual(session.last_activity_at, 150.0)
 
     def test_screen_traffic_does_not_count(self) -> None:
@@ -207,7 +208,7 @@ class ActivityTests(SynchronousTestCase):
         session.from_backend(b"\x00")
         self.assertEqual(session.last_activity_at, 150.0)
         registry.now = 160.0
-        session.from_client(self.UPDATE_REQUEST)
+        session.from_client((self.UPDATE_REQUEST,))
         self.assertEqual(session.last_activity_at, 160.0)
 
 
@@ -354,11 +355,13 @@ class WriteNowTests(SynchronousTestCase):
         return data
 
     def test_sent_at_once(self) -> None:
-        """With nothing queued, header and payload leave in one send in the same pass: the
-        socket is never registered for writing."""
-        write_now(self.transport, b"payload", b"\x82\x07")
-        write_now(self.transport, b"more")
-        self.assertEqual(self.received(), b"\x82\x07payloadmore")
+        """With nothing queued, the pieces (a frame header and its payload, or the pieces of
+        one client read) leave in one send in the same pass: the socket is never registered
+        for writing."""
+        write_now(self.transport, (b"\x82\x07", b"payload"))
+        write_now(self.transport, [b"more"])
+        write_now(self.transport, [b"a", b"b" * 2048, b"c"])
+        self.assertEqual(self.received(), b"\x82\x07payloadmoreab" + b"b" * 2047 + b"c")
         self.assertEqual(self.reactor.writers, set())
         self.assertTrue(queue_empty(self.transport))
 
@@ -381,10 +384,10 @@ class WriteNowTests(SynchronousTestCase):
         the socket did not take is queued; the far end gets everything in order."""
         self.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         bulk = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes at once
-        write_now(self.transport, bulk, b"H1")
+        write_now(self.transport, (b"H1", bulk))
         self.assertFalse(queue_empty(self.transport))
-        write_now(self.transport, b"after", b"H2")
-        write_now(self.transport, b"last")
+        write_now(self.transport, (b"H2", b"after"))
+        write_now(self.transport, (b"last",))
         got = b""
         for _ in range(10_000):
             got += self.received()
@@ -395,45 +398,53 @@ class WriteNowTests(SynchronousTestCase):
         self.assertEqual(got, b"H1" + bulk + b"H2afterlast")
 
     def test_partial_sends(self) -> None:
-        """Whatever part the socket takes (none, part of the header, the header, part of the
-        payload), the rest goes to Twisted and the bytes arrive whole and in order."""
-        for accept in (0, 1, 2, 5, 7):
+        """Whatever part the socket takes (none, part of a piece, whole pieces), the rest
+        goes to Twisted and the bytes arrive whole and in order."""
+        for accept in range(11):
             self.transport.socket = sock = ScriptedSocket(accept)
-            write_now(self.transport, b"12345", b"HD")
+            write_now(self.transport, (b"HD", b"12345", b"678"))
             self.assertEqual(sock.calls, 1)
             self.transport.doWrite()
-            self.assertEqual(sock.sent, b"HD12345", accept)
+            self.assertEqual(sock.sent, b"HD12345678", accept)
             self.assertTrue(queue_empty(self.transport))
+
+    def test_more_pieces_than_one_call_takes(self) -> None:
+        """More pieces than the kernel takes in one sendmsg (IOV_MAX): Twisted sends them."""
+        pieces = [bytes([i & 0xFF]) for i in range(os.sysconf("SC_IOV_MAX") + 1)]
+        write_now(self.transport, pieces)
+        self.assertIn(self.transport, self.reactor.writers)
+        self.transport.doWrite()
+        self.assertEqual(self.received(), b"".join(pieces))
 
     def test_errors_left_to_twisted(self) -> None:
         """A send that would block queues the bytes; a broken connection is left to Twisted's
         own write, which reports it as lost the usual way."""
         self.transport.socket = ScriptedSocket(0, BlockingIOError(errno.EAGAIN, "again"))
-        write_now(self.transport, b"later")
+        write_now(self.transport, (b"later",))
         self.assertIn(self.transport, self.reactor.writers)
         self.transport.doWrite()
         self.assertEqual(self.transport.socket.sent, b"later")
         broken = ScriptedSocket(0, OSError(errno.EPIPE, "broken pipe"))
         self.transport.socket = broken
-        write_now(self.transport, b"lost")
+        write_now(self.transport, (b"lost",))
         broken.calls = 0  # Twisted's own send fails the same way
         self.assertIs(self.transport.doWrite(), CONNECTION_LOST)
 
     def test_other_transports_use_twisted(self) -> None:
         """A closing transport, a TLS one and anything that is not a TCP socket (wrappers,
-        test transports) get a plain write, header first."""
+        test transports) get Twisted's own write of the pieces, in order."""
         tls = TLSLayer()
         self.transport.protocol, self.transport.TLS = tls, True  # as startTLS leaves it
-        write_now(self.transport, b"secret", b"H")
+        write_now(self.transport, (b"H", b"secret"))
         self.assertEqual(tls.written, [b"H", b"secret"])
         self.assertEqual(self.received(), b"")
         self.transport.TLS = False
         self.transport.disconnecting = True
-        write_now(self.transport, b"bye", b"H")
+        write_now(self.transport, (b"H", b"bye"))
         self.assertFalse(queue_empty(self.transport))
         self.assertEqual(self.received(), b"")
         transport = StringTransport()
-        write_now(transport, b"payload", b"\x82\x07")
+        write_now(transport, (b"\x82\x07", b"payload"))
         self.assertEqual(transport.value(), b"\x82\x07payload")
 
 
@@ -472,8 +483,8 @@ def test_write_now_keeps_order_whatever_the_mix(steps: list[tuple[bytes, int, st
             payload = bytes((step + i) & 0xFF for i in range(min(size, 256))) * (size // 256 + 1)
             payload = payload[:size]
             if action == "write_now":
-                write_now(transport, payload, header)
-                expected += header + payload
+                write_now(transport, [piece for piece in (header, payload) if piece] or [b"-"])
+                expected += header + payload or b"-"
             elif action == "twisted":
                 transport.write(header + payload or b"-")
                 expected += header + payload or b"-"

@@ -23,7 +23,15 @@ from vncmux.refusals import (
     TOO_MANY_SESSIONS,
     Refused,
 )
-from vncmux.relay import READ_BUDGET, Session, read_size_for
+from vncmux.relay import (
+    CLIENT_BUFFER_SIZE,
+    MAX_CLIENT_READ_SIZE,
+    READ_BUDGET,
+    Session,
+    grow_read_size,
+    read_size_for,
+    upload_read_size_for,
+)
 from vncmux.rfb import ClientActivityScanner
 from vncmux.settings import Limits
 from vncmux.supervisor import Supervisor
@@ -63,6 +71,9 @@ def record(n: int = 1, **fields: object) -> TokenRecord:
     return TokenRecord(f"{n:064x}", "127.0.0.1", 5900, **fields)  # type: ignore[arg-type]
 
 
+MiB = 1024 * 1024
+
+
 class SupervisorTestCase(SynchronousTestCase):
     def make(self, **limits: object) -> Supervisor:
         limits.setdefault("ping_interval", 0)  # fakes answer no pings unless a test says so
@@ -98,7 +109,7 @@ class SupervisorTestCase(SynchronousTestCase):
             ClosingOwner(),
         )
         session.start(session.client.transport, session.backend.transport, _stats())
-        session.from_client(HANDSHAKE)
+        session.from_client((HANDSHAKE,))
         return session
 
 
@@ -127,7 +138,7 @@ class IdleTimeoutTests(SupervisorTestCase):
         self.make(idle_timeout=60)
         session = self.open()
         self.clock.pump([1.0] * 50)
-        session.from_client(POINTER)
+        session.from_client((POINTER,))
         self.clock.pump([1.0] * 50)
         self.assertIsNone(session.ending)
         self.clock.pump([1.0] * 11)
@@ -139,7 +150,7 @@ class IdleTimeoutTests(SupervisorTestCase):
         session = self.open()
         for _ in range(61):
             session.from_backend(b"\x00" * 100)
-            session.from_client(b"\x03\x01\x00\x00\x00\x00\x04\x00\x03\x00")
+            session.from_client((b"\x03\x01\x00\x00\x00\x00\x04\x00\x03\x00",))
             self.clock.advance(1)
         self.assertIs(session.ending, IDLE_TIMEOUT)
 
@@ -159,7 +170,7 @@ class LifetimeAndExpiryTests(SupervisorTestCase):
         self.make(idle_timeout=0, max_session=300)
         session = self.open()
         for _ in range(299):
-            session.from_client(POINTER)
+            session.from_client((POINTER,))
             self.clock.advance(1)
         self.assertIsNone(session.ending)
         self.clock.advance(1)
@@ -206,6 +217,61 @@ class ReadSizeTests(SupervisorTestCase):
         self.assertEqual(sizes, {256 * 1024})
         self.supervisor.sweep()
         self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {512 * 1024})
+
+
+def cut_text(size: int) -> bytes:
+    """A ClientCutText message of C{size} bytes in all: what a browser's upload looks like."""
+    return b"\x06\x00\x00\x00" + (size - 8).to_bytes(4, "big") + b"x" * (size - 8)
+
+
+class UploadReadSizeTests(SupervisorTestCase):
+    """A browser that uploads reads big, within the same read budget as streaming consoles."""
+
+    def test_upload_read_size_for(self) -> None:
+        """2 MiB for one upload, the budget's share for more, never under 256 KiB."""
+        self.assertEqual(
+            [upload_read_size_for(n) for n in (0, 1, 4, 8, 32, 1000)],
+            [MAX_CLIENT_READ_SIZE, MAX_CLIENT_READ_SIZE, 2 * MiB, MiB, 256 * 1024, 256 * 1024],
+        )
+
+    def test_full_reads_double_up_to_the_most(self) -> None:
+        """Each full read doubles the browser's read size, up to what the supervisor allows."""
+        self.make()
+        transport = self.open().client.transport
+        self.assertEqual(transport.bufferSize, CLIENT_BUFFER_SIZE)
+        sizes = []
+        for _ in range(4):
+            grow_read_size(transport, self.supervisor.upload_read_size)
+            sizes.append(transport.bufferSize)
+        self.assertEqual(sizes, [512 * 1024, MiB, 2 * MiB, 2 * MiB])
+        grow_read_size(transport, MiB)
+        self.assertEqual(transport.bufferSize, 2 * MiB)  # a lower bound shrinks nothing
+
+    def test_sweep_shrinks_ended_uploads_and_shares_the_budget(self) -> None:
+        """Eight uploads and eight streaming consoles share the 8 MiB budget: every upload
+        is cut to 512 KiB and every console reads 512 KiB; an upload that stopped since the
+        last sweep goes back to 256 KiB, as do the others once all stop."""
+        self.make()
+        uploads = [self.open(record(n)) for n in range(8)]
+        consoles = [self.open(record(n + 8)) for n in range(8)]
+        for session in uploads:
+            session.set_client_read_size(2 * MiB)
+            session.from_client((cut_text(CLIENT_BUFFER_SIZE),))
+        for session in consoles:
+            session.from_backend(b"x" * (512 * 1024))
+        self.supervisor.sweep()
+        self.assertEqual(self.supervisor.upload_read_size, 512 * 1024)
+        self.assertEqual({s.client_read_size for s in uploads}, {512 * 1024})
+        self.assertEqual({s.backend.transport.bufferSize for s in consoles}, {512 * 1024})
+        for session in uploads[1:]:
+            session.from_client((cut_text(CLIENT_BUFFER_SIZE),))
+        self.supervisor.sweep()
+        self.assertEqual(uploads[0].client_read_size, CLIENT_BUFFER_SIZE)
+        self.assertEqual({s.client_read_size for s in uploads[1:]}, {512 * 1024})
+        self.assertEqual(self.supervisor.upload_read_size, READ_BUDGET // 7)  # 7 stream now
+        self.supervisor.sweep()
+        self.assertEqual({s.client_read_size for s in uploads}, {CLIENT_BUFFER_SIZE})
+        self.assertEqual(self.supervisor.upload_read_size, MAX_CLIENT_READ_SIZE)
 
 
 class KeepaliveTests(SupervisorTestCase):
@@ -409,10 +475,10 @@ class WriteBackTests(SupervisorTestCase):
         opened = {record(n).token_hash: 1000.0 for n in (1, 2, 3)}
         self.assertEqual(self.backchannel.writes, [opened])
         self.clock.advance(3)
-        a1.from_client(POINTER * 50)
-        b.from_client(POINTER)
+        a1.from_client((POINTER * 50,))
+        b.from_client((POINTER,))
         self.clock.advance(3)
-        a2.from_client(POINTER)
+        a2.from_client((POINTER,))
         self.clock.pump([1.0] * 4)
         self.assertEqual(
             self.backchannel.writes[1:],
@@ -427,7 +493,7 @@ class WriteBackTests(SupervisorTestCase):
         self.make(idle_timeout=0, flush_interval=10)
         session = self.open()
         self.clock.pump([1.0] * 10)
-        session.from_client(POINTER)  # stamped 1010, the time of the flush just made
+        session.from_client((POINTER,))  # stamped 1010, the time of the flush just made
         self.clock.pump([1.0] * 10)
         self.assertEqual(self.backchannel.writes[-1], {record().token_hash: 1010.0})
 
@@ -436,7 +502,7 @@ class WriteBackTests(SupervisorTestCase):
         self.make(idle_timeout=0, flush_interval=10)
         session = self.open()
         self.clock.pump([1.0] * 12)
-        session.from_client(POINTER)
+        session.from_client((POINTER,))
         session.end(IDLE_TIMEOUT)
         self.successResultOf(self.supervisor.stopService())
         self.assertEqual(self.backchannel.writes[-1], {record().token_hash: 1012.0})
@@ -447,7 +513,7 @@ class WriteBackTests(SupervisorTestCase):
         session = self.open()
         self.backchannel.pending = Deferred()
         self.clock.advance(1)
-        session.from_client(POINTER)
+        session.from_client((POINTER,))
         self.clock.pump([1.0] * 10)
         self.backchannel.pending.errback(ConnectionError("redis down"))
         self.backchannel.pending = None

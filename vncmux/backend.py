@@ -8,7 +8,7 @@ as Twisted's portforward does, so nothing is read that has nowhere to go.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from vncmux.interfaces import IPeer
+from vncmux.interfaces import IConsolePeer
 from vncmux.refusals import (
     BACKEND_CLOSED,
     BACKEND_ERROR,
@@ -50,7 +50,7 @@ class NotAVncServer(Exception):
     """The backend answered, but not with an RFB greeting."""
 
 
-@implementer(IPeer)
+@implementer(IConsolePeer)
 class BackendProtocol(Protocol):
     """
     The connection to a console.
@@ -182,10 +182,10 @@ class BackendProtocol(Protocol):
             clean = reason is None or reason.check(ConnectionDone) is not None
             self.on_lost(BACKEND_CLOSED if clean else BACKEND_ERROR)
 
-    # IPeer, as the relay sees the VNC server
+    # IConsolePeer, as the relay sees the VNC server
 
-    def write(self, data: bytes) -> None:
-        write_now(self.transport, data)
+    def write_sequence(self, pieces: Sequence[bytes]) -> None:
+        write_now(self.transport, pieces)
 
     def pause(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]

@@ -7,15 +7,16 @@ pong: at most 125 bytes) whole, for autobahn to act on. autobahn therefore never
 frame, and only this reader knows whether a fragmented message is open: there is no second
 idea of the stream's state to drift out of step.
 
-Small payloads of one read go on in one piece: a burst of pointer events is one write (one
-send) to the VNC server, not one per frame. Bulk pieces (from 1 KiB) go on as they are
-unmasked, never joined to the rest, which would copy them once more. Message boundaries mean
-nothing to a console, so this is the stream the browser sent.
+The payload of one read goes on as one list of pieces, which the relay sends to the VNC
+server in one call (scatter/gather): a burst of pointer events or a read of bulk frames is one
+send, not one per frame. Consecutive small payloads are joined into one piece; bulk pieces
+(from 1 KiB) stay as they were unmasked, never joined, which would copy them once more.
+Message boundaries mean nothing to a console, so this is the stream the browser sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 # autobahn defines it by a conditional import (its C version or Python's), which mypy reads
 # as a private import.
@@ -58,7 +59,8 @@ class ClientFrameReader:
     Splits the client stream into unmasked binary payload chunks and whole control frames,
     and fails the stream at the first frame RFC 6455 forbids.
 
-    C{deliver(chunk)} gets data payload piece by piece; C{control(raw_frame)} gets each
+    C{deliver(pieces)} gets the data payload of each read (a fresh list, in order);
+    C{control(raw_frame)} gets each
     control frame as it came over the wire (header and masked payload); C{fail(code, why)}
     is called once, for a protocol error (1002) or a text frame (1003, vncmux relays binary
     only), and nothing is read after it: RFC 6455 section 7.1.7 says to stop processing.
@@ -80,7 +82,7 @@ class ClientFrameReader:
 
     def __init__(
         self,
-        deliver: Callable[[bytes], None],
+        deliver: Callable[[Sequence[bytes]], None],
         control: Callable[[bytes], None],
         fail: Callable[[int, str], None],
     ) -> None:
@@ -106,7 +108,8 @@ class ClientFrameReader:
             self._head = b""
         size = len(data)
         pos = 0
-        payload: list[bytes] = []  # small unmasked pieces, handed on together
+        pieces: list[bytes] = []  # what this read hands on, in order
+        small: list[bytes] = []  # small unmasked payloads, joined into one piece
         while pos < size:
             remaining = self._remaining
             if remaining:
@@ -118,25 +121,25 @@ class ClientFrameReader:
                     pos = end
                     if not self._remaining:
                         self._control_frame = None
-                        self._deliver(payload)
+                        self._deliver(pieces, small)
                         self._control(control)
                 else:
                     offset = self._offset
                     self._offset = offset + (end - pos)
                     if end - pos < _SMALL:
-                        payload.append(unmask(data[pos:end], self._mask, offset))
+                        small.append(unmask(data[pos:end], self._mask, offset))
                     else:
-                        # Bulk goes on at once, without joining it to the rest (a copy);
-                        # a view, not a slice, of the read is unmasked.
+                        # A view, not a slice, of the read is unmasked.
                         chunk = memoryview(data)[pos:end] if pos or end < size else data
-                        self._deliver(payload)
-                        self.deliver(unmask(chunk, self._mask, offset))
+                        if small:
+                            _join_into(pieces, small)
+                        pieces.append(unmask(chunk, self._mask, offset))
                     pos = end
                 continue
             header_end = self._parse_header(data, pos, size)
             if header_end < 0:
                 # What came before the bad frame is relayed, then the stream fails.
-                self._deliver(payload)
+                self._deliver(pieces, small)
                 self._failed = True
                 self._fail(*self._why_failed)
                 return
@@ -146,18 +149,19 @@ class ClientFrameReader:
             pos = header_end
             if self._control_frame is not None and not self._remaining:
                 control, self._control_frame = self._control_frame, None
-                self._deliver(payload)
+                self._deliver(pieces, small)
                 self._control(control)  # an empty control frame
-        self._deliver(payload)
+        self._deliver(pieces, small)
 
-    def _deliver(self, payload: list[bytes]) -> None:
-        """Hand on the small pieces read so far (and forget them): at the end of a read,
-        and before a bulk piece, a control frame or a failure, so that the order holds."""
-        if not payload:
-            return
-        chunk = payload[0] if len(payload) == 1 else b"".join(payload)
-        payload.clear()
-        self.deliver(chunk)
+    def _deliver(self, pieces: list[bytes], small: list[bytes]) -> None:
+        """Hand on the payload read so far (and forget it): at the end of a read, and before
+        a control frame or a failure, so that the order holds."""
+        if small:
+            _join_into(pieces, small)
+        if pieces:
+            delivered = pieces[:]
+            pieces.clear()
+            self.deliver(delivered)
 
     def _parse_header(self, data: bytes, pos: int, size: int) -> int:
         """
@@ -224,3 +228,9 @@ class ClientFrameReader:
         """Note why the stream fails (L{feed} reports it, after the payload before it)."""
         self._why_failed = (code, why)
         return -1
+
+
+def _join_into(pieces: list[bytes], small: list[bytes]) -> None:
+    """Append the small payloads as one piece to C{pieces}, and forget them."""
+    pieces.append(small[0] if len(small) == 1 else b"".join(small))
+    small.clear()

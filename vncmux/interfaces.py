@@ -7,7 +7,7 @@ class that declares one with ``@implementer``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from zope.interface import Interface
@@ -171,9 +171,6 @@ class ISessionDirectory(Interface):
 class IPeer(Interface):
     """One side of a relayed session (the browser or the VNC server), as the relay sees it."""
 
-    def write(data: bytes) -> None:
-        """Send bytes to this side."""
-
     def pause() -> None:
         """Stop reading from this side."""
 
@@ -184,8 +181,18 @@ class IPeer(Interface):
         """End this side; C{code} and C{reason} reach a WebSocket client as its close frame."""
 
 
+class IConsolePeer(IPeer):
+    """The VNC server (or serial console) side."""
+
+    def write_sequence(pieces: Sequence[bytes]) -> None:
+        """Send the pieces in order, as one write (one send where the socket takes it)."""
+
+
 class IClientPeer(IPeer):
     """The browser side, which can also be asked whether it is still there."""
+
+    def write(data: bytes) -> None:
+        """Send C{data} as one binary frame."""
 
     def ping() -> None:
         """Send a WebSocket ping; the answer clears the session's C{ping_sent_at}."""

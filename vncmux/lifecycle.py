@@ -115,8 +115,9 @@ class ClientSide(Protocol):
     def fail_upgrade(self, status: int, reason: str) -> None:
         """Answer the upgrade with an HTTP error and close."""
 
-    def relay_to(self, deliver: Callable[[bytes], None] | None) -> None:
-        """Where the payload of the client's binary frames goes from now on (None: nowhere)."""
+    def relay_to(self, deliver: Callable[[Sequence[bytes]], None] | None) -> None:
+        """Where the payload of the client's binary frames goes from now on (None: nowhere),
+        one list of pieces per read."""
 
     def lose(self) -> None:
         """Close the TCP connection once what is queued has been sent."""
@@ -277,11 +278,11 @@ class Connection:
         self.client.write(browser.greeting())
         self.client.relay_to(self._browser_security_data)
 
-    def _browser_security_data(self, data: bytes) -> None:
+    def _browser_security_data(self, pieces: Sequence[bytes]) -> None:
         browser = self.browser
         assert browser is not None
         try:
-            answer = browser.receive(data)
+            answer = browser.receive(b"".join(pieces))
         except RfbClientError as error:
             failed = error
             self.fire(lambda machine: machine.security_failed(failed))
@@ -328,7 +329,7 @@ class Connection:
             if scanner is not None:
                 scanner.feed(browser.handshake)
             if browser.leftover:
-                session.from_client(browser.leftover)
+                session.from_client((browser.leftover,))
 
     def end_session(self, session: Session, ending: Ending) -> None:
         """The L{SessionOwner} side: whoever ends the session goes through the machine."""
@@ -373,9 +374,9 @@ class Connection:
             self.client.write(greeting)
         self.client.relay_to(self._refusal_data)
 
-    def _refusal_data(self, data: bytes) -> None:
+    def _refusal_data(self, pieces: Sequence[bytes]) -> None:
         assert self.refuser is not None
-        answer = self.refuser.receive(data)
+        answer = self.refuser.receive(b"".join(pieces))
         if answer is not None:
             self.fire(lambda machine: machine.refusal_answered(answer))
 

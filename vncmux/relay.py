@@ -6,6 +6,7 @@ relay runs over real sockets, C{StringTransport}s and in-memory fakes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.abstract import FileDescriptor
@@ -17,7 +18,7 @@ from vncmux.refusals import Ending
 
 if TYPE_CHECKING:
     from vncmux.consoles import ActivityScanner
-    from vncmux.interfaces import IClientPeer, IPeer
+    from vncmux.interfaces import IClientPeer, IConsolePeer, IPeer
     from vncmux.supervisor import Reservation
     from vncmux.tokens import TokenRecord
 
@@ -29,8 +30,14 @@ BACKEND_READ_SIZE = 512 * 1024
 READ_BUDGET = 8 * 1024 * 1024
 MIN_BACKEND_READ_SIZE = 64 * 1024
 #: Output queued towards a browser before the VNC server is paused (and the most one send
-#: call takes). A slow browser costs the proxy at most this plus one read.
+#: call takes). A slow browser costs the proxy at most this plus one read. It is also what
+#: a browser's socket reads at once: Twisted has one C{bufferSize} for both.
 CLIENT_BUFFER_SIZE = 256 * 1024
+#: The most a browser that uploads (a clipboard, a file) reads at once. Each read that
+#: comes back full doubles its read size (L{grow_read_size}), up to its share of the read
+#: budget; the supervisor's sweep sets it back when the upload ends. Its output cap rises
+#: with it (one C{bufferSize}), which is bounded the same way.
+MAX_CLIENT_READ_SIZE = 2 * 1024 * 1024
 
 #: Writes up to this size are sent at once (L{send_now}).
 SEND_NOW_LIMIT = 16 * 1024
@@ -58,18 +65,18 @@ def queue_empty(transport: TCPConnection) -> bool:
     return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
 
 
-def write_now(transport: object, data: bytes, header: bytes = b"") -> None:
+def write_now(transport: object, pieces: Sequence[bytes]) -> None:
     """
-    Write C{header} then C{data}, straight to the socket when that is safe, else through
+    Write C{pieces} in order, straight to the socket when that is safe, else through
     Twisted.
 
     Twisted queues every write, registers the socket for writability and, on the next
     reactor pass, joins the queue into one bytes object and sends it: two epoll_ctl calls
-    and a copy of every byte (header and payload joined) per write. When the transport is
-    a plain TCP socket with nothing queued, one send (sendmsg: header and payload as two
-    buffers, never joined) does it in the same pass; whatever the socket does not take
-    then goes to Twisted, behind nothing, so the order holds. Anything else (TLS, a
-    wrapped transport, a closing one, output already queued) takes Twisted's own path.
+    and a copy of every byte per write. When the transport is a plain TCP socket with
+    nothing queued, one send (sendmsg: the pieces as separate buffers, never joined) does
+    it in the same pass; whatever the socket does not take then goes to Twisted, behind
+    nothing, so the order holds. Anything else (TLS, a wrapped transport, a closing one,
+    output already queued) takes Twisted's own path.
     """
     if (
         isinstance(transport, TCPConnection)
@@ -80,24 +87,30 @@ def write_now(transport: object, data: bytes, header: bytes = b"") -> None:
         and queue_empty(transport)
     ):
         try:
-            if header:
-                sent = transport.socket.sendmsg((header, data))
+            if len(pieces) == 1:
+                sent = transport.socket.send(pieces[0])
             else:
-                sent = transport.socket.send(data)
+                sent = transport.socket.sendmsg(pieces)
         except OSError:
-            # Would block, or the connection failed: Twisted's write path sends it later
-            # or meets the same error and loses the connection the usual way.
+            # Would block, too many pieces for one call, or the connection failed: Twisted's
+            # write path sends it later or meets the same error and loses the connection.
             sent = 0
-        if sent == len(header) + len(data):
-            return
-        if sent > len(header):
-            header, data = b"", data[sent - len(header) :]
-        elif sent:
-            header = header[sent:]
-    if header:
-        transport.writeSequence((header, data))  # type: ignore[attr-defined]
-    else:
-        transport.write(data)  # type: ignore[attr-defined]
+        if sent:
+            pieces = unsent(pieces, sent)
+            if not pieces:
+                return
+    transport.writeSequence(pieces)  # type: ignore[attr-defined]
+
+
+def unsent(pieces: Sequence[bytes], sent: int) -> Sequence[bytes]:
+    """What is left of C{pieces} once their first C{sent} bytes went out."""
+    for index, piece in enumerate(pieces):
+        if sent < len(piece):
+            if not sent:
+                return pieces[index:]
+            return [piece[sent:], *pieces[index + 1 :]]
+        sent -= len(piece)
+    return ()
 
 
 def send_now(transport: object, size: int) -> None:
@@ -117,11 +130,24 @@ def send_now(transport: object, size: int) -> None:
 
 
 def read_size_for(streaming: int) -> int:
-    """The read size of every VNC server while C{streaming} of them send a full read or
-    more per second: big reads for few, a bounded reactor pass for many."""
+    """The read size of every VNC server while C{streaming} sessions (either way) move a
+    full read or more per second: big reads for few, a bounded reactor pass for many."""
     if streaming <= 0:
         return BACKEND_READ_SIZE
     return max(MIN_BACKEND_READ_SIZE, min(BACKEND_READ_SIZE, READ_BUDGET // streaming))
+
+
+def upload_read_size_for(streaming: int) -> int:
+    """The most an uploading browser reads at once while C{streaming} sessions stream."""
+    return max(CLIENT_BUFFER_SIZE, min(MAX_CLIENT_READ_SIZE, READ_BUDGET // max(1, streaming)))
+
+
+def grow_read_size(transport: object, most: int) -> None:
+    """A read from C{transport} came back full: more is waiting, so read twice as much next
+    time, up to C{most}. Fewer, bigger reads mean fewer calls and fewer, bigger sends."""
+    size: int = transport.bufferSize  # type: ignore[attr-defined]
+    if size < most:
+        transport.bufferSize = min(2 * size, most)  # type: ignore[attr-defined]
 
 
 class SessionRegistry(Protocol):
@@ -208,6 +234,7 @@ class Session:
         "bytes_to_backend",
         "bytes_to_client",
         "bytes_to_client_swept",
+        "bytes_to_backend_swept",
         "ending",
         "ping_sent_at",
         "scanner",
@@ -223,7 +250,7 @@ class Session:
         record: TokenRecord,
         client_address: str,
         client: IClientPeer,
-        backend: IPeer,
+        backend: IConsolePeer,
         now: float,
         registry: SessionRegistry,
         scanner: ActivityScanner | None,
@@ -240,8 +267,10 @@ class Session:
         self.last_activity_at = registry.now
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
-        #: C{bytes_to_client} at the supervisor's last sweep: how fast the console streams.
+        #: C{bytes_to_client} and C{bytes_to_backend} at the supervisor's last sweep: how
+        #: fast the session streams, either way.
         self.bytes_to_client_swept = 0
+        self.bytes_to_backend_swept = 0
         self.ending: Ending | None = None
         #: When the supervisor's keepalive ping went out, until the client answers.
         self.ping_sent_at: float | None = None
@@ -279,13 +308,31 @@ class Session:
         if self._consumers is not None:
             self._consumers[1].bufferSize = size  # type: ignore[attr-defined]
 
-    def from_client(self, data: bytes) -> None:
-        """A chunk of the client's stream: straight to the console, noting user input."""
-        self.bytes_to_backend += len(data)
+    @property
+    def client_read_size(self) -> int:
+        """What the browser's socket reads at once (L{grow_read_size}); 0 once ended."""
+        if self._consumers is None:
+            return 0
+        return self._consumers[0].bufferSize  # type: ignore[attr-defined,no-any-return]
+
+    def set_client_read_size(self, size: int) -> None:
+        """Read at most C{size} bytes at once from the browser (and queue as much to it)."""
+        if self._consumers is not None:
+            self._consumers[0].bufferSize = size  # type: ignore[attr-defined]
+
+    def from_client(self, pieces: Sequence[bytes]) -> None:
+        """The payload of one client read: to the console in one write, noting user input."""
         scanner = self.scanner
-        if scanner is None or scanner.feed(data):
+        active = scanner is None
+        size = 0
+        for piece in pieces:
+            size += len(piece)
+            if scanner is not None and scanner.feed(piece):
+                active = True
+        self.bytes_to_backend += size
+        if active:
             self.last_activity_at = self._registry.now
-        self.backend.write(data)
+        self.backend.write_sequence(pieces)
 
     def from_backend(self, data: bytes) -> None:
         """A chunk of the console's stream: one WebSocket frame to the client."""

@@ -36,7 +36,14 @@ from vncmux.refusals import (
     Ending,
     Refused,
 )
-from vncmux.relay import BACKEND_READ_SIZE, Session, read_size_for
+from vncmux.relay import (
+    BACKEND_READ_SIZE,
+    CLIENT_BUFFER_SIZE,
+    MAX_CLIENT_READ_SIZE,
+    Session,
+    read_size_for,
+    upload_read_size_for,
+)
 from vncmux.settings import Limits
 from vncmux.tokens import TokenRecord
 
@@ -74,8 +81,10 @@ class Supervisor(Service):
         #: The sweep's idea of the time; the relay stamps it as activity, so a packet costs
         #: an attribute read instead of a clock call. Accurate to one sweep interval.
         self.now = clock.seconds()
-        #: What every VNC server reads at once, from how many stream (L{read_size_for}).
+        #: What every VNC server reads at once, from how many stream (L{read_size_for}),
+        #: and the most an uploading browser does (L{upload_read_size_for}).
         self.read_size = BACKEND_READ_SIZE
+        self.upload_read_size = MAX_CLIENT_READ_SIZE
         self._flushed_at = self.now
         self._next_flush = self.now + limits.flush_interval
         self._next_ping = self.now + limits.ping_interval
@@ -166,11 +175,19 @@ class Supervisor(Service):
             self._next_ping = now + limits.ping_interval
         doomed: list[tuple[Session, Ending]] = []
         streaming = 0
+        uploads: list[Session] = []
         for session in self.sessions.values():
             sent = session.bytes_to_client
             if sent - session.bytes_to_client_swept >= BACKEND_READ_SIZE:
                 streaming += 1
             session.bytes_to_client_swept = sent
+            received = session.bytes_to_backend
+            if received - session.bytes_to_backend_swept >= CLIENT_BUFFER_SIZE:
+                streaming += 1
+                uploads.append(session)
+            elif session.client_read_size > CLIENT_BUFFER_SIZE:
+                session.set_client_read_size(CLIENT_BUFFER_SIZE)  # the upload is over
+            session.bytes_to_backend_swept = received
             if idle_before is not None and session.last_activity_at <= idle_before:
                 doomed.append((session, IDLE_TIMEOUT))
             elif born_before is not None and session.started_at <= born_before:
@@ -192,6 +209,10 @@ class Supervisor(Service):
             self.read_size = read_size
             for session in self.sessions.values():
                 session.set_read_size(read_size)
+        self.upload_read_size = upload_read_size_for(streaming)
+        for session in uploads:
+            if session.client_read_size > self.upload_read_size:
+                session.set_client_read_size(self.upload_read_size)
         if now >= self._next_flush:
             self.flush_activity()
 

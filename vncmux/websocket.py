@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -47,7 +47,14 @@ from vncmux.refusals import (
     Ending,
     Refused,
 )
-from vncmux.relay import RelayStats, SessionRegistry, send_now, set_interactive, write_now
+from vncmux.relay import (
+    RelayStats,
+    SessionRegistry,
+    grow_read_size,
+    send_now,
+    set_interactive,
+    write_now,
+)
 from vncmux.web import WebChannel, WebSite, http_response
 
 if TYPE_CHECKING:
@@ -113,7 +120,7 @@ def _peer_host(transport: object) -> str:
     return str(getattr(transport.getPeer(), "host", ""))  # type: ignore[attr-defined]
 
 
-def _discard(data: bytes) -> None:
+def _discard(pieces: Sequence[bytes]) -> None:
     """Where client payload goes when no session or refusal wants it."""
 
 
@@ -193,6 +200,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
         reader = self._reader
         if reader is not None:
             reader.feed(data)
+            transport = self.transport
+            if len(data) == getattr(transport, "bufferSize", 0):  # a full read of a socket
+                grow_read_size(transport, self.factory.supervisor.upload_read_size)
         elif self._web is not None:
             self._web.dataReceived(data)  # type: ignore[no-untyped-call]  # python/mypy#16651
         elif self._answer is not None:
@@ -343,7 +353,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
     def fail_upgrade(self, status: int, reason: str) -> None:
         self.failHandshake(reason, status)
 
-    def relay_to(self, deliver: Callable[[bytes], None] | None) -> None:
+    def relay_to(self, deliver: Callable[[Sequence[bytes]], None] | None) -> None:
         reader = self._reader
         if reader is not None:
             reader.deliver = deliver or _discard
@@ -367,7 +377,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def write(self, data: bytes) -> None:
         if self.state == _OPEN:
-            write_now(self.transport, data, binary_frame_header(len(data)))
+            write_now(self.transport, (binary_frame_header(len(data)), data))
 
     def pause(self) -> None:
         self._hold(_BACKEND_FULL, True)
