@@ -264,6 +264,14 @@ class UploadReadTests(SynchronousTestCase):
         self.assertEqual([size // 1024 for size in sizes], [256, 512, 1024, 1024, 2048, 2048, 2048])
         self.assertEqual(backend.received, sent)
 
+    def test_only_sessions_grow(self) -> None:
+        """A client that is being refused keeps its read size (and its output cap)."""
+        h = harness(self)
+        h.open_refused()
+        h.transport.bufferSize = size = 64 * 1024
+        h.protocol.dataReceived(frame(b"x" * (size - 14), length_form=127))
+        self.assertEqual(h.transport.bufferSize, size)
+
 
 class PlainHttpTests(HeldNothing, SynchronousTestCase):
     def test_handed_over_to_the_web_site(self) -> None:

@@ -202,7 +202,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
             reader.feed(data)
             transport = self.transport
             if len(data) == getattr(transport, "bufferSize", 0):  # a full read of a socket
-                grow_read_size(transport, self.factory.supervisor.upload_read_size)
+                conn = self.connection
+                if conn is not None and conn.session is not None:  # an upload to the console
+                    grow_read_size(transport, self.factory.supervisor.upload_read_size)
         elif self._web is not None:
             self._web.dataReceived(data)  # type: ignore[no-untyped-call]  # python/mypy#16651
         elif self._answer is not None:
