@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 
@@ -12,6 +13,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.redis_server import make_tls_files
+from vncmux import tap
 from vncmux.firstrun import StartupHints
 from vncmux.fleet import FleetInstance, FleetLimits
 from vncmux.hangup import ReloadOnHangup
@@ -39,6 +41,24 @@ class PluginTests(SynchronousTestCase):
         makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
         self.assertIn("vncmux", makers)
         self.assertIs(makers["vncmux"].options, Options)
+
+
+class TwistdEntryTests(SynchronousTestCase):
+    """twistd's entry point, which may tune the whole process (build_service does not)."""
+
+    def test_start_up_objects_frozen(self) -> None:
+        """What start-up built, the service included, leaves the garbage collector's
+        generations, so that full collections no longer walk it between sessions."""
+        self.patch(tap, "tune_process", lambda max_sessions: None)
+        self.addCleanup(gc.unfreeze)
+        service = tap.makeService(
+            parse("--listen", "tcp:0", "--metrics", "none", "--web", "none",
+                  "--tokens", f"file:{ROOT}/etc/tokens")
+        )  # fmt: skip
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertFalse(any(o is service for o in gc.get_objects()))
+        gc.unfreeze()
+        self.assertTrue(any(o is service for o in gc.get_objects()))
 
 
 class OptionsTests(SynchronousTestCase):

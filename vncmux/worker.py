@@ -76,7 +76,13 @@ def main(argv: Sequence[str]) -> int:
     """Run one worker until SIGTERM or the end of its control channel."""
     from twisted.internet import reactor as global_reactor
 
-    from vncmux.tap import Options, build_proxy, raise_open_files_limit, tune_allocator
+    from vncmux.tap import (
+        Options,
+        build_proxy,
+        freeze_startup_objects,
+        raise_open_files_limit,
+        tune_allocator,
+    )
 
     reactor: Any = global_reactor
     _die_with_parent()
@@ -104,6 +110,7 @@ def main(argv: Sequence[str]) -> int:
     link.tell_listening()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop.on_signal)
+    freeze_startup_objects()
     reactor.run()
     return 0
 
