@@ -165,6 +165,21 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
             self.assertFalse([m for m in messages if secret in m])
 
     @inlineCallbacks
+    def test_lookup_reads_any_text(self) -> Any:
+        """The lookup reads a record as one JSON reply: values with quotes, backslashes,
+        slashes, control characters and non-ASCII text come back as issued; a value that is
+        not UTF-8 fails the lookup as the store being broken."""
+        store = self.redis_store(self.server)
+        odd = 'a"b\\c/d\te\u00e9\u4e2d\U0001f600'
+        record = make_record(TOKEN, instance_uuid=odd, password=odd)
+        yield store.issue(record, TOKEN)
+        found = yield store.lookup(TOKEN)
+        self.assertEqual((found.instance_uuid, found.password), (odd, odd))
+        self.assertEqual(found.to_fields(), record.to_fields())
+        self.redis.hset(token_key(hash_token(OTHER)), "host", b"\xff\xfe")
+        yield self.assertFailure(store.lookup(OTHER), TokenStoreUnavailable)
+
+    @inlineCallbacks
     def test_revoke_publishes(self) -> Any:
         """Revoking publishes the token hash; revoking an instance publishes instance:<uuid>."""
         store = self.redis_store(self.server)

@@ -118,6 +118,11 @@ return deleted
 """
 )
 
+#: A token's record as one JSON text (field, value, field, value…; "{}" when there is
+#: none): one reply element instead of two per field, which txredisapi would parse one by
+#: one in Python. Read-only, so it runs on replicas too.
+LOOKUP_SCRIPT = "return cjson.encode(redis.call('HGETALL', KEYS[1]))"
+
 RECORD_ACTIVITY_SCRIPT = (
     REPLICATE_COMMANDS
     + """

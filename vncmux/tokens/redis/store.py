@@ -10,6 +10,7 @@ L{RedisTokenStore}, so importing this module installs no reactor.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -54,6 +55,7 @@ from vncmux.tokens.redis.scripts import (
     INSTANCE_KEY_PREFIX,
     INSTANCE_PRUNE_THRESHOLD,
     ISSUE_SCRIPT,
+    LOOKUP_SCRIPT,
     RECORD_ACTIVITY_SCRIPT,
     REVOKE_CHANNEL,
     REVOKE_INSTANCE_SCRIPT,
@@ -240,8 +242,8 @@ class RedisTokenStore(Service):
         return self._run(
             "lookup",
             _about(token_hash),
-            lambda pool: pool.hgetall(token_key(token_hash)),
-            lambda fields: _from_hash_fields(token_hash, fields),
+            lambda pool: pool.eval(LOOKUP_SCRIPT, [token_key(token_hash)]),
+            lambda reply: _from_lookup_reply(token_hash, reply),
         )
 
     def ping(self) -> Deferred[None]:
@@ -571,11 +573,16 @@ def _integer(reply: object) -> int:
     return reply
 
 
-def _from_hash_fields(token_hash: str, fields: object) -> TokenRecord | None:
-    if not isinstance(fields, dict):
-        raise TypeError(f"HGETALL answered {type(fields).__name__}")
-    if not fields:
-        return None
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+def _from_lookup_reply(token_hash: str, reply: object) -> TokenRecord | None:
+    """The record L{LOOKUP_SCRIPT} answered: C{None} for no record."""
+    if isinstance(reply, bytes):
         raise UnicodeError("the token record is not UTF-8 text")
+    if not isinstance(reply, str):
+        raise TypeError(f"the lookup answered {type(reply).__name__}")
+    flat = json.loads(reply)
+    if not flat:
+        return None
+    if not isinstance(flat, list) or len(flat) % 2:
+        raise TypeError("the lookup answered something other than a hash's fields")
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
     return TokenRecord.from_fields(token_hash, fields)
