@@ -10,6 +10,7 @@ from __future__ import annotations
 from automat import NoTransition
 from automat._core import Automaton
 from twisted.internet.address import IPv4Address
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.conformance.harness import (
@@ -244,6 +245,33 @@ class StalledClientTests(HeldNothing, SynchronousTestCase):
         self.assertEqual(backend.transport.producerState, "producing")
         self.assertEqual(len(h.console.supervisor.sessions), 1)
 
+
+
+class SessionLogTests(SynchronousTestCase):
+    """The session's lines: text for people, fields for log pipelines."""
+
+    def test_opened_and_closed_lines(self) -> None:
+        """One line when the session opens and one when it closes, with the fields a log
+        pipeline indexes; the text is the same whichever observer formats it."""
+        h = harness(self)
+        h.open()
+        session_id = next(iter(h.console.supervisor.sessions))
+        h.send([frame(b"\x04\x01\x00\x00\x00\x00\xff\x0d"), frame(close_payload(1000), CLOSE)])
+        h.deliver_losses()
+        lines = [e for e in h.log.events if e.get("log_namespace") == "vncmux.session"]
+        self.assertEqual(
+            [formatEvent(e) for e in lines],
+            [
+                f"session {session_id} from 192.0.2.10 opened to 127.0.0.1:5900 (novnc console,"
+                f" token {lines[0]['token_id']}, security relayed)",
+                f"session {session_id} (novnc console) closed after 0.0s: client closed"
+                " (8 bytes in, 12 bytes out)",
+            ],
+        )
+        self.assertEqual(
+            [(e["vncmux_event"], e["session_id"], e.get("close_code")) for e in lines],
+            [("session_opened", session_id, None), ("session_closed", session_id, 1000)],
+        )
 
 
 class UploadReadTests(SynchronousTestCase):
