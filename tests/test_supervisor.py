@@ -201,12 +201,12 @@ class ReadSizeTests(SupervisorTestCase):
         """Big reads for a few streaming consoles, a bounded total for many."""
         self.assertEqual(
             [read_size_for(n) for n in (0, 1, 16, 32, 100, 1000)],
-            [512 * 1024, 512 * 1024, 512 * 1024, 256 * 1024, READ_BUDGET // 100, 64 * 1024],
+            [512 * 1024, 512 * 1024, 256 * 1024, 128 * 1024, READ_BUDGET // 100, 32 * 1024],
         )
 
     def test_sweep_sets_every_read_size(self) -> None:
-        """A sweep that sees 32 consoles stream halves every read size (new sessions' too);
-        a quiet sweep brings the big reads back."""
+        """A sweep that sees 32 consoles stream cuts every read size to their share of the
+        budget, 128 KiB (new sessions' too); a quiet sweep brings the big reads back."""
         self.make()
         sessions = [self.open(record(n)) for n in range(40)]
         for session in sessions[:32]:
@@ -214,7 +214,7 @@ class ReadSizeTests(SupervisorTestCase):
         self.supervisor.sweep()
         later = self.open(record(99))
         sizes = {s.backend.transport.bufferSize for s in [*sessions, later]}
-        self.assertEqual(sizes, {256 * 1024})
+        self.assertEqual(sizes, {128 * 1024})
         self.supervisor.sweep()
         self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {512 * 1024})
 
@@ -231,7 +231,7 @@ class UploadReadSizeTests(SupervisorTestCase):
         """2 MiB for one upload, the budget's share for more, never under 256 KiB."""
         self.assertEqual(
             [upload_read_size_for(n) for n in (0, 1, 4, 8, 32, 1000)],
-            [MAX_CLIENT_READ_SIZE, MAX_CLIENT_READ_SIZE, 2 * MiB, MiB, 256 * 1024, 256 * 1024],
+            [MAX_CLIENT_READ_SIZE, MAX_CLIENT_READ_SIZE, MiB, 512 * 1024, 256 * 1024, 256 * 1024],
         )
 
     def test_full_reads_double_up_to_the_most(self) -> None:
@@ -248,12 +248,12 @@ class UploadReadSizeTests(SupervisorTestCase):
         self.assertEqual(transport.bufferSize, 2 * MiB)  # a lower bound shrinks nothing
 
     def test_sweep_shrinks_ended_uploads_and_shares_the_budget(self) -> None:
-        """Eight uploads and eight streaming consoles share the 8 MiB budget: every upload
-        is cut to 512 KiB and every console reads 512 KiB; an upload that stopped since the
-        last sweep goes back to 256 KiB, as do the others once all stop."""
+        """Four uploads and four streaming consoles share the 4 MiB budget: every upload is
+        cut to 512 KiB and every console reads 512 KiB; an upload that stopped since the last
+        sweep goes back to 256 KiB, as do the others once all stop."""
         self.make()
-        uploads = [self.open(record(n)) for n in range(8)]
-        consoles = [self.open(record(n + 8)) for n in range(8)]
+        uploads = [self.open(record(n)) for n in range(4)]
+        consoles = [self.open(record(n + 4)) for n in range(4)]
         for session in uploads:
             session.set_client_read_size(2 * MiB)
             session.from_client((cut_text(CLIENT_BUFFER_SIZE),))
@@ -268,7 +268,7 @@ class UploadReadSizeTests(SupervisorTestCase):
         self.supervisor.sweep()
         self.assertEqual(uploads[0].client_read_size, CLIENT_BUFFER_SIZE)
         self.assertEqual({s.client_read_size for s in uploads[1:]}, {512 * 1024})
-        self.assertEqual(self.supervisor.upload_read_size, READ_BUDGET // 7)  # 7 stream now
+        self.assertEqual(self.supervisor.upload_read_size, READ_BUDGET // 3)  # 3 stream now
         self.supervisor.sweep()
         self.assertEqual({s.client_read_size for s in uploads}, {CLIENT_BUFFER_SIZE})
         self.assertEqual(self.supervisor.upload_read_size, MAX_CLIENT_READ_SIZE)
