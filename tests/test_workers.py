@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import resource
 import signal
+import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -24,10 +25,10 @@ from vncmux.events import Observers
 from vncmux.interfaces import ISessionDirectory, ISharedLimits
 from vncmux.metrics import Metrics, new_registry
 from vncmux.refusals import CLIENT_CLOSED, TOO_MANY_SESSIONS, Refused
-from vncmux.relay import RelayStats
+from vncmux.relay import READ_BUDGET, RelayStats, read_size_for
 from vncmux.settings import Settings
 from vncmux.supervisor import Limits, PlaceCounter, Supervisor
-from vncmux.tap import Options, build_service, raise_open_files_limit
+from vncmux.tap import Options, build_proxy, build_service, raise_open_files_limit
 from vncmux.tokens import TokenRecord, hash_token
 from vncmux.worker import WorkerLink
 from vncmux.workers import (
@@ -382,6 +383,27 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(len(republished), 1)
         self.assertEqual(republished[0]["vncmux_worker"], 1)
         self.assertIn("worker 1", republished[0]["log_system"])
+
+
+class ReadBudgetTests(SynchronousTestCase):
+    """The workers share the read budget of a reactor pass, as they share the cores."""
+
+    def test_each_worker_takes_its_share(self) -> None:
+        """A worker of --workers 2 reads half the budget per pass; a single process all."""
+        tokens = self.mktemp()
+        with open(tokens, "w") as f:
+            f.write("demo: 127.0.0.1:5900\n")
+        args = ["--tokens", f"file:{tokens}", "--listen", "tcp:0", "--metrics", "none"]
+        options = Options()
+        options.parseOptions([*args, "--workers", "2"])
+        link = WorkerLink(0, {"novnc": (99, socket.AF_INET)})  # adopted only at start
+        worker = build_proxy(options, MemoryReactorClock(), link)
+        self.assertEqual(worker.console.supervisor.read_budget, READ_BUDGET // 2)
+        options = Options()
+        options.parseOptions(args)
+        single = build_proxy(options, MemoryReactorClock())
+        self.assertEqual(single.console.supervisor.read_budget, READ_BUDGET)
+        self.assertEqual(read_size_for(16, READ_BUDGET // 2), read_size_for(32))
 
 
 class OpenFilesTests(SynchronousTestCase):

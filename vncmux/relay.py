@@ -131,17 +131,17 @@ def send_now(transport: object, size: int) -> None:
         transport.doWrite()
 
 
-def read_size_for(streaming: int) -> int:
+def read_size_for(streaming: int, budget: int = READ_BUDGET) -> int:
     """The read size of every VNC server while C{streaming} sessions (either way) move a
     full read or more per second: big reads for few, a bounded reactor pass for many."""
     if streaming <= 0:
         return BACKEND_READ_SIZE
-    return max(MIN_BACKEND_READ_SIZE, min(BACKEND_READ_SIZE, READ_BUDGET // streaming))
+    return max(MIN_BACKEND_READ_SIZE, min(BACKEND_READ_SIZE, budget // streaming))
 
 
-def upload_read_size_for(streaming: int) -> int:
+def upload_read_size_for(streaming: int, budget: int = READ_BUDGET) -> int:
     """The most an uploading browser reads at once while C{streaming} sessions stream."""
-    return max(CLIENT_BUFFER_SIZE, min(MAX_CLIENT_READ_SIZE, READ_BUDGET // max(1, streaming)))
+    return max(CLIENT_BUFFER_SIZE, min(MAX_CLIENT_READ_SIZE, budget // max(1, streaming)))
 
 
 def grow_read_size(transport: object, most: int) -> None:

@@ -40,6 +40,7 @@ from vncmux.relay import (
     BACKEND_READ_SIZE,
     CLIENT_BUFFER_SIZE,
     MAX_CLIENT_READ_SIZE,
+    READ_BUDGET,
     Session,
     read_size_for,
     upload_read_size_for,
@@ -85,6 +86,9 @@ class Supervisor(Service):
         #: and the most an uploading browser does (L{upload_read_size_for}).
         self.read_size = BACKEND_READ_SIZE
         self.upload_read_size = MAX_CLIENT_READ_SIZE
+        #: What this process's streaming sessions read in one reactor pass together: a
+        #: worker of C{--workers N} takes an N-th, as the N share the machine's cores.
+        self.read_budget = READ_BUDGET
         self._flushed_at = self.now
         self._next_flush = self.now + limits.flush_interval
         self._next_ping = self.now + limits.ping_interval
@@ -204,12 +208,12 @@ class Supervisor(Service):
             if ending is CLIENT_UNRESPONSIVE:
                 session.client.drop()
             session.end(ending)
-        read_size = read_size_for(streaming)
+        read_size = read_size_for(streaming, self.read_budget)
         if read_size != self.read_size:
             self.read_size = read_size
             for session in self.sessions.values():
                 session.set_read_size(read_size)
-        self.upload_read_size = upload_read_size_for(streaming)
+        self.upload_read_size = upload_read_size_for(streaming, self.read_budget)
         for session in uploads:
             if session.client_read_size > self.upload_read_size:
                 session.set_client_read_size(self.upload_read_size)

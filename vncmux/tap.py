@@ -23,6 +23,7 @@ from vncmux.novaconf import log_not_applied, read_nova_config
 from vncmux.novadb import SOURCE_PREFIX
 from vncmux.observability import build_observability
 from vncmux.options import BY_NAME, OPTIONS, Option, read_options_file
+from vncmux.relay import READ_BUDGET
 from vncmux.service import ProxyService, build_console, open_store
 from vncmux.settings import Settings
 
@@ -276,6 +277,8 @@ def build_proxy(
         console = build_console(settings, store, reactor, observers)
     except ValueError as e:  # the VeNCrypt files
         raise usage.UsageError(f"--vencrypt-*: {e}") from None
+    if worker is not None:
+        console.supervisor.read_budget = READ_BUDGET // config["workers"]
     service = ProxyService(settings, console, reactor)
     if IService.providedBy(store):
         service.add(store)
