@@ -219,6 +219,26 @@ class ReadSizeTests(SupervisorTestCase):
         self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {512 * 1024})
 
 
+    def test_no_budget_while_nobody_types(self) -> None:
+        """Without input from any browser since the last sweep nobody waits for an echo:
+        32 streaming consoles keep their big reads. One pointer event brings the budget
+        back at the next sweep."""
+        self.make()
+        sessions = [self.open(record(n)) for n in range(32)]
+        self.supervisor.sweep()  # the sessions' start counts as activity
+        self.clock.advance(1)
+        for session in sessions:
+            session.from_backend(b"x" * (512 * 1024))
+        self.supervisor.sweep()
+        self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {512 * 1024})
+        self.clock.advance(1)
+        for session in sessions:
+            session.from_backend(b"x" * (512 * 1024))
+        sessions[0].from_client((POINTER,))
+        self.supervisor.sweep()
+        self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {128 * 1024})
+
+
 def cut_text(size: int) -> bytes:
     """A ClientCutText message of C{size} bytes in all: what a browser's upload looks like."""
     return b"\x06\x00\x00\x00" + (size - 8).to_bytes(4, "big") + b"x" * (size - 8)

@@ -28,7 +28,8 @@ BACKEND_READ_SIZE = 512 * 1024
 #: keystroke's echo waits for the pass it arrives in, so when many consoles stream at once
 #: each reads less (L{read_size_for}), down to L{MIN_BACKEND_READ_SIZE}. Measured with 100
 #: consoles streaming: 8 MiB and 64 KiB, an echo's p50 25 ms; 4 MiB and 32 KiB, 17 ms, for
-#: about 12 % less bulk throughput; 3 MiB, 14 ms and 23 % less.
+#: about 12 % less bulk throughput; 3 MiB, 14 ms and 23 % less. The supervisor applies it
+#: while some browser sent input since its last sweep: only then does anyone wait for an echo.
 READ_BUDGET = 4 * 1024 * 1024
 MIN_BACKEND_READ_SIZE = 32 * 1024
 #: Output queued towards a browser before the VNC server is paused (and the most one send

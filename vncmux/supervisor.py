@@ -169,6 +169,7 @@ class Supervisor(Service):
         End every session past its idle timeout, lifetime or token expiry; drop clients
         that left a keepalive ping unanswered; send the next round of pings when due.
         """
+        since = self.now  # the stamp of input that came after the last sweep
         now = self.now = self.clock.seconds()
         limits = self.limits
         idle_before = now - limits.idle_timeout if limits.idle_timeout else None
@@ -179,8 +180,11 @@ class Supervisor(Service):
             self._next_ping = now + limits.ping_interval
         doomed: list[tuple[Session, Ending]] = []
         streaming = 0
+        interactive = 0
         uploads: list[Session] = []
         for session in self.sessions.values():
+            if session.last_activity_at >= since:
+                interactive += 1
             sent = session.bytes_to_client
             if sent - session.bytes_to_client_swept >= BACKEND_READ_SIZE:
                 streaming += 1
@@ -208,12 +212,15 @@ class Supervisor(Service):
             if ending is CLIENT_UNRESPONSIVE:
                 session.client.drop()
             session.end(ending)
-        read_size = read_size_for(streaming, self.read_budget)
+        # The budget keeps a pass short for the echoes of someone's input: without input
+        # since the last sweep, nobody waits, and the streams read as much as they can.
+        budgeted = streaming if interactive else 0
+        read_size = read_size_for(budgeted, self.read_budget)
         if read_size != self.read_size:
             self.read_size = read_size
             for session in self.sessions.values():
                 session.set_read_size(read_size)
-        self.upload_read_size = upload_read_size_for(streaming, self.read_budget)
+        self.upload_read_size = upload_read_size_for(budgeted, self.read_budget)
         for session in uploads:
             if session.client_read_size > self.upload_read_size:
                 session.set_client_read_size(self.upload_read_size)
