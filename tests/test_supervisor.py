@@ -205,12 +205,14 @@ class ReadSizeTests(SupervisorTestCase):
         )
 
     def test_sweep_sets_every_read_size(self) -> None:
-        """A sweep that sees 32 consoles stream cuts every read size to their share of the
-        budget, 128 KiB (new sessions' too); a quiet sweep brings the big reads back."""
+        """A sweep that sees 32 consoles stream while someone types cuts every read size to
+        their share of the budget, 128 KiB (new sessions' too); a quiet sweep brings the big
+        reads back."""
         self.make()
         sessions = [self.open(record(n)) for n in range(40)]
         for session in sessions[:32]:
             session.from_backend(b"x" * (512 * 1024))
+        sessions[39].from_client((POINTER,))
         self.supervisor.sweep()
         later = self.open(record(99))
         sizes = {s.backend.transport.bufferSize for s in [*sessions, later]}
@@ -221,12 +223,10 @@ class ReadSizeTests(SupervisorTestCase):
 
     def test_no_budget_while_nobody_types(self) -> None:
         """Without input from any browser since the last sweep nobody waits for an echo:
-        32 streaming consoles keep their big reads. One pointer event brings the budget
-        back at the next sweep."""
+        32 streaming consoles keep their big reads (a session's start is not input). One
+        pointer event brings the budget back at the next sweep."""
         self.make()
         sessions = [self.open(record(n)) for n in range(32)]
-        self.supervisor.sweep()  # the sessions' start counts as activity
-        self.clock.advance(1)
         for session in sessions:
             session.from_backend(b"x" * (512 * 1024))
         self.supervisor.sweep()

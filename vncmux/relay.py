@@ -238,6 +238,7 @@ class Session:
         "bytes_to_client",
         "bytes_to_client_swept",
         "bytes_to_backend_swept",
+        "input_since_sweep",
         "ending",
         "ping_sent_at",
         "scanner",
@@ -274,6 +275,9 @@ class Session:
         #: fast the session streams, either way.
         self.bytes_to_client_swept = 0
         self.bytes_to_backend_swept = 0
+        #: Whether the browser sent input since the supervisor's last sweep (someone may
+        #: be waiting for its echo: the read budget holds).
+        self.input_since_sweep = False
         self.ending: Ending | None = None
         #: When the supervisor's keepalive ping went out, until the client answers.
         self.ping_sent_at: float | None = None
@@ -335,6 +339,7 @@ class Session:
         self.bytes_to_backend += size
         if active:
             self.last_activity_at = self._registry.now
+            self.input_since_sweep = True
         self.backend.write_sequence(pieces)
 
     def from_backend(self, data: bytes) -> None:

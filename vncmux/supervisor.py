@@ -169,7 +169,6 @@ class Supervisor(Service):
         End every session past its idle timeout, lifetime or token expiry; drop clients
         that left a keepalive ping unanswered; send the next round of pings when due.
         """
-        since = self.now  # the stamp of input that came after the last sweep
         now = self.now = self.clock.seconds()
         limits = self.limits
         idle_before = now - limits.idle_timeout if limits.idle_timeout else None
@@ -183,7 +182,8 @@ class Supervisor(Service):
         interactive = 0
         uploads: list[Session] = []
         for session in self.sessions.values():
-            if session.last_activity_at >= since:
+            if session.input_since_sweep:
+                session.input_since_sweep = False
                 interactive += 1
             sent = session.bytes_to_client
             if sent - session.bytes_to_client_swept >= BACKEND_READ_SIZE:
