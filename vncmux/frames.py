@@ -60,10 +60,10 @@ class ClientFrameReader:
     and fails the stream at the first frame RFC 6455 forbids.
 
     C{deliver(pieces)} gets the data payload of each read (a fresh list, in order);
-    C{control(raw_frame)} gets each
-    control frame as it came over the wire (header and masked payload); C{fail(code, why)}
-    is called once, for a protocol error (1002) or a text frame (1003, vncmux relays binary
-    only), and nothing is read after it: RFC 6455 section 7.1.7 says to stop processing.
+    C{control(raw_frame)} gets each control frame as it came over the wire (header and
+    masked payload); C{fail(code, why)} is called once, for a protocol error (1002) or a
+    text frame (1003, vncmux relays binary only), and nothing is read after it: RFC 6455
+    section 7.1.7 says to stop processing.
     """
 
     __slots__ = (

@@ -99,13 +99,13 @@ def write_now(transport: object, pieces: Sequence[bytes]) -> None:
             # write path sends it later or meets the same error and loses the connection.
             sent = 0
         if sent:
-            pieces = unsent(pieces, sent)
+            pieces = _unsent(pieces, sent)
             if not pieces:
                 return
     transport.writeSequence(pieces)  # type: ignore[attr-defined]
 
 
-def unsent(pieces: Sequence[bytes], sent: int) -> Sequence[bytes]:
+def _unsent(pieces: Sequence[bytes], sent: int) -> Sequence[bytes]:
     """What is left of C{pieces} once their first C{sent} bytes went out."""
     for index, piece in enumerate(pieces):
         if sent < len(piece):
