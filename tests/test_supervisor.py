@@ -11,6 +11,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.fakes import ClosingOwner, FakePeer
+from tests.test_rfb import cut_text
 from vncmux.events import Observers
 from vncmux.interfaces import IActivitySink, IHashLookup, IRevocationFeed, ISharedLimits
 from vncmux.refusals import (
@@ -239,9 +240,8 @@ class ReadSizeTests(SupervisorTestCase):
         self.assertEqual({s.backend.transport.bufferSize for s in sessions}, {128 * 1024})
 
 
-def cut_text(size: int) -> bytes:
-    """A ClientCutText message of C{size} bytes in all: what a browser's upload looks like."""
-    return b"\x06\x00\x00\x00" + (size - 8).to_bytes(4, "big") + b"x" * (size - 8)
+#: What a browser's upload looks like: a ClientCutText message, a quarter MiB in all.
+UPLOAD = cut_text(b"x" * (CLIENT_BUFFER_SIZE - 8))
 
 
 class UploadReadSizeTests(SupervisorTestCase):
@@ -276,7 +276,7 @@ class UploadReadSizeTests(SupervisorTestCase):
         consoles = [self.open(record(n + 4)) for n in range(4)]
         for session in uploads:
             session.set_client_read_size(2 * MiB)
-            session.from_client((cut_text(CLIENT_BUFFER_SIZE),))
+            session.from_client((UPLOAD,))
         for session in consoles:
             session.from_backend(b"x" * (512 * 1024))
         self.supervisor.sweep()
@@ -284,7 +284,7 @@ class UploadReadSizeTests(SupervisorTestCase):
         self.assertEqual({s.client_read_size for s in uploads}, {512 * 1024})
         self.assertEqual({s.backend.transport.bufferSize for s in consoles}, {512 * 1024})
         for session in uploads[1:]:
-            session.from_client((cut_text(CLIENT_BUFFER_SIZE),))
+            session.from_client((UPLOAD,))
         self.supervisor.sweep()
         self.assertEqual(uploads[0].client_read_size, CLIENT_BUFFER_SIZE)
         self.assertEqual({s.client_read_size for s in uploads[1:]}, {512 * 1024})

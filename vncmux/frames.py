@@ -122,6 +122,7 @@ class ClientFrameReader:
                     if not self._remaining:
                         self._control_frame = None
                         self._deliver(pieces, small)
+                        pieces = []
                         self._control(control)
                 else:
                     offset = self._offset
@@ -150,18 +151,18 @@ class ClientFrameReader:
             if self._control_frame is not None and not self._remaining:
                 control, self._control_frame = self._control_frame, None
                 self._deliver(pieces, small)
+                pieces = []
                 self._control(control)  # an empty control frame
         self._deliver(pieces, small)
 
     def _deliver(self, pieces: list[bytes], small: list[bytes]) -> None:
-        """Hand on the payload read so far (and forget it): at the end of a read, and before
-        a control frame or a failure, so that the order holds."""
+        """Hand on the payload read so far: at the end of a read, and before a control frame
+        or a failure, so that the order holds. C{pieces} is handed over, not copied: a read
+        that goes on collects into a new list."""
         if small:
             _join_into(pieces, small)
         if pieces:
-            delivered = pieces[:]
-            pieces.clear()
-            self.deliver(delivered)
+            self.deliver(pieces)
 
     def _parse_header(self, data: bytes, pos: int, size: int) -> int:
         """
