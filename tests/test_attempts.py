@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -16,14 +17,24 @@ from tests.redis_server import start_redis
 from vncmux.attempts import (
     BLOCKED_KEY_PREFIX,
     FAILED_KEY_PREFIX,
+    ClientBlocked,
     IFailedAttempts,
     MemoryFailedAttempts,
     RedisFailedAttempts,
     attempts_for,
 )
-from vncmux.tokens import MemoryTokenStore, RedisConfig, RedisTokenStore
+from vncmux.tokens import (
+    MemoryTokenStore,
+    RedisConfig,
+    RedisTokenStore,
+    TokenRecord,
+    TokenStoreUnavailable,
+    hash_token,
+    token_key,
+)
 
 CLIENT = "192.0.2.7"
+GOOD = "a-good-token"
 OTHER = "2001:db8::7"
 
 
@@ -31,11 +42,40 @@ def _blocked_events(log: EventLoggingObserver) -> list[dict[str, Any]]:
     return [e for e in log if e.get("vncmux_event") == "client_blocked"]
 
 
+#: What L{looked_up} answers for a client that is cooling down.
+BLOCKED = "blocked"
+
+
+def looked_up(
+    limiter: IFailedAttempts, address: str, token: str = "never-issued"
+) -> Deferred[TokenRecord | None | str]:
+    """What C{address}'s lookup of C{token} answers: its record, C{None}, or L{BLOCKED}."""
+
+    def refused(failure: Failure) -> str:
+        failure.trap(ClientBlocked)
+        return BLOCKED
+
+    return limiter.lookup_unless_blocked(address, token).addErrback(refused)
+
+
 class AttemptsContract:
     """What every limiter does, with a limit of 3 failures a minute."""
 
     def make(self, max_failed: int = 3) -> Any:
+        """A limiter over a token store that holds L{GOOD}."""
         raise NotImplementedError
+
+    @inlineCallbacks
+    def test_guards_the_lookup(self) -> Any:
+        """A client's tokens are looked up until it is blocked; then even a good token is
+        refused, while other clients' lookups go on."""
+        limiter = self.make()
+        self.assertEqual((yield looked_up(limiter, CLIENT, GOOD)).token_hash, hash_token(GOOD))
+        self.assertIsNone((yield looked_up(limiter, CLIENT)))
+        for _ in range(4):
+            yield limiter.failed(CLIENT)
+        self.assertEqual((yield looked_up(limiter, CLIENT, GOOD)), BLOCKED)
+        self.assertEqual((yield looked_up(limiter, OTHER, GOOD)).token_hash, hash_token(GOOD))
 
     @inlineCallbacks
     def test_blocks_past_the_limit(self) -> Any:
@@ -46,10 +86,10 @@ class AttemptsContract:
         verifyObject(IFailedAttempts, limiter)
         for _ in range(3):
             yield limiter.failed(CLIENT)
-            self.assertIs((yield limiter.blocked(CLIENT)), False)
+            self.assertIsNone((yield looked_up(limiter, CLIENT)))
         yield limiter.failed(CLIENT)
-        self.assertIs((yield limiter.blocked(CLIENT)), True)
-        self.assertIs((yield limiter.blocked(OTHER)), False)
+        self.assertEqual((yield looked_up(limiter, CLIENT)), BLOCKED)
+        self.assertIsNone((yield looked_up(limiter, OTHER)))
         yield limiter.failed(CLIENT)
         events = _blocked_events(log)
         self.assertEqual([e["client_address"] for e in events], [CLIENT])
@@ -60,7 +100,7 @@ class AttemptsContract:
         limiter = self.make(max_failed=0)
         for _ in range(50):
             yield limiter.failed(CLIENT)
-        self.assertIs((yield limiter.blocked(CLIENT)), False)
+        self.assertIsNone((yield looked_up(limiter, CLIENT)))
 
 
 class MemoryAttemptsTests(AttemptsContract, SynchronousTestCase):
@@ -71,14 +111,16 @@ class MemoryAttemptsTests(AttemptsContract, SynchronousTestCase):
         self.clock.advance(1000)
 
     def make(self, max_failed: int = 3, **kwargs: Any) -> MemoryFailedAttempts:
-        return MemoryFailedAttempts(self.clock, max_failed, **kwargs)
+        store = MemoryTokenStore()
+        store.add(GOOD, "10.0.0.5", 5900)
+        return MemoryFailedAttempts(store, self.clock, max_failed, **kwargs)
 
     def failed(self, limiter: MemoryFailedAttempts, address: str, times: int = 1) -> None:
         for _ in range(times):
             self.successResultOf(limiter.failed(address))
 
     def blocked(self, limiter: MemoryFailedAttempts, address: str = CLIENT) -> bool:
-        return self.successResultOf(limiter.blocked(address))
+        return self.successResultOf(looked_up(limiter, address)) == BLOCKED
 
     def test_window_and_cooldown(self) -> None:
         """Failures count per minute from the first one; a cooldown lasts a minute from the
@@ -126,6 +168,8 @@ class RedisAttemptsTests(AttemptsContract, TestCase):
         return store
 
     def make(self, max_failed: int = 3) -> RedisFailedAttempts:
+        record = TokenRecord(hash_token(GOOD), "10.0.0.5", 5900)
+        self.redis.hset(token_key(record.token_hash), mapping=record.to_fields())
         return RedisFailedAttempts(self.store(), max_failed)
 
     @inlineCallbacks
@@ -136,10 +180,10 @@ class RedisAttemptsTests(AttemptsContract, TestCase):
         yield one.failed(CLIENT)
         yield two.failed(CLIENT)
         yield one.failed(CLIENT)
-        self.assertIs((yield two.blocked(CLIENT)), False)
+        self.assertIsNone((yield looked_up(two, CLIENT)))
         yield two.failed(CLIENT)
-        self.assertIs((yield one.blocked(CLIENT)), True)
-        self.assertIs((yield two.blocked(CLIENT)), True)
+        self.assertEqual((yield looked_up(one, CLIENT)), BLOCKED)
+        self.assertEqual((yield looked_up(two, CLIENT)), BLOCKED)
         self.assertEqual(self.redis.get(FAILED_KEY_PREFIX + CLIENT), "4")
         self.assertTrue(0 < self.redis.pttl(FAILED_KEY_PREFIX + CLIENT) <= 60_000)
         self.assertTrue(0 < self.redis.pttl(BLOCKED_KEY_PREFIX + CLIENT) <= 60_000)
@@ -150,18 +194,19 @@ class RedisAttemptsTests(AttemptsContract, TestCase):
         limiter = self.make()
         for _ in range(4):
             yield limiter.failed(CLIENT)
-        self.assertIs((yield limiter.blocked(CLIENT)), True)
+        self.assertEqual((yield looked_up(limiter, CLIENT)), BLOCKED)
         self.redis.delete(BLOCKED_KEY_PREFIX + CLIENT)  # what its expiry does
-        self.assertIs((yield limiter.blocked(CLIENT)), False)
+        self.assertIsNone((yield looked_up(limiter, CLIENT)))
 
     @inlineCallbacks
-    def test_redis_down_fails_open(self) -> Any:
-        """Without Redis nobody is blocked and nothing fails: the lookup reports 4503."""
+    def test_redis_down(self) -> Any:
+        """Without Redis the lookup fails as the store's (the upgrade gets 4503, not 4429),
+        and counting a failure fails open."""
         limiter = RedisFailedAttempts(self.store(), 3)
         for _ in range(4):
             yield limiter.failed(CLIENT)
         self.server.stop()
-        self.assertIs((yield limiter.blocked(CLIENT)), False)
+        yield self.assertFailure(looked_up(limiter, CLIENT), TokenStoreUnavailable)
         self.assertIsNone((yield limiter.failed(CLIENT)))
 
 

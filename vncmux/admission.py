@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from vncmux.attempts import IFailedAttempts
+from vncmux.attempts import ClientBlocked, IFailedAttempts
 from vncmux.backend import BackendDialer, BackendProtocol
 from vncmux.backendpolicy import BackendPolicy
 from vncmux.interfaces import ISessionObserver, ISingleUse, ITokenStore
@@ -50,9 +50,10 @@ class Admission:
 
 class Gate:
     """
-    Looks a token up (bounded by a timeout) unless its client failed too often, checks the
-    record (its expiry, and that it is a console of the type this listener serves) and its
-    target, then dials its console.
+    Looks a token up (bounded by a timeout) unless its client failed too often (the limiter
+    guards the lookup: one round trip with Redis), checks the record (its expiry, and that
+    it is a console of the type this listener serves) and its target, then dials its
+    console.
     """
 
     def __init__(
@@ -68,7 +69,6 @@ class Gate:
         console_type: str = "novnc",
     ) -> None:
         self.console_type = console_type
-        self._store = store
         self._policy = policy
         self._attempts = attempts
         self._claims = ISingleUse(store, None)
@@ -83,20 +83,22 @@ class Gate:
         Fire with an L{Admission}, or fail with L{Refused}. A failed or cancelled admission
         has given its reservation back and closed its dial; cancelling abandons the lookup.
         """
-        checking = self._attempts.blocked(client_address)
-        return checking.addCallback(self._look_up, token, client_address)
-
-    def _look_up(self, blocked: bool, token: str, client_address: str) -> Deferred[Admission]:
-        if blocked:
-            raise Refused(TOO_MANY_FAILED, f"client {client_address} failed too many tokens")
         started = self._clock.seconds()
-        looking = self._store.lookup(token)
+        looking = self._attempts.lookup_unless_blocked(client_address, token)
         looking.addTimeout(self.store_timeout, self._clock)
         checked = looking.addCallbacks(self._check_record, self._store_failed)
         checked.addBoth(self._timed, "token_lookup", started)
+        checked.addErrback(self._blocked, client_address)
         checked.addErrback(self._count_failure, client_address)
         checked.addCallback(self._check_console_type)
         return checked.addCallback(self._reserve_and_dial, client_address)
+
+    @staticmethod
+    def _blocked(failure: Failure, client_address: str) -> Failure:
+        """A client cooling down is refused without a lookup (and not timed as one)."""
+        if failure.check(ClientBlocked):
+            raise Refused(TOO_MANY_FAILED, f"client {client_address} failed too many tokens")
+        return failure
 
     def _count_failure(self, failure: Failure, client_address: str) -> Failure:
         """An unknown token counts against its client (expired ones were real tokens)."""

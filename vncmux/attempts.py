@@ -5,25 +5,26 @@ token after token still costs a lookup each, fills the log with refusals and pro
 ``format=websockify`` namespace. Past ``--max-failed-tokens`` failures in a minute an
 address is blocked for a cooldown: its upgrades get 4429 "too many failed attempts" without
 a token lookup. With Redis as the token store the counts are shared by every proxy
-instance; otherwise each process counts for itself.
+instance, and the cooldown check and the lookup are one script (one round trip; the lookup
+does not run for a blocked client); otherwise each process counts for itself.
 
-Failing open: when Redis cannot be asked, nobody is blocked (the token lookup itself then
-fails with 4503, which is the failure to report).
+When Redis cannot be asked the upgrade gets 4503 for its lookup, and a failure that cannot
+be counted is let go (failing open: a store outage blocks nobody).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import NoReturn
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from vncmux.tokens import TokenStoreUnavailable
+from vncmux.interfaces import ITokenStore
+from vncmux.tokens import GuardSet, RedisTokenStore, TokenRecord, TokenStoreUnavailable
 
 DEFAULT_MAX_FAILED = 20
 WINDOW = 60.0
@@ -36,11 +37,20 @@ FAILED_KEY_PREFIX = "vncmux:failed:"
 BLOCKED_KEY_PREFIX = "vncmux:blocked:"
 
 
-class IFailedAttempts(Interface):
-    """Failed token lookups per client address, and whether an address is cooling down."""
+class ClientBlocked(Exception):
+    """The client is cooling down after too many failed lookups: its token was not looked
+    up."""
 
-    def blocked(address: str) -> Deferred[bool]:
-        """Whether upgrades from C{address} are refused now (never fails)."""
+
+class IFailedAttempts(Interface):
+    """Failed token lookups per client address, and the lookups they guard."""
+
+    def lookup_unless_blocked(address: str, token: str) -> Deferred[TokenRecord | None]:
+        """
+        C{token}'s record (C{None} when unknown), looked up only when C{address} is not
+        cooling down: fails with L{ClientBlocked} when it is, and with
+        L{TokenStoreUnavailable} as the lookup does.
+        """
 
     def failed(address: str) -> Deferred[None]:
         """Count one failed token lookup from C{address} (never fails)."""
@@ -66,12 +76,14 @@ class MemoryFailedAttempts:
 
     def __init__(
         self,
+        store: ITokenStore,
         clock: IReactorTime,
         max_failed: int = DEFAULT_MAX_FAILED,
         window: float = WINDOW,
         cooldown: float = COOLDOWN,
         max_addresses: int = MAX_ADDRESSES,
     ) -> None:
+        self._store = store
         self._clock = clock
         self.max_failed = max_failed
         self.window = window
@@ -79,11 +91,13 @@ class MemoryFailedAttempts:
         self._max_addresses = max_addresses
         self._entries: dict[str, _Entry] = {}
 
-    def blocked(self, address: str) -> Deferred[bool]:
+    def lookup_unless_blocked(self, address: str, token: str) -> Deferred[TokenRecord | None]:
         now = self._clock.seconds()
         self._sweep(now)
         entry = self._entries.get(address)
-        return succeed(entry is not None and entry.blocked_until > now)
+        if entry is not None and entry.blocked_until > now:
+            return fail(ClientBlocked(address))
+        return self._store.lookup(token)
 
     def failed(self, address: str) -> Deferred[None]:
         if not self.max_failed:
@@ -122,7 +136,6 @@ if count > tonumber(ARGV[1]) then
 end
 return 0
 """
-_BLOCKED = "return redis.call('EXISTS', KEYS[1])"
 
 
 @implementer(IFailedAttempts)
@@ -130,15 +143,16 @@ class RedisFailedAttempts:
     """
     The same limiter with its counters in Redis, shared by every proxy using C{store}
     (a L{vncmux.tokens.RedisTokenStore}): ``vncmux:failed:<address>`` counts failures
-    (expiring with the window), ``vncmux:blocked:<address>`` exists during a cooldown.
-    Redis errors are logged by the store and answered as "not blocked".
+    (expiring with the window), ``vncmux:blocked:<address>`` exists during a cooldown and
+    is checked by the token lookup's own script (L{RedisTokenStore.lookup_unless_set}). A
+    failure that cannot be counted is logged by the store and let go.
     """
 
     _log = Logger()
 
     def __init__(
         self,
-        store: Any,
+        store: RedisTokenStore,
         max_failed: int = DEFAULT_MAX_FAILED,
         window: float = WINDOW,
         cooldown: float = COOLDOWN,
@@ -148,13 +162,14 @@ class RedisFailedAttempts:
         self.window = window
         self.cooldown = cooldown
 
-    def blocked(self, address: str) -> Deferred[bool]:
+    def lookup_unless_blocked(self, address: str, token: str) -> Deferred[TokenRecord | None]:
         if not self.max_failed:
-            return succeed(False)
-        asking: Deferred[object] = self._store.evaluate(
-            "failed-attempts check", _BLOCKED, [BLOCKED_KEY_PREFIX + address], []
+            lookup: Deferred[TokenRecord | None] = self._store.lookup(token)
+            return lookup
+        guarded: Deferred[TokenRecord | None] = self._store.lookup_unless_set(
+            token, BLOCKED_KEY_PREFIX + address
         )
-        return asking.addCallbacks(lambda found: found == 1, _open(False))
+        return guarded.addErrback(_blocked_if_set, address)
 
     def failed(self, address: str) -> Deferred[None]:
         if not self.max_failed:
@@ -169,33 +184,31 @@ class RedisFailedAttempts:
             if started == 1:
                 _log_blocked(self._log, address, self.max_failed, self.window, self.cooldown)
 
-        return counting.addCallbacks(counted, _open(None))
+        return counting.addCallbacks(counted, _fail_open)
 
 
 def attempts_for(
-    store: object, clock: IReactorTime, max_failed: int = DEFAULT_MAX_FAILED
+    store: ITokenStore, clock: IReactorTime, max_failed: int = DEFAULT_MAX_FAILED
 ) -> IFailedAttempts:
     """The limiter for a token store: shared through Redis when that is the store."""
-    if callable(getattr(store, "evaluate", None)):
+    if isinstance(store, RedisTokenStore):
         return RedisFailedAttempts(store, max_failed)
-    return MemoryFailedAttempts(clock, max_failed)
+    return MemoryFailedAttempts(store, clock, max_failed)
 
 
 def _ms(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
 
 
-_Answer = TypeVar("_Answer")
+def _fail_open(failure: Failure) -> None:
+    """The errback of a count: the store has logged the error; nobody is blocked for it."""
+    failure.trap(TokenStoreUnavailable)
 
 
-def _open(answer: _Answer) -> Callable[[Failure], _Answer]:
-    """The errback of a Redis call: the store has logged the error; fail open."""
-
-    def fail_open(failure: Failure) -> _Answer:
-        failure.trap(TokenStoreUnavailable)
-        return answer
-
-    return fail_open
+def _blocked_if_set(failure: Failure, address: str) -> NoReturn:
+    """The guarded lookup found the cooldown flag: the client is blocked."""
+    failure.trap(GuardSet)
+    raise ClientBlocked(address)
 
 
 def _log_blocked(log: Logger, address: str, limit: int, window: float, cooldown: float) -> None:
@@ -212,6 +225,7 @@ def _log_blocked(log: Logger, address: str, limit: int, window: float, cooldown:
 
 __all__ = [
     "DEFAULT_MAX_FAILED",
+    "ClientBlocked",
     "IFailedAttempts",
     "MemoryFailedAttempts",
     "RedisFailedAttempts",

@@ -26,6 +26,7 @@ from tests.tokens.support import OTHER, TOKEN, Inbox, RedisStoreMixin, log_messa
 from vncmux.tokens import (
     INSTANCE_KEY_PREFIX,
     REVOKE_CHANNEL,
+    GuardSet,
     RedisConfig,
     RedisTokenStore,
     TokenStoreUnavailable,
@@ -178,6 +179,39 @@ class RedisTokenStoreTests(RedisStoreMixin, TestCase):
         self.assertEqual(found.to_fields(), record.to_fields())
         self.redis.hset(token_key(hash_token(OTHER)), "host", b"\xff\xfe")
         yield self.assertFailure(store.lookup(OTHER), TokenStoreUnavailable)
+
+    def calls(self, command: str) -> int:
+        """How many times the server ran C{command}, from scripts too."""
+        return int(self.redis.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    @inlineCallbacks
+    def test_guarded_lookup(self) -> Any:
+        """lookup_unless_set answers as lookup while its guard key is absent (in one round
+        trip), fails with GuardSet without reading the token when it is set, and reports
+        broken records as lookup does: in both layouts."""
+        native = self.redis_store(self.server)
+        websockify = self.redis_store(self.server, query="format=websockify")
+        yield native.issue(make_record(TOKEN), TOKEN)
+        self.redis.set("websockify:tok", "10.0.0.1:5900")
+        self.redis.hset("websockify:tok-hash", "host", "10.0.0.1:5900")
+        self.redis.set(token_key(hash_token(OTHER)), "a string, not a hash")
+        guard = "vncmux:blocked:192.0.2.7"
+
+        scripts = self.calls("evalsha") + self.calls("eval")
+        found = yield native.lookup_unless_set(TOKEN, guard)
+        self.assertEqual(self.calls("evalsha") + self.calls("eval") - scripts, 1)
+        self.assertEqual(found.to_fields(), (yield native.lookup(TOKEN)).to_fields())
+        self.assertIsNone((yield native.lookup_unless_set("unknown", guard)))
+        yield self.assertFailure(native.lookup_unless_set(OTHER, guard), TokenStoreUnavailable)
+        self.assertEqual((yield websockify.lookup_unless_set("tok", guard)).target, "10.0.0.1:5900")
+        self.assertIsNone((yield websockify.lookup_unless_set("tok-hash", guard)))
+
+        self.redis.set(guard, "1")
+        before = [self.calls(command) for command in ("exists", "hgetall", "get")]
+        yield self.assertFailure(native.lookup_unless_set(TOKEN, guard), GuardSet)
+        yield self.assertFailure(websockify.lookup_unless_set("tok", guard), GuardSet)
+        after = [self.calls(command) for command in ("exists", "hgetall", "get")]
+        self.assertEqual([a - b for a, b in zip(after, before, strict=True)], [2, 0, 0])
 
     @inlineCallbacks
     def test_revoke_publishes(self) -> Any:

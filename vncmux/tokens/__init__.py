@@ -36,7 +36,7 @@ from vncmux.tokens.redis.scripts import (
     instance_key,
     token_key,
 )
-from vncmux.tokens.redis.store import RedisTokenStore
+from vncmux.tokens.redis.store import GuardSet, RedisTokenStore
 from vncmux.tokens.targets import (
     BadTarget,
     check_instance,
@@ -58,6 +58,7 @@ __all__ = [
     "TOKEN_KEY_PREFIX",
     "BadTarget",
     "FileTokenStore",
+    "GuardSet",
     "MemoryTokenStore",
     "RedisConfig",
     "RedisTokenStore",

@@ -123,6 +123,13 @@ return deleted
 #: one in Python. Read-only, so it runs on replicas too.
 LOOKUP_SCRIPT = "return cjson.encode(redis.call('HGETALL', KEYS[1]))"
 
+#: The same lookup guarded by a key of vncmux's own (a client's failed-attempts cooldown):
+#: 1 when KEYS[1] exists, without reading KEYS[2]; one round trip for both. Read-only.
+_UNLESS_GUARD_SET = "if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end\n"
+GUARDED_LOOKUP_SCRIPT = _UNLESS_GUARD_SET + "return cjson.encode(redis.call('HGETALL', KEYS[2]))"
+#: The guarded lookup of a websockify-format key (a string value, nil when there is none).
+GUARDED_GET_SCRIPT = _UNLESS_GUARD_SET + "return redis.call('GET', KEYS[2])"
+
 RECORD_ACTIVITY_SCRIPT = (
     REPLICATE_COMMANDS
     + """

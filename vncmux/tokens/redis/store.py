@@ -52,6 +52,8 @@ from vncmux.tokens.redis.client import (
 from vncmux.tokens.redis.config import RedisConfig, describe_connection_error, tls_options
 from vncmux.tokens.redis.scripts import (
     CLAIM_USE_SCRIPT,
+    GUARDED_GET_SCRIPT,
+    GUARDED_LOOKUP_SCRIPT,
     INSTANCE_KEY_PREFIX,
     INSTANCE_PRUNE_THRESHOLD,
     ISSUE_SCRIPT,
@@ -79,6 +81,11 @@ _USED_TTL = 86400
 #: While subscribed, the revocation connection is PINGed this often (seconds): without
 #: traffic a dropped connection (NAT or firewall timeout, dead host) looks open forever.
 DEFAULT_KEEPALIVE_INTERVAL = 5.0
+
+
+class GuardSet(Exception):
+    """The key guarding a lookup exists (L{RedisTokenStore.lookup_unless_set}): the token was
+    not looked up."""
 
 
 @implementer(ITokenStore, ITokenAdmin, IActivitySink, ISingleUse, IRevocationFeed)
@@ -234,6 +241,29 @@ class RedisTokenStore(Service):
                 lambda value: self._websockify_record(token_hash, value),
             )
         return self.lookup_hash(token_hash)
+
+    def lookup_unless_set(self, token: str, guard_key: str) -> Deferred[TokenRecord | None]:
+        """
+        L{lookup}, in one round trip with a check of C{guard_key} (a key of vncmux's own,
+        such as a client's failed-attempts cooldown): when that key exists the token is not
+        looked up and the result fails with L{GuardSet}.
+        """
+        token_hash = hash_token(token)
+        if self.config.websockify_format:
+            keys = [guard_key, self.config.websockify_key(token)]
+            return self._run(
+                "lookup",
+                _about(token_hash),
+                lambda pool: pool.eval(GUARDED_GET_SCRIPT, keys).addErrback(foreign_type),
+                lambda value: _unless_guard_set(value, self._websockify_record, token_hash),
+            ).addCallback(_raise_if_guard_set)
+        keys = [guard_key, token_key(token_hash)]
+        return self._run(
+            "lookup",
+            _about(token_hash),
+            lambda pool: pool.eval(GUARDED_LOOKUP_SCRIPT, keys),
+            lambda reply: _unless_guard_set(reply, _from_lookup_reply, token_hash),
+        ).addCallback(_raise_if_guard_set)
 
     def lookup_hash(self, token_hash: str) -> Deferred[TokenRecord | None]:
         """Read a record by its hash (native layout): for re-checks by live sessions."""
@@ -586,3 +616,22 @@ def _from_lookup_reply(token_hash: str, reply: object) -> TokenRecord | None:
         raise TypeError("the lookup answered something other than a hash's fields")
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     return TokenRecord.from_fields(token_hash, fields)
+
+
+def _unless_guard_set(
+    reply: object, parse: Callable[[str, Any], TokenRecord | None], token_hash: str
+) -> TokenRecord | None | GuardSet:
+    """
+    A guarded lookup's answer: the script's 1 (replies are not converted to numbers, so an
+    integer is never a record) as a L{GuardSet} returned, not raised, so that the store does
+    not report it as its own failure; otherwise the record C{parse} reads.
+    """
+    if isinstance(reply, int) and reply == 1:
+        return GuardSet()
+    return parse(token_hash, reply)
+
+
+def _raise_if_guard_set(found: TokenRecord | None | GuardSet) -> TokenRecord | None:
+    if isinstance(found, GuardSet):
+        raise found
+    return found
