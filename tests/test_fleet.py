@@ -27,6 +27,7 @@ from vncmux.fleet import (
     COUNTS_KEY_PREFIX,
     INSTANCES_KEY,
     SESSIONS_KEY_PREFIX,
+    WRITE_INTERVAL,
     FleetInstance,
     FleetLimits,
     FleetSessions,
@@ -126,16 +127,16 @@ class InstanceTestCase(SynchronousTestCase):
         return session
 
     def written(self) -> Write:
-        """Run the reactor turn and answer the write it sends."""
-        self.clock.advance(0)
+        """Let the write interval pass and answer the write it sends."""
+        self.clock.advance(WRITE_INTERVAL)
         call = self.store.take("fleet write")
         call.answer.callback(1)
         return decode(call)
 
 
 class WriteTests(InstanceTestCase):
-    """Sessions and places reach Redis batched per reactor turn, in order, and again in full
-    whenever Redis may have lost them."""
+    """Sessions and places reach Redis batched (one write per WRITE_INTERVAL at most), in
+    order, and again in full whenever Redis may have lost them."""
 
     def test_first_write_is_full(self) -> None:
         """Starting registers the instance with everything, renewing every TTL."""
@@ -144,9 +145,9 @@ class WriteTests(InstanceTestCase):
         self.assertEqual(self.first.args[1], str(round(heartbeat_ttl(10.0) * 1000)))
         self.assertTrue(verifyObject(ISessionObserver, self.fleet))
 
-    def test_one_write_per_turn(self) -> None:
-        """Sessions started in one reactor turn go out in one call, as the admin API shows
-        them plus the instance; one started and ended in the same turn is never written."""
+    def test_one_write_per_interval(self) -> None:
+        """Sessions started in one write interval go out in one call, as the admin API shows
+        them plus the instance; one started and ended meanwhile is never written."""
         self.open("s1")
         self.open("s2")
         self.open("s3").end(TOKEN_REVOKED)
@@ -157,17 +158,33 @@ class WriteTests(InstanceTestCase):
         self.assertEqual(write.sessions["s1"]["instance"], "host:1:ab")
         self.assertEqual(write.sessions["s1"]["token_id"], record().token_id)
         self.assertNotIn(hash_token("token-1"), json.dumps(write.sessions))
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         self.assertEqual(self.store.calls, [])
+
+    def test_at_most_one_write_per_interval(self) -> None:
+        """After a quiet spell a change goes out in the next reactor turn; one right after a
+        write waits until WRITE_INTERVAL has passed since that write began, and goes out
+        with everything else that happened meanwhile."""
+        self.clock.advance(WRITE_INTERVAL)  # quiet since the first write
+        self.open("s1")
+        self.clock.advance(0)
+        self.store.take("fleet write").answer.callback(1)
+        self.open("s2").end(TOKEN_REVOKED)
+        self.open("s3")
+        self.clock.advance(WRITE_INTERVAL * 0.9)
+        self.assertEqual(self.store.calls, [])
+        self.clock.advance(WRITE_INTERVAL * 0.1)
+        write = decode(self.store.take("fleet write"))
+        self.assertEqual((list(write.sessions), write.removed), (["s3"], []))
 
     def test_one_write_in_flight(self) -> None:
         """Changes made while a write is in flight wait for its answer, then go out together."""
         first = self.open("s1")
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         in_flight = self.store.take("fleet write")
         first.end(TOKEN_REVOKED)
         self.open("s2")
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         self.assertEqual(self.store.calls, [])
         in_flight.answer.callback(1)
         write = self.written()
@@ -194,7 +211,7 @@ class WriteTests(InstanceTestCase):
         globalLogPublisher.addObserver(self.logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
         self.open("s1")
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         self.store.take("fleet write").answer.errback(TokenStoreUnavailable("down"))
         self.clock.advance(10)
         self.store.take("fleet write").answer.errback(TokenStoreUnavailable("down"))
@@ -208,7 +225,7 @@ class WriteTests(InstanceTestCase):
         """When the script finds the heartbeat key gone (expired, Redis restarted), the
         instance writes everything again at once."""
         self.open("s1")
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         self.store.take("fleet write").answer.callback(0)
         write = self.written()
         self.assertEqual((write.mode, list(write.sessions)), ("full", ["s1"]))
@@ -224,7 +241,7 @@ class WriteTests(InstanceTestCase):
     def test_clean_stop_leaves(self) -> None:
         """Stopping waits for the write in flight, then deletes the instance's keys."""
         self.open("s1")
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         in_flight = self.store.take("fleet write")
         stopped = self.fleet.stopService()
         self.assertEqual(self.store.calls, [])
@@ -304,7 +321,7 @@ class ClaimTests(InstanceTestCase):
         self.assertEqual([c.what for c in self.store.calls], ["fleet claim"])
         self.store.take("fleet claim").answer.callback([1, 1])
         self.successResultOf(early)
-        self.clock.advance(0)
+        self.clock.advance(WRITE_INTERVAL)
         full = self.store.take("fleet write")
         self.assertEqual(decode(full).counts, {hash_token("token-1"): 1})
         self.assertEqual(self.store.calls, [])

@@ -10,9 +10,10 @@ across instances (L{FleetLimits}), and a crashed instance's sessions and counts 
 themselves; readers also skip and sweep instances whose heartbeat key is gone.
 
 Redis cost: one script call per session at its start (the per-token claim) plus session
-writes batched per reactor turn (start and end of every session that turn, one call), and
-one call per heartbeat for the whole instance (renewing the TTLs and refreshing the byte
-counts and activity of the sessions that changed). Every call is one round trip.
+writes batched, at most one every L{WRITE_INTERVAL} (the start and end of every session in
+that time, one call), and one call per heartbeat for the whole instance (renewing the TTLs
+and refreshing the byte counts and activity of the sessions that changed). Every call is
+one round trip.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ SESSIONS_KEY_PREFIX = "vncmux:fleet:sessions:"
 COUNTS_KEY_PREFIX = "vncmux:fleet:counts:"
 #: Published on the revocation channel to end one session on whichever instance holds it.
 SESSION_MESSAGE_PREFIX = "session:"
+#: Seconds between the starts of two writes at least: under load every session that started
+#: or ended meanwhile goes in one call (and one that started and ended is never written);
+#: after a quiet spell a change goes out in the next reactor turn.
+WRITE_INTERVAL = 0.05
 
 DEFAULT_HEARTBEAT: float = BY_NAME["fleet-heartbeat"].default
 #: An instance's keys live this many heartbeats: two heartbeats may be lost or late.
@@ -268,6 +273,7 @@ class FleetInstance(Service):
         # Writes fail since the last one that worked (logged once).
         self._failing = False
         self._soon: IDelayedCall | None = None
+        self._last_write_at = -WRITE_INTERVAL
         self._claims_in_flight = 0
         self._after_full: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
@@ -419,9 +425,11 @@ class FleetInstance(Service):
         return self._writing is not None and self._writing_mode == "full"
 
     def _send_soon(self) -> None:
-        """One write per reactor turn at most: everything that happened meanwhile goes with it."""
+        """One write per L{WRITE_INTERVAL} at most: everything that happened meanwhile goes
+        with it."""
         if self.running and self._soon is None and self._writing is None:
-            self._soon = self.clock.callLater(0, self._send)
+            wait = self._last_write_at + WRITE_INTERVAL - self.clock.seconds()
+            self._soon = self.clock.callLater(max(wait, 0.0), self._send)
 
     def _send(self) -> None:
         self._soon = None
@@ -439,6 +447,7 @@ class FleetInstance(Service):
             self._check_settled()
             return
         self._writing_mode = mode
+        self._last_write_at = self.clock.seconds()
         writing = self._writing = self.store.evaluate("fleet write", _WRITE, self._keys, args)
         writing.addCallbacks(self._written_ok, self._write_failed)
         writing.addBoth(self._write_done)
