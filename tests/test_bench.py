@@ -1,6 +1,7 @@
 """
 The benchmark harness's pure parts (``benchmarks/run.py``: percentiles, proxy kinds, the
-results table) and its charts (``benchmarks/plot.py``), without running a benchmark.
+results table), its charts (``benchmarks/plot.py``) and its bounds (``benchmarks/bound.py``),
+without running a benchmark.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def load_module(name: str) -> ModuleType:
 
 run = load_module("run")
 plot = load_module("plot")
+bound = load_module("bound")
 
 
 def measure(round_: int, **figures: Any) -> dict[str, Any]:
@@ -263,3 +265,34 @@ def require_matplotlib() -> None:
         if os.environ.get("CI"):
             raise AssertionError(message) from None
         raise SkipTest(message) from None
+
+
+class BoundTests(TestCase):
+    """benchmarks/bound.py: CPU per GB of the whole load, and what the cores would move."""
+
+    def test_cost_and_bound_per_round(self) -> None:
+        """Each round's CPU use over its own throughput (MB/s, or MiB/s for bulk_down); the
+        bound is the run's cores over the median total; rounds without CPU use are left out."""
+        def util(proxy: float, backend: float, client: float) -> dict[str, float]:
+            return {"proxy": proxy, "backend": backend, "client": client}
+
+        runs = {
+            "sessions_1": {
+                "vncmux": [measure(1, throughput_mb=1000, util=util(0.5, 0.3, 0.2)),
+                           measure(2, throughput_mb=500, util=util(0.5, 0.5, 0.5)),
+                           measure(3, throughput_mb=800)],
+                "websockify": [measure(1, throughput_mb=800, util=util(1.0, 0.3, 0.3))],
+            },
+            "bulk_down": {"vncmux": [measure(1, throughput=1000, util=util(1.0, 0, 0))]},
+        }  # fmt: skip
+        found = bound.bounds({"environment": {"cpus": 2}, "runs": runs})
+        vncmux = found["sessions_1"]["vncmux"]
+        self.assertAlmostEqual(vncmux["proxy"], 0.75)  # median of 0.5 and 1.0 s per GB
+        self.assertAlmostEqual(vncmux["total"], 2.0)  # median of 1.0 and 3.0
+        self.assertAlmostEqual(vncmux["bound_mb"], 1000)
+        self.assertAlmostEqual(found["sessions_1"]["websockify"]["bound_mb"], 1000)
+        self.assertAlmostEqual(found["bulk_down"]["vncmux"]["total"], 1e6 / 2**20)  # MiB/s
+        text = bound.report(found)
+        line = next(x for x in text.splitlines() if x.startswith("sessions_1") and "vncmux" in x)
+        self.assertEqual(line.split()[-2:], ["1.00", "1.25"])  # bound ratio, ceiling
+        self.assertNotIn("idle", text)
