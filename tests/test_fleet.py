@@ -223,12 +223,34 @@ class WriteTests(InstanceTestCase):
 
     def test_keys_gone_means_full_write(self) -> None:
         """When the script finds the heartbeat key gone (expired, Redis restarted), the
-        instance writes everything again at once."""
+        instance writes everything again at once, in the next reactor turn."""
         self.open("s1")
         self.clock.advance(WRITE_INTERVAL)
         self.store.take("fleet write").answer.callback(0)
-        write = self.written()
+        self.clock.advance(0)
+        write = decode(self.store.take("fleet write"))
         self.assertEqual((write.mode, list(write.sessions)), ("full", ["s1"]))
+
+    def test_full_write_does_not_wait_for_the_interval(self) -> None:
+        """A delta waiting for the interval is sent at once when a full write is wanted
+        (after Redis reconnected): claims wait for that write."""
+        self.clock.advance(WRITE_INTERVAL)
+        self.open("s1")
+        self.written()
+        self.open("s2")  # a delta, due WRITE_INTERVAL after the last write
+        self.store.reconnects += 1
+        self.fleet.beat()
+        self.clock.advance(0)
+        self.assertEqual(decode(self.store.take("fleet write")).mode, "full")
+
+    def test_stop_settles(self) -> None:
+        """Stopping with a write scheduled but none in flight: whoever waits for the writes
+        to settle is told at once."""
+        self.open("s1")
+        settled = self.fleet.settled()
+        self.assertNoResult(settled)
+        self.fleet.stopService()
+        self.successResultOf(settled)
 
     def test_reconnected_redis_gets_full_write(self) -> None:
         """After the store reconnected to Redis the next heartbeat writes everything."""
@@ -278,13 +300,29 @@ class ClaimTests(InstanceTestCase):
         """A granted place is counted here and given back with the next write."""
         claiming = self.limits().claim(record(), "c")
         call = self.store.take("fleet claim")
-        self.assertEqual(call.args[4:7], [hash_token("token-1"), "2", "30000"])
+        self.assertEqual(call.args[4:8], [hash_token("token-1"), "2", "30000", "0"])
         call.answer.callback([1, 1])
         give_back = self.successResultOf(claiming)
         self.assertEqual(self.fleet.held, {hash_token("token-1"): 1})
         give_back()
         self.assertEqual(self.fleet.held, {})
         self.assertEqual(self.written().counts, {hash_token("token-1"): -1})
+
+    def test_claim_carries_places_not_written_back_yet(self) -> None:
+        """A place given back since the last write goes with the token's next claim (the
+        script takes it off the count before counting), not with the next write: a token at
+        its limit gets its place back at once on this instance."""
+        limits = self.limits()
+        claiming = limits.claim(record(), "c")
+        self.store.take("fleet claim").answer.callback([1, 1])
+        self.successResultOf(claiming)()
+        claiming = limits.claim(record(), "c")
+        call = self.store.take("fleet claim")
+        self.assertEqual(call.args[7], "1")
+        call.answer.callback([1, 1])
+        self.successResultOf(claiming)
+        self.clock.advance(WRITE_INTERVAL)
+        self.assertEqual(self.store.calls, [])  # nothing left for a write to carry
 
     def test_refused(self) -> None:
         """Over the limit the claim fails with 4429 and says how many the fleet holds."""
@@ -513,6 +551,8 @@ class RedisFleetTests(TestCase):
         await a.limits.claim(record("token-2"), "c")  # another token has its own count
         give_back()
         await b.fleet.settled()
+        give_back = await a.limits.claim(record(), "c")
+        give_back()  # and again at once, before A writes: its own place given back counts
         await a.limits.claim(record(), "c")
         self.assertEqual(
             self.redis.hgetall(COUNTS_KEY_PREFIX + "A"),

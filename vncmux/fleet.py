@@ -147,8 +147,13 @@ _CLAIM = (
     _LIVE_OTHERS
     + """
 -- KEYS[1] instance SET, KEYS[2] own counts, KEYS[3] own alive
--- ARGV[5] token hash, ARGV[6] limit, ARGV[7] TTL (ms)
+-- ARGV[5] token hash, ARGV[6] limit, ARGV[7] TTL (ms), ARGV[8] places of the token this
+-- instance gave back since its last write (taken off its count first).
 -- Returns {1, alive} (counted; alive 0: the own heartbeat key is gone) or {0, held}.
+local back = tonumber(ARGV[8])
+if back > 0 and redis.call('HINCRBY', KEYS[2], ARGV[5], -back) <= 0 then
+  redis.call('HDEL', KEYS[2], ARGV[5])
+end
 local held = tonumber(redis.call('HGET', KEYS[2], ARGV[5]) or '0')
 for _, member in ipairs(live_others(KEYS[1])) do
   held = held + tonumber(redis.call('HGET', ARGV[4] .. member, ARGV[5]) or '0')
@@ -309,6 +314,7 @@ class FleetInstance(Service):
         self._soon = None
         self._wanted = None
         self._release_claims()
+        self._check_settled()
         writing = self._writing or succeed(None)
 
         def leave(_: object) -> Deferred[None]:
@@ -358,7 +364,8 @@ class FleetInstance(Service):
             self._after_full.append(waiting)
             return waiting.addCallback(lambda _: self.claim(token_hash, limit))
         self._claims_in_flight += 1
-        args = [*self._prefixes, token_hash, str(limit), self._ttl_ms]
+        given_back = self._given_back.pop(token_hash, 0)  # not written yet: the claim does it
+        args = [*self._prefixes, token_hash, str(limit), self._ttl_ms, str(given_back)]
         keys = [INSTANCES_KEY, self._keys[2], self._keys[0]]
         claiming = self.store.evaluate("fleet claim", _CLAIM, keys, args)
 
@@ -426,10 +433,17 @@ class FleetInstance(Service):
 
     def _send_soon(self) -> None:
         """One write per L{WRITE_INTERVAL} at most: everything that happened meanwhile goes
-        with it."""
-        if self.running and self._soon is None and self._writing is None:
-            wait = self._last_write_at + WRITE_INTERVAL - self.clock.seconds()
-            self._soon = self.clock.callLater(max(wait, 0.0), self._send)
+        with it. A full write goes out at once: claims wait for it."""
+        if not self.running or self._writing is not None:
+            return
+        now = self.clock.seconds()
+        wait = min(max(self._last_write_at + WRITE_INTERVAL - now, 0.0), WRITE_INTERVAL)
+        if self._wanted == "full":
+            wait = 0.0
+        if self._soon is None:
+            self._soon = self.clock.callLater(wait, self._send)
+        elif self._soon.getTime() > now + wait:
+            self._soon.reset(wait)
 
     def _send(self) -> None:
         self._soon = None
