@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import SkipTest
 
@@ -107,6 +107,31 @@ class RedisServer:
             decode_responses=True,
             socket_timeout=5,
         )
+
+    def wait_for(
+        self, holds: Callable[[Any], bool], pattern: str = "*", within: float = 2.0
+    ) -> bool:
+        """
+        Block until C{holds(client)} (a redis-py client), checked again at every change of
+        a key matching C{pattern} (keyspace notifications, no polling), at most C{within}
+        seconds; whether it came true. Every keyspace and keyevent notification is turned on
+        for this: a superset of what any test subscribes to.
+        """
+        with self.client() as client:
+            client.config_set("notify-keyspace-events", "KEA")
+            changes = client.pubsub()
+            try:
+                changes.psubscribe(f"__keyspace@*__:{pattern}")
+                deadline = time.monotonic() + within
+                changes.get_message(timeout=within)  # subscribed: no change is missed now
+                while not holds(client):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    changes.get_message(timeout=left)
+                return True
+            finally:
+                changes.close()
 
     def start(self) -> None:
         """Start on a free port (first start) or on the same port as before (restart)."""

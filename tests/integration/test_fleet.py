@@ -197,36 +197,26 @@ class FleetViewTests(TestCase):
         answer = await http(instance.admin_port, method, path, AUTH)
         return answer.status, json.loads(answer.body)
 
-    def fleet_keys(self, instance: Instance) -> list[str]:
+    def fleet_keys(self, instance: Instance, client: Any = None) -> list[str]:
         """The registry keys of C{instance} (its id holds its pid)."""
-        keys = self.redis.client().keys("vncmux:fleet:*")
-        return sorted(k for k in keys if f":{instance.proc.pid}:" in k)
+        if client is None:
+            with self.redis.client() as client:
+                return self.fleet_keys(instance, client)
+        return sorted(k for k in client.keys("vncmux:fleet:*") if f":{instance.proc.pid}:" in k)
 
-    def registered(self, instance: Instance, prefix: str) -> int:
-        """Fields of C{instance}'s registry hash C{prefix} (sessions, or per-token counts)."""
-        client = self.redis.client()
-        return sum(client.hlen(k) for k in self.fleet_keys(instance) if k.startswith(prefix))
-
-    def until_registry(self, holds: Callable[[], bool], within: float = 2.0) -> None:
+    def until_registry(self, holds: Callable[[Any], bool]) -> None:
         """
-        Block until C{holds()}, a check of the registry, at most C{within} seconds: an
+        Wait until C{holds(client)}, a check of the registry in Redis, at most 2 s: an
         instance writes its sessions' starts and ends at most every 50 ms, so the registry
-        lags the instance's own table that long. Checked again at every change of a fleet
-        key (keyspace notifications), not polled.
+        lags the instance's own table that long.
         """
-        client = self.redis.client()
-        client.config_set("notify-keyspace-events", "KEA")
-        changes = client.pubsub()
-        changes.psubscribe("__keyspace@0__:vncmux:fleet:*")
-        deadline = time.monotonic() + within
-        try:
-            while not holds():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.fail(f"the registry did not show it within {within} s")
-                changes.get_message(timeout=left)
-        finally:
-            changes.close()
+        if not self.redis.wait_for(holds, "vncmux:fleet:*"):
+            self.fail("the fleet registry did not show it within 2 s")
+
+    def registered(self, client: Any, instance: Instance, prefix: str) -> int:
+        """Fields of C{instance}'s registry hash C{prefix} (sessions, or per-token counts)."""
+        keys = self.fleet_keys(instance, client)
+        return sum(client.hlen(k) for k in keys if k.startswith(prefix))
 
     def test_admin_lists_and_ends_every_instance(self) -> None:
         """GET /sessions on A lists B's session too (once B has written it); DELETE of B's
@@ -241,7 +231,7 @@ class FleetViewTests(TestCase):
         a, b = self.instance(admin=True), self.instance()
         await self.relaying(a.port, token_a)  # A is up: its admin port is listening
         on_b = await self.relaying(b.port, token_b)
-        self.until_registry(lambda: self.registered(b, SESSIONS_KEY_PREFIX) == 1)
+        self.until_registry(lambda c: self.registered(c, b, SESSIONS_KEY_PREFIX) == 1)
         status, listed = await self.admin(a, "GET", "/sessions")
         self.assertEqual(status, 200)
         by_token = {s["token_id"]: s for s in listed}
@@ -260,7 +250,7 @@ class FleetViewTests(TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(await on_b.closed, (4002, "token revoked"))
         self.assertLess(reactor.seconds() - asked_at, 1.0)
-        self.until_registry(lambda: self.registered(b, SESSIONS_KEY_PREFIX) == 0)
+        self.until_registry(lambda c: self.registered(c, b, SESSIONS_KEY_PREFIX) == 0)
         status, _ = await self.admin(a, "DELETE", f"/sessions/{theirs['session_id']}")
         self.assertEqual(status, 404)
 
@@ -279,7 +269,7 @@ class FleetViewTests(TestCase):
         assert on_a.client is not None
         on_a.client.sendClose(1000)
         await on_a.closed
-        self.until_registry(lambda: self.registered(a, COUNTS_KEY_PREFIX) == 0)
+        self.until_registry(lambda c: self.registered(c, a, COUNTS_KEY_PREFIX) == 0)
         await self.relaying(b.port, token)
 
     def test_killed_instance_leaves_within_one_ttl(self) -> None:
@@ -297,7 +287,7 @@ class FleetViewTests(TestCase):
         a, b = self.instance(*heartbeat, admin=True), self.instance(*heartbeat)
         await self.relaying(b.port, token)
         self.assertEqual(await self.refusal(a.port, token), (4429, "too many sessions"))
-        self.until_registry(lambda: self.registered(b, SESSIONS_KEY_PREFIX) == 1)
+        self.until_registry(lambda c: self.registered(c, b, SESSIONS_KEY_PREFIX) == 1)
         status, listed = await self.admin(a, "GET", "/sessions")
         self.assertEqual([f":{b.proc.pid}:" in s["instance"] for s in listed], [True])
         alive = next(k for k in self.fleet_keys(b) if k.startswith("vncmux:fleet:alive:"))
@@ -363,7 +353,7 @@ class FleetViewTests(TestCase):
         a, b = self.instance(), self.instance("--drain-timeout", "0")
         await self.relaying(a.port, token)
         on_b = await self.relaying(b.port, token)
-        self.until_registry(lambda: len(self.fleet_keys(b)) == 3)  # alive, sessions, counts
+        self.until_registry(lambda c: len(self.fleet_keys(b, c)) == 3)  # alive, sessions, counts
         assert on_b.client is not None
         on_b.client.sendClose(1000)  # stop_process blocks this reactor: no close handshake then
         await on_b.closed

@@ -11,7 +11,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -325,6 +325,17 @@ class OneServiceTests(TestCase):
         await relaying(self, workers.port)
 
 
+def registered(sessions: int) -> Callable[[Any], bool]:
+    """Whether the fleet registry holds C{sessions} sessions: each worker writes its own at
+    most every 50 ms, and the parent lists what is written."""
+
+    def holds(client: Any) -> bool:
+        keys = client.keys("vncmux:fleet:sessions:*")
+        return sum(client.hlen(k) for k in keys) == sessions
+
+    return holds
+
+
 class FleetWorkersTests(TestCase):
     """With a Redis token store every worker is an instance of the fleet, and the parent's
     admin API is the fleet's view."""
@@ -348,6 +359,7 @@ class FleetWorkersTests(TestCase):
         instances: set[str] = set()
         for _ in range(20):
             clients.append(await relaying(self, workers.port, path))
+            self.assertTrue(redis.wait_for(registered(len(clients)), "vncmux:fleet:*"))
             listed = await workers.sessions()
             instances = {s["instance"] for s in listed}
             if len(instances) == 2:
