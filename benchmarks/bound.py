@@ -44,9 +44,10 @@ def cost_per_gb(measure: dict[str, Any]) -> dict[str, float] | None:
 
 def bounds(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """
-    Per scenario and kind: the median CPU per GB of each part and in all (core-seconds),
-    the median MB/s measured, and C{bound_mb}, the MB/s that C{cpus} cores would move at
-    that total.
+    Per scenario and kind: the median CPU per GB of each part and in all (core-seconds;
+    the total is the median of the rounds' totals, not the sum of the parts' medians), the
+    median MB/s measured, and C{bound_mb}, the MB/s that C{cpus} cores would move at that
+    total.
     """
     cpus = doc["environment"]["cpus"]
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -10,10 +10,12 @@ import ipaddress
 import struct
 
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tests.conformance.harness import CLIENT_ADDRESS, Harness, TcpLikeTransport, upgrade_request
 from tests.conformance.wsframes import CLOSE, frame, parse_server_frames
 from tests.fakes import FakeNameResolver
+from vncmux.interfaces import ISessionObserver
 from vncmux.settings import Limits, Settings
 
 VERSION = b"RFB 003.008\n"
@@ -102,3 +104,35 @@ class FailedTokenTests(SynchronousTestCase):
         self.assertEqual(code, 4429)
         self.assertTrue(data.endswith(refusal(b"too many failed attempts")))
         self.assertEqual(h.dialled(), [])
+
+    def test_blocked_asks_no_store_and_is_not_timed(self) -> None:
+        """A blocked client's upgrade is refused before the store is asked (with the store
+        down it still gets 4429, not 4503), and no token_lookup time is recorded for it."""
+        h = harness(self, max_failed_tokens=1)
+        stages = Stages()
+        h.console.observers.add(stages)
+        codes = [attempt(h, "unknown")[0] for _ in range(2)]
+        self.assertEqual(stages.timed, ["token_lookup"] * 2)
+        h.memory_store.available = False
+        self.assertEqual(attempt(h, "good")[0], 4429)
+        self.assertEqual((codes, stages.timed), ([4401] * 2, ["token_lookup"] * 2))
+
+
+@implementer(ISessionObserver)
+class Stages:
+    """The connect stages timed, in order."""
+
+    def __init__(self) -> None:
+        self.timed: list[str] = []
+
+    def session_rejected(self, *args: object) -> None:
+        """Not a stage."""
+
+    def session_opened(self, session: object) -> None:
+        """Not a stage."""
+
+    def session_closed(self, session: object, duration: float) -> None:
+        """Not a stage."""
+
+    def stage_timed(self, stage: str, seconds: float) -> None:
+        self.timed.append(stage)

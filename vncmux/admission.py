@@ -53,7 +53,8 @@ class Gate:
     Looks a token up (bounded by a timeout) unless its client failed too often (the limiter
     guards the lookup: one round trip with Redis), checks the record (its expiry, and that
     it is a console of the type this listener serves) and its target, then dials its
-    console.
+    console. C{attempts} looks tokens up in its own store (L{vncmux.attempts.attempts_for}
+    gives it C{store}); C{store} itself is asked only to use up single-use tokens.
     """
 
     def __init__(
