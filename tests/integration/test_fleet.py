@@ -367,3 +367,35 @@ class Instance:
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int = 0
+
+
+class FailedAttemptsAcrossInstancesTests(TestCase):
+    """Unknown tokens counted on one instance block their client on every instance: the
+    cooldown lives in Redis, checked by the lookup's own script."""
+
+    timeout = 60
+    cli = FleetRevocationTests.cli
+    relaying = FleetRevocationTests.relaying
+    token = FleetViewTests.token
+    instance = FleetViewTests.instance
+    refusal = FleetViewTests.refusal
+
+    def test_blocked_on_every_instance(self) -> None:
+        """With --max-failed-tokens 2, three unknown tokens on A (4401 each) block the
+        client: on B a good token gets 4429 'too many failed attempts', and its console is
+        not dialled."""
+        return ensureDeferred(self._blocked())
+
+    async def _blocked(self) -> None:
+        self.redis = start_redis(self)
+        vnc, vnc_port = await listen_fake_vnc(self)
+        token = await self.token(vnc_port)
+        limit = ("--max-failed-tokens", "2")
+        a, b = self.instance(*limit), self.instance(*limit)
+        await self.relaying(a.port, token)  # both up, the token good
+        await self.relaying(b.port, token)
+        dialled = len(vnc.connections)
+        for _ in range(3):
+            self.assertEqual(await self.refusal(a.port, "no-such-token"), (4401, "invalid token"))
+        self.assertEqual(await self.refusal(b.port, token), (4429, "too many failed attempts"))
+        self.assertEqual(len(vnc.connections), dialled)
