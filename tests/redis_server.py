@@ -109,19 +109,27 @@ class RedisServer:
         )
 
     def wait_for(
-        self, holds: Callable[[Any], bool], pattern: str = "*", within: float = 2.0
+        self,
+        holds: Callable[[Any], bool],
+        pattern: str = "*",
+        within: float = 2.0,
+        *,
+        channel: str | None = None,
     ) -> bool:
         """
         Block until C{holds(client)} (a redis-py client), checked again at every change of
-        a key matching C{pattern} (keyspace notifications, no polling), at most C{within}
-        seconds; whether it came true. Every keyspace and keyevent notification is turned on
-        for this: a superset of what any test subscribes to.
+        a key matching C{pattern} (keyspace notifications, no polling), or at every message
+        on C{channel} when one is named (a Sentinel's events, such as ``+sdown``), at most
+        C{within} seconds; whether it came true. For keys every keyspace and keyevent
+        notification is turned on: a superset of what any test subscribes to.
         """
         with self.client() as client:
-            client.config_set("notify-keyspace-events", "KEA")
+            if channel is None:
+                client.config_set("notify-keyspace-events", "KEA")
+                channel = f"__keyspace@*__:{pattern}"
             changes = client.pubsub()
             try:
-                changes.psubscribe(f"__keyspace@*__:{pattern}")
+                changes.psubscribe(channel)
                 deadline = time.monotonic() + within
                 changes.get_message(timeout=within)  # subscribed: no change is missed now
                 while not holds(client):

@@ -12,11 +12,11 @@ import os
 import shutil
 import signal
 import subprocess
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.integration import test_fleet
@@ -217,7 +217,11 @@ class ProxyKilledTests(TestCase):
         client.send(b"RFB 003.008\n\x01\x01")  # version, security None, ClientInit
         client.send(b"\x05\x00\x00\x10\x00\x10")  # a PointerEvent: user input
         typed_at = reactor.seconds()
-        stamp = await until_written(redis, key, "last_activity_at")
+        written = await deferToThread(  # the reactor sends the event meanwhile
+            self.redis.wait_for, lambda c: c.hexists(key, "last_activity_at"), key, 5.0
+        )
+        self.assertTrue(written, "last_activity_at not written back within 5 s")
+        stamp = redis.hget(key, "last_activity_at")
         self.assertLess(abs(float(stamp) - typed_at), 2.0)
 
         os.killpg(killed.pid, signal.SIGKILL)
@@ -229,17 +233,6 @@ class ProxyKilledTests(TestCase):
         port = self.start_proxy()
         await relaying(self, port, token)
         self.assertEqual(killed.wait(5), -signal.SIGKILL)
-
-
-async def until_written(redis: Any, key: str, field: str, tries: int = 50) -> str:
-    """The value of C{field} of the HASH C{key} once another process wrote it, read every
-    0.1 s at most C{tries} times (a process on its own gives no event to wait for)."""
-    for _ in range(tries):
-        value = redis.hget(key, field)
-        if value is not None:
-            return str(value)
-        await deferLater(reactor, 0.1)
-    raise AssertionError(f"{field} not written within {tries * 0.1:g} s")
 
 
 #: RLIMIT_NOFILE of the proxy process under test: twistd starts with about 20 descriptors open,

@@ -128,13 +128,11 @@ class SentinelStopTests(TestCase):
             ),
             ready_marker=b"+monitor master",
         )
-        with sentinel.client() as client:
-            for _ in range(50):
-                if client.sentinel_master("mymaster")["is_sdown"]:
-                    break
-                await deferLater(reactor, 0.1)
-            else:
-                self.fail("Sentinel did not mark the master down within 5 s")
+        down = sentinel.wait_for(
+            lambda client: client.sentinel_master("mymaster")["is_sdown"], within=5.0,
+            channel="+sdown",
+        )  # fmt: skip
+        self.assertTrue(down, "Sentinel did not mark the master down within 5 s")
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster?connect_timeout=5"
         store = RedisTokenStore(RedisConfig.from_url(url), reactor, reactor=reactor)
         store.startService()  # the pool's connections ask Sentinel for the master at once
